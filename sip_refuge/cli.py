@@ -1,0 +1,80 @@
+"""The ``sip-refuge`` command line (spec section 3).
+
+Each command imports its own part lazily, so ``config check`` works on a machine without pjsua2,
+opencv or Asterisk. A user's mistake ends in a clear message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from importlib import import_module
+
+from sip_refuge.errors import ConfigError, RefugeError
+
+# command -> (module, function, help). The function takes the parsed arguments and returns an exit status.
+COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
+    ("config", "check"): ("sip_refuge.config.commands", "check", "validate a site file"),
+    ("secrets", "init"): ("sip_refuge.config.commands", "secrets_init", "create missing secret files"),
+    ("asterisk", "render"): ("sip_refuge.pbx.commands", "render", "write the Asterisk include files"),
+    ("asterisk", "check"): ("sip_refuge.pbx.commands", "check", "load the rendered config into a real Asterisk"),
+    ("pbx",): ("sip_refuge.pbx.commands", "run", "run a real Asterisk on loopback with the rendered site"),
+}
+ARGUMENTS: dict[tuple[str, ...], Callable[[argparse.ArgumentParser], None]] = {}
+
+
+def _site(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("site", metavar="SITE", help="the site file (YAML)")
+
+
+def _render_args(parser: argparse.ArgumentParser) -> None:
+    _site(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory to write the files into")
+    parser.add_argument("--sandbox", action="store_true",
+                        help="also write asterisk.conf, modules.conf and friends for a loopback run")
+
+
+ARGUMENTS[("asterisk", "render")] = _render_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sip-refuge", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for words, (module, func, help_text) in COMMANDS.items():
+        if len(words) == 1:
+            sub = top.add_parser(words[0], help=help_text)
+        else:
+            if words[0] not in groups:
+                group = top.add_parser(words[0], help=f"{words[0]} commands")
+                groups[words[0]] = group.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+            sub = groups[words[0]].add_parser(words[1], help=help_text)
+        ARGUMENTS.get(words, _site)(sub)
+        sub.set_defaults(target=(module, func))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module, func = args.target
+    try:
+        command: Callable[[argparse.Namespace], int] = getattr(import_module(module), func)
+        return command(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except RefugeError as exc:
+        print(f"sip-refuge: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""``sip-refuge config check`` and ``sip-refuge secrets init``."""
+
+from __future__ import annotations
+
+import argparse
+
+from sip_refuge.config.loader import load_site
+from sip_refuge.config.secrets import init_secrets
+
+
+def check(args: argparse.Namespace) -> int:
+    site = load_site(args.site)
+    print(f"{args.site}: ok: {len(site.posts)} posts, {len(site.desks)} desks, queue {site.queue.name} "
+          f"on {site.queue.extension}, {len(site.cctv)} CCTV targets")
+    return 0
+
+
+def secrets_init(args: argparse.Namespace) -> int:
+    site = load_site(args.site, check_secrets=False)
+    created = init_secrets(site)
+    for path in created:
+        print(f"created {path}")
+    if not created:
+        print("every secret file exists already")
+    # Validate the result, so weak or unreadable existing secrets are reported now.
+    load_site(args.site)
+    return 0

@@ -1,0 +1,200 @@
+"""The site file as frozen, typed objects. Every part of sip-refuge reads the site through these."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sip_refuge.errors import RefugeError
+
+
+@dataclass(frozen=True)
+class Secret:
+    """Where a secret lives: a file (relative to the site file) or an environment variable.
+
+    The value is never kept in the object, so printing a site never prints a secret.
+    """
+
+    file: Path | None = None
+    env: str | None = None
+    kind: str = "password"  # password | webhook (Standard Webhooks whsec_ key) | token
+
+    def read(self) -> str:
+        if self.file is not None:
+            try:
+                return self.file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise RefugeError(f"cannot read secret file {self.file}: {exc.strerror}") from None
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise RefugeError(f"environment variable {self.env} (a secret) is not set")
+            return value.strip()
+        raise RefugeError("no secret configured")
+
+    def describe(self) -> str:
+        return f"file {self.file}" if self.file is not None else f"environment variable {self.env}"
+
+
+@dataclass(frozen=True)
+class Tls:
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    port: int = 5061
+
+
+@dataclass(frozen=True)
+class Networks:
+    """Networks each role may register from; empty means no ACL is rendered for that role."""
+
+    posts: tuple[str, ...] = ()
+    desks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Ami:
+    username: str
+    secret: Secret
+    host: str = "127.0.0.1"
+    port: int = 5038
+
+
+@dataclass(frozen=True)
+class Pbx:
+    host: str
+    sip_port: int
+    transport: str  # udp | tcp | tls
+    ami: Ami
+    secondary_host: str | None = None
+    bind: str = "127.0.0.1"
+    rtp_start: int = 10000
+    rtp_end: int = 20000
+    tls: Tls | None = None
+    networks: Networks = field(default_factory=Networks)
+    qualify_frequency: int = 30
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    extension: str
+    ring_timeout: int
+    max_wait: int
+    overflow: str
+    retry: int = 2
+    priority: int = 10
+    announce_frequency: int = 20
+
+
+@dataclass(frozen=True)
+class SelfTest:
+    extension: str
+    interval: int  # seconds
+
+
+@dataclass(frozen=True)
+class Desk:
+    id: str
+    name: str
+    extension: str
+    secret: Secret
+    workstation: str | None = None
+
+
+@dataclass(frozen=True)
+class Location:
+    address: str
+    lat: float | None = None
+    lon: float | None = None
+
+
+@dataclass(frozen=True)
+class Camera:
+    rtsp_url: str
+    username: str | None = None
+    password: Secret | None = None
+
+
+@dataclass(frozen=True)
+class Gpio:
+    button: int
+    yellow: int
+    green: int
+    red: int
+    tamper: int | None = None
+
+
+@dataclass(frozen=True)
+class Post:
+    id: str
+    name: str
+    extension: str
+    location: Location
+    secret: Secret
+    gpio: Gpio
+    camera: Camera | None = None
+    sip_backend: str = "pjsua2"  # pjsua2 | pyvoip
+    auto_answer: str = "after_alarm"  # after_alarm | always | never
+    auto_answer_window: int = 600  # seconds after an alarm call in which call-backs are auto-answered
+    max_call: int = 1800  # seconds; a call is ended after this long
+    control_port: int | None = None  # local control socket of a mock-GPIO agent
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    host: str
+    port: int
+    token: Secret
+    database: Path
+    public_url: str | None = None
+    offline_grace: int = 30
+    camera_interval: int = 60
+
+
+@dataclass(frozen=True)
+class CctvTarget:
+    """One CCTV/VMS target; ``options`` holds the type-specific keys, already validated."""
+
+    type: str  # webhook | milestone | nx | vlc | operator
+    name: str
+    options: dict[str, object]
+    secret: Secret | None = None
+
+
+@dataclass(frozen=True)
+class Site:
+    path: Path
+    name: str
+    pbx: Pbx
+    queue: Queue
+    self_test: SelfTest
+    desks: tuple[Desk, ...]
+    posts: tuple[Post, ...]
+    sidecar: Sidecar | None
+    cctv: tuple[CctvTarget, ...]
+    prompts_dir: Path | None = None
+
+    def post(self, post_id: str) -> Post:
+        for post in self.posts:
+            if post.id == post_id:
+                return post
+        raise RefugeError(f"{self.path}: no post with id {post_id!r} (posts: {', '.join(p.id for p in self.posts)})")
+
+    def desk(self, desk_id: str) -> Desk:
+        for desk in self.desks:
+            if desk.id == desk_id:
+                return desk
+        raise RefugeError(f"{self.path}: no desk with id {desk_id!r} (desks: {', '.join(d.id for d in self.desks)})")
+
+    def secrets(self) -> list[tuple[str, Secret]]:
+        """Every secret the site refers to, with the dotted path naming it."""
+        out: list[tuple[str, Secret]] = [("pbx.ami", self.pbx.ami.secret)]
+        out += [(f"desks.{d.id}", d.secret) for d in self.desks]
+        out += [(f"posts.{p.id}", p.secret) for p in self.posts]
+        out += [(f"posts.{p.id}.camera", p.camera.password) for p in self.posts if p.camera and p.camera.password]
+        if self.sidecar:
+            out.append(("sidecar.token", self.sidecar.token))
+        out += [(f"cctv.{t.name}", t.secret) for t in self.cctv if t.secret]
+        return out

@@ -1,0 +1,62 @@
+"""Create the secret files a site refers to, and mask secrets wherever text is logged or shown."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import secrets as random
+from pathlib import Path
+
+from sip_refuge.config.model import Site
+from sip_refuge.errors import RefugeError
+
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]+):[^@\s/]*@", re.I)
+
+
+def new_value(kind: str) -> str:
+    """A strong random value; webhook keys use the Standard Webhooks ``whsec_`` + base64 form."""
+    if kind == "webhook":
+        return "whsec_" + base64.b64encode(random.token_bytes(24)).decode()
+    return random.token_urlsafe(24)  # 32 characters, about 192 bits
+
+
+def init_secrets(site: Site) -> list[Path]:
+    """Write every missing secret file with mode 0600; return the files created."""
+    created = []
+    for _, secret in site.secrets():
+        if secret.file is None or secret.file.exists():
+            continue
+        secret.file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(secret.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(new_value(secret.kind) + "\n")
+        created.append(secret.file)
+    return created
+
+
+def mask_url(text: str) -> str:
+    """Hide the password in ``scheme://user:password@host`` anywhere in ``text``."""
+    return _URL_PASSWORD.sub(r"\g<head>:***@", text)
+
+
+class Masker:
+    """Replaces known secret values (and URL passwords) in text; used by every log handler."""
+
+    def __init__(self, values: list[str] | None = None) -> None:
+        self.values = sorted({v for v in (values or []) if len(v) >= 4}, key=len, reverse=True)
+
+    @classmethod
+    def for_site(cls, site: Site) -> Masker:
+        values = []
+        for _, secret in site.secrets():
+            try:
+                values.append(secret.read())
+            except RefugeError:  # a missing secret is reported by `config check`; nothing to mask
+                continue
+        return cls(values)
+
+    def __call__(self, text: str) -> str:
+        for value in self.values:
+            text = text.replace(value, "***")
+        return mask_url(text)
