@@ -2,8 +2,21 @@
 
 from sip_refuge.config.loader import load_site
 from sip_refuge.config.model import (
-    Ami, Camera, CctvTarget, Desk, Gpio, Location, Networks, Pbx, Post, Queue, Secret, SelfTest,
-    Sidecar, Site, Tls,
+    Ami,
+    Camera,
+    CctvTarget,
+    Desk,
+    Gpio,
+    Location,
+    Networks,
+    Pbx,
+    Post,
+    Queue,
+    Secret,
+    SelfTest,
+    Sidecar,
+    Site,
+    Tls,
 )
 
 __all__ = [

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from sip_refuge.config.model import (
-    Ami, Camera, CctvTarget, Desk, Gpio, Location, Networks, Pbx, Post, Queue, Secret, SelfTest,
-    Sidecar, Site, Tls,
+    Ami,
+    Camera,
+    CctvTarget,
+    Desk,
+    Gpio,
+    Location,
+    Networks,
+    Pbx,
+    Post,
+    Queue,
+    Secret,
+    SelfTest,
+    Sidecar,
+    Site,
+    Tls,
 )
 from sip_refuge.config.reader import Reader
 from sip_refuge.config.source import Source, load_yaml
