@@ -1,0 +1,54 @@
+# sip-refuge developer targets. `make test` on a fresh Debian 12 machine installs everything it needs:
+# Debian packages, the virtualenv (.venv) and Asterisk 22 (a Debian-unstable root folder, cached).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Debian packages the tests and the demo need. mmdebstrap builds the Asterisk root folder.
+DEB_PACKAGES := mmdebstrap
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all venv deps asterisk lint test unit integration demo clean
+
+all: test
+
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo ">> installing Debian packages: $$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	@echo ">> creating the virtualenv $(VENV)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -e '.[test,pjsua2,camera]'
+	@touch $@
+
+venv: $(BIN)/.installed
+
+asterisk: deps venv
+	@$(BIN)/python -m sip_refuge.pbx.asterisk --ensure
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest -q tests/unit
+
+integration: deps venv asterisk
+	$(BIN)/pytest -q tests/integration
+
+test: deps venv asterisk lint
+	$(BIN)/pytest -q
+
+demo: deps venv asterisk
+	@echo "make demo: the full demo (posts, sidecar, cameras, desk robots) arrives with issue 5."
+	@echo "For now it runs the real Asterisk with config/demo.yaml on loopback; Ctrl-C stops it."
+	$(BIN)/sip-refuge secrets init config/demo.yaml
+	$(BIN)/sip-refuge pbx config/demo.yaml
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,186 @@
+"""Turn Asterisk's AMI events into refuge incidents and post reachability, without any I/O.
+
+The AMI connection (panoramisk) only feeds events in; this tracker decides what they mean, so the
+whole mapping is unit-tested with explicit times. Every refuge call is keyed by the caller channel's
+``Uniqueid``: queue events carry it as ``Uniqueid`` and ``Hangup`` carries it for the caller channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sip_refuge.config.model import Desk, Post, Site
+
+log = logging.getLogger(__name__)
+
+_ENDPOINT = re.compile(r"^PJSIP/(?P<name>[a-z0-9][a-z0-9-]*?)(?:-[0-9a-f]{8})?$")
+
+
+def endpoint_of(channel: str) -> str | None:
+    """``PJSIP/sutton-market-0000002a`` -> ``sutton-market`` (also bare interfaces like ``PJSIP/desk-1``)."""
+    match = _ENDPOINT.match(channel or "")
+    return match.group("name") if match else None
+
+
+@dataclass(frozen=True)
+class Occurrence:
+    """Something the sidecar must store and tell the CCTV targets (spec section 6 event types)."""
+
+    type: str  # call.queued | call.answered | call.ended | call.unanswered | post.offline | post.online
+    post: Post
+    incident: str | None = None
+    desk: Desk | None = None
+    detail: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class Call:
+    incident: str
+    post: Post
+    uniqueid: str
+    queued_at: float
+    rung: list[str] = field(default_factory=list)
+    answered_by: Desk | None = None
+    answered_at: float | None = None
+    outcome: str | None = None  # answered calls: ended; others: overflowed | abandoned
+
+
+@dataclass
+class Reach:
+    reachable: bool | None = None  # None until Asterisk told us
+    unreachable_since: float | None = None
+    reported_offline: bool = False
+
+
+class CallTracker:
+    def __init__(self, site: Site, *, offline_grace: float | None = None) -> None:
+        self.site = site
+        self.posts = {p.id: p for p in site.posts}
+        self.desks = {d.id: d for d in site.desks}
+        self.grace = offline_grace if offline_grace is not None else (site.sidecar.offline_grace if site.sidecar else 30)
+        self.calls: dict[str, Call] = {}
+        self.reach: dict[str, Reach] = {p: Reach() for p in self.posts}
+
+    # -- queries ---------------------------------------------------------------------------------
+    def live_calls(self) -> list[Call]:
+        return [c for c in self.calls.values() if c.outcome is None]
+
+    def is_online(self, post_id: str) -> bool | None:
+        return self.reach[post_id].reachable
+
+    # -- AMI events ------------------------------------------------------------------------------
+    def handle(self, event: Mapping[str, str], now: float) -> list[Occurrence]:
+        name = event.get("Event", "")
+        handler = getattr(self, f"_on_{name}", None)
+        if handler is None:
+            return []
+        out: list[Occurrence] = handler(event, now)
+        return out
+
+    def _on_QueueCallerJoin(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
+        if e.get("Queue") != self.site.queue.name:
+            return []
+        post = self.posts.get(endpoint_of(e.get("Channel", "")) or "")
+        uid = e.get("Uniqueid", "")
+        if post is None or not uid or uid in self.calls:
+            return []
+        call = Call(str(uuid.uuid4()), post, uid, now)
+        self.calls[uid] = call
+        log.info("post %s: call queued (incident %s)", post.id, call.incident)
+        return [Occurrence("call.queued", post, call.incident, detail={"position": e.get("Position")})]
+
+    def _on_AgentCalled(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
+        call = self.calls.get(e.get("Uniqueid", ""))
+        desk = endpoint_of(e.get("Interface", "") or e.get("DestChannel", ""))
+        if call and desk and desk not in call.rung:
+            call.rung.append(desk)
+        return []
+
+    def _on_AgentConnect(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
+        call = self.calls.get(e.get("Uniqueid", ""))
+        desk = self.desks.get(endpoint_of(e.get("Interface", "") or e.get("DestChannel", "")) or "")
+        if call is None or call.answered_by is not None:
+            return []
+        call.answered_by, call.answered_at = desk, now
+        log.info("post %s: answered by %s", call.post.id, desk.id if desk else e.get("Interface"))
+        return [Occurrence("call.answered", call.post, call.incident, desk,
+                           {"wait_seconds": round(now - call.queued_at, 3), "member": e.get("MemberName")})]
+
+    def _on_AgentComplete(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
+        return self._end(e.get("Uniqueid", ""), now, "ended", {"reason": e.get("Reason")})
+
+    def _on_QueueCallerAbandon(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
+        return self._end(e.get("Uniqueid", ""), now, "abandoned", {})
+
+    def _on_QueueCallerLeave(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
+        # Leaving unanswered means max_wait passed or no desk can take it: the dialplan overflows it.
+        call = self.calls.get(e.get("Uniqueid", ""))
+        if call is None or call.answered_by is not None or call.outcome is not None:
+            return []
+        return self._end(call.uniqueid, now, "overflowed", {})
+
+    def _on_Hangup(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
+        call = self.calls.get(e.get("Uniqueid", ""))
+        if call is None:
+            return []
+        out = [] if call.outcome else self._end(call.uniqueid, now, "ended" if call.answered_by else "abandoned",
+                                                 {"cause": e.get("Cause-txt")})
+        del self.calls[call.uniqueid]  # the caller channel is gone: nothing more will refer to it
+        return out
+
+    def _end(self, uid: str, now: float, outcome: str, detail: dict[str, object]) -> list[Occurrence]:
+        call = self.calls.get(uid)
+        if call is None or call.outcome is not None:
+            return []
+        call.outcome = outcome
+        detail = {k: v for k, v in detail.items() if v is not None}
+        detail["outcome"] = outcome
+        detail["duration_seconds"] = round(now - call.queued_at, 3)
+        kind = "call.ended" if outcome == "ended" else "call.unanswered"
+        log.info("post %s: call %s (incident %s)", call.post.id, outcome, call.incident)
+        return [Occurrence(kind, call.post, call.incident, call.answered_by, detail)]
+
+    # -- reachability ----------------------------------------------------------------------------
+    def _on_ContactStatus(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
+        post_id = e.get("EndpointName") or e.get("AOR") or ""
+        if post_id not in self.posts:
+            return []
+        status = e.get("ContactStatus", "")
+        if status in ("Reachable", "Created", "Updated", "NonQualified"):
+            return self.set_reachable(post_id, True, now)
+        if status in ("Unreachable", "Removed"):
+            return self.set_reachable(post_id, False, now)
+        return []
+
+    def set_reachable(self, post_id: str, reachable: bool, now: float) -> list[Occurrence]:
+        """Record reachability (from ContactStatus, or a resync after reconnecting to AMI)."""
+        reach = self.reach[post_id]
+        out: list[Occurrence] = []
+        if reachable:
+            if reach.reported_offline:
+                out.append(Occurrence("post.online", self.posts[post_id]))
+            reach.reachable, reach.unreachable_since, reach.reported_offline = True, None, False
+        elif reach.unreachable_since is None:
+            reach.reachable, reach.unreachable_since = False, now
+        return out
+
+    def tick(self, now: float) -> list[Occurrence]:
+        """Raise ``post.offline`` once a post has been unreachable for the grace period."""
+        out = []
+        for post_id, reach in self.reach.items():
+            if reach.unreachable_since is not None and not reach.reported_offline \
+                    and now - reach.unreachable_since >= self.grace:
+                reach.reported_offline = True
+                log.warning("post %s: offline (unreachable for %.0f s)", post_id, now - reach.unreachable_since)
+                out.append(Occurrence("post.offline", self.posts[post_id],
+                                      detail={"since_seconds": round(now - reach.unreachable_since, 1)}))
+        return out
+
+    def next_deadline(self) -> float | None:
+        pending = [r.unreachable_since + self.grace for r in self.reach.values()
+                   if r.unreachable_since is not None and not r.reported_offline]
+        return min(pending) if pending else None
