@@ -184,3 +184,24 @@ class CallTracker:
         pending = [r.unreachable_since + self.grace for r in self.reach.values()
                    if r.unreachable_since is not None and not r.reported_offline]
         return min(pending) if pending else None
+
+    # -- after (re)connecting to AMI ---------------------------------------------------------------
+    def resync(self, now: float, contacts: Mapping[str, str], channels: set[str],
+               queue_entries: list[Mapping[str, str]]) -> list[Occurrence]:
+        """Correct everything an AMI outage may have left wrong.
+
+        Calls whose caller channel is gone are closed; callers waiting in the queue that we never saw
+        join become incidents; every post's reachability is taken from the contact list.
+        """
+        out: list[Occurrence] = []
+        for call in list(self.calls.values()):
+            if call.uniqueid not in channels:
+                out += self._end(call.uniqueid, now, "ended" if call.answered_by else "abandoned",
+                                 {"resync": True})
+                del self.calls[call.uniqueid]
+        for entry in queue_entries:
+            out += self._on_QueueCallerJoin({**entry, "Event": "QueueCallerJoin", "Queue": self.site.queue.name}, now)
+        for post_id in self.posts:
+            status = contacts.get(post_id, "Removed")
+            out += self.set_reachable(post_id, status in ("Reachable", "NonQualified", "Created", "Updated"), now)
+        return out

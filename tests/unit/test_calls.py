@@ -90,3 +90,17 @@ def test_short_blip_within_grace_raises_nothing(site: Site) -> None:
     t.handle({**status, "ContactStatus": "Unreachable"}, 0.0)
     assert t.handle({**status, "ContactStatus": "Reachable"}, 20.0) == []
     assert t.tick(100.0) == []
+
+
+def test_resync_closes_vanished_calls_adopts_waiting_ones_and_sets_reachability(site: Site) -> None:
+    t = CallTracker(site, offline_grace=0)
+    t.handle(join("1.1", "sutton-market"), 0.0)
+    out = t.resync(50.0, contacts={"sutton-market": "Reachable", "idlewells": "Unreachable"},
+                   channels={"2.2"},
+                   queue_entries=[{"Event": "QueueEntry", "Channel": "PJSIP/idlewells-00000003", "Uniqueid": "2.2"}])
+    kinds = [(o.type, o.post.id) for o in out]
+    assert ("call.unanswered", "sutton-market") in kinds  # its channel is gone
+    assert ("call.queued", "idlewells") in kinds  # was waiting while we were away
+    assert [c.post.id for c in t.live_calls()] == ["idlewells"]
+    offline = {o.post.id for o in t.tick(50.0) if o.type == "post.offline"}
+    assert offline == {"idlewells", "kirkby-bus-station"}

@@ -1,0 +1,137 @@
+"""Follow Asterisk over AMI (panoramisk) in one thread that owns an asyncio loop.
+
+The follower knows nothing about incidents: it hands every AMI event, and after each (re)login a
+snapshot of live state (resync), to callbacks that the sidecar's runner provides. panoramisk
+reconnects by itself; we log in read-only with the site's AMI user on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from panoramisk import Manager
+
+from sip_refuge.config.model import Ami
+
+log = logging.getLogger(__name__)
+
+# Only the events the sidecar uses; Asterisk still sends the rest of the read classes, we drop them early.
+FOLLOWED = ("QueueCallerJoin", "QueueCallerLeave", "QueueCallerAbandon", "AgentCalled", "AgentConnect",
+            "AgentComplete", "AgentRingNoAnswer", "Hangup", "ContactStatus", "FullyBooted", "Shutdown")
+
+
+@dataclass
+class Snapshot:
+    """Live state read after (re)login, so nothing from an outage stays wrong."""
+
+    contacts: dict[str, str] = field(default_factory=dict)  # endpoint -> Reachable/Unreachable/...
+    channels: set[str] = field(default_factory=set)  # Uniqueid of every live channel
+    queue_entries: list[dict[str, str]] = field(default_factory=list)  # QueueEntry events of our queue
+
+
+class AmiFollower:
+    def __init__(self, ami: Ami, queue: str, *, on_event: Callable[[Mapping[str, str]], None],
+                 on_resync: Callable[[Snapshot], None], on_link: Callable[[bool], None],
+                 reconnect: float = 1.0) -> None:
+        self.ami, self.queue = ami, queue
+        self.on_event, self.on_resync, self.on_link = on_event, on_resync, on_link
+        self.reconnect = reconnect
+        self.connected = False
+        self.events_seen = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._manager: Manager | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+
+    # -- lifecycle (called from the runner's thread) ------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ami", daemon=True)
+        self._thread.start()
+        self._started.wait(5)
+
+    def stop(self) -> None:
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(self._shutdown)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    # -- the AMI thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        manager = Manager(loop=loop, host=self.ami.host, port=self.ami.port, username=self.ami.username,
+                          secret=self.ami.secret.read(), ping_delay=5, ping_interval=5,
+                          reconnect_timeout=max(1, int(self.reconnect)), log=log,
+                          on_login=self._logged_in, on_disconnect=self._lost)
+        for name in FOLLOWED:
+            manager.register_event(name, self._event)
+        self._manager = manager
+        manager.connect()
+        self._started.set()
+        try:
+            loop.run_forever()
+        finally:
+            manager.close()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def _shutdown(self) -> None:
+        if self._manager is not None:
+            # No reconnect after an intended stop: panoramisk schedules one from connection_lost.
+            self._manager.connection_lost = lambda exc: None
+            self._manager.close()
+        assert self._loop is not None
+        self._loop.stop()
+
+    def _event(self, manager: Manager, message: Any) -> None:
+        self.events_seen += 1
+        try:
+            self.on_event({str(k): str(v) for k, v in message.items()})
+        except Exception:  # noqa: BLE001 - thread boundary: one bad event must not stop following calls
+            log.exception("AMI event %s could not be handled", message.get("Event"))
+
+    def _logged_in(self, manager: Manager) -> None:
+        log.info("AMI connected to %s:%s as %s", self.ami.host, self.ami.port, self.ami.username)
+        self.connected = True
+        self.on_link(True)
+        asyncio.ensure_future(self._resync(manager))
+
+    def _lost(self, manager: Manager, exc: Exception | None) -> None:
+        if self.connected:
+            log.warning("AMI connection lost (%s); reconnecting", exc or "closed")
+        self.connected = False
+        self.on_link(False)
+
+    async def _resync(self, manager: Manager) -> None:
+        snap = Snapshot()
+        try:
+            for msg in await self._list(manager, {"Action": "PJSIPShowContacts"}):
+                if msg.get("Event") == "ContactList":
+                    snap.contacts[str(msg.get("Endpoint") or msg.get("Aor"))] = str(msg.get("Status"))
+            for msg in await self._list(manager, {"Action": "CoreShowChannels"}):
+                if msg.get("Event") == "CoreShowChannel":
+                    snap.channels.add(str(msg.get("Uniqueid")))
+            for msg in await self._list(manager, {"Action": "QueueStatus", "Queue": self.queue}):
+                if msg.get("Event") == "QueueEntry":
+                    snap.queue_entries.append({str(k): str(v) for k, v in msg.items()})
+        except Exception:  # noqa: BLE001 - thread boundary: a failed resync is retried on the next login
+            log.exception("AMI resync failed")
+            return
+        log.info("AMI resync: %d contacts, %d channels, %d waiting in queue %s",
+                 len(snap.contacts), len(snap.channels), len(snap.queue_entries), self.queue)
+        try:
+            self.on_resync(snap)
+        except Exception:  # noqa: BLE001 - thread boundary
+            log.exception("AMI resync could not be applied")
+
+    @staticmethod
+    async def _list(manager: Manager, action: dict[str, str]) -> list[Any]:
+        result = await asyncio.wait_for(manager.send_action(action, as_list=True), timeout=10)
+        return list(result) if isinstance(result, list) else [result]
