@@ -1,0 +1,129 @@
+"""Telemetry from the post to the sidecar, through a small local outbox.
+
+A down or slow sidecar must never delay a call: ``put`` only appends to memory and to a spool file,
+and one sender thread (owned by the runner) posts in order, retrying with backoff. The spool keeps
+reports across a restart of the agent; it is bounded so a long sidecar outage cannot fill the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_KEPT = 1000  # oldest reports are dropped (and counted) beyond this
+
+
+class TelemetryOutbox:
+    def __init__(self, post_id: str, url: str | None, token: str | None, spool: Path | None = None,
+                 *, timeout: float = 3.0) -> None:
+        self.post_id, self.url, self.token, self.spool, self.timeout = post_id, url, token, spool, timeout
+        self._pending: deque[dict[str, Any]] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.sent = 0
+        self.dropped = 0
+        self.last_error: str | None = None
+        self._load_spool()
+
+    # -- producer side (the runner's thread) ---------------------------------------------------------
+    def put(self, report: dict[str, Any]) -> None:
+        with self._cond:
+            self._pending.append(report)
+            while len(self._pending) > MAX_KEPT:
+                self._pending.popleft()
+                self.dropped += 1
+            self._write_spool()
+            self._cond.notify()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    # -- sender thread ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.url is None:
+            log.info("post %s: no sidecar configured; telemetry stays local", self.post_id)
+            return
+        self._thread = threading.Thread(target=self._run, name=f"telemetry-{self.post_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(self.timeout + 2)
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                report = self._pending[0]
+            try:
+                self._send(report)
+            except Exception as exc:  # noqa: BLE001 - thread boundary: keep the report, retry later
+                if self.last_error is None:
+                    log.warning("post %s: sidecar unreachable (%s); keeping telemetry", self.post_id, exc)
+                self.last_error = str(exc)
+                with self._cond:
+                    self._cond.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 1.0
+            if self.last_error is not None:
+                log.info("post %s: sidecar reachable again", self.post_id)
+            self.last_error = None
+            with self._cond:
+                if self._pending and self._pending[0] is report:
+                    self._pending.popleft()
+                self.sent += 1
+                self._write_spool()
+
+    def _send(self, report: dict[str, Any]) -> None:
+        assert self.url is not None
+        request = urllib.request.Request(self.url, data=json.dumps(report).encode(), method="POST",
+                                         headers={"Content-Type": "application/json",
+                                                  "Authorization": f"Bearer {self.token or ''}"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:
+            if 400 <= exc.code < 500 and exc.code not in (401, 403, 408, 429):
+                # The sidecar refused this report for good (e.g. malformed): retrying would block the rest.
+                log.error("post %s: sidecar refused telemetry (%s); dropping it", self.post_id, exc.code)
+                return
+            raise
+
+    # -- spool -------------------------------------------------------------------------------------
+    def _load_spool(self) -> None:
+        if self.spool is None or not self.spool.exists():
+            return
+        for line in self.spool.read_text(encoding="utf-8").splitlines():
+            try:
+                self._pending.append(json.loads(line))
+            except ValueError:
+                log.warning("post %s: skipping a damaged telemetry spool line", self.post_id)
+
+    def _write_spool(self) -> None:
+        if self.spool is None:
+            return
+        tmp = self.spool.with_suffix(".tmp")
+        try:
+            self.spool.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self._pending), encoding="utf-8")
+            tmp.replace(self.spool)
+        except OSError as exc:
+            log.warning("post %s: cannot write telemetry spool %s: %s", self.post_id, self.spool, exc)
