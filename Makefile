@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the tests and the demo need. mmdebstrap builds the Asterisk root folder.
-DEB_PACKAGES := mmdebstrap
+DEB_PACKAGES := mmdebstrap vlc-bin vlc-plugin-base util-linux
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv deps asterisk lint test unit integration demo clean

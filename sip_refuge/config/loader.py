@@ -328,10 +328,17 @@ class _Builder:
             options["host"] = r.text("host", required=True, pattern=HOST, hint="is not a host name or address")
             options["port"] = r.integer("port", 1234, low=1, high=65535)
             options["template"] = r.text("template", "{type} {post_id}")
+            options["echo"] = r.flag("echo", True)  # XProtect "Compatible" format echoes what it received
         elif kind == "nx":
             options["url"] = self.url(r, "url", ("http", "https"))
             options["username"] = r.text("username", required=True)
             secret = self.secret(r, "password")
+            options["api"] = r.choice("api", ("legacy", "v4"), "legacy")
+            # Nx servers ship a self-signed certificate: false, or the path of the CA that signed it.
+            verify = r.raw("verify", False)
+            if verify is not None and not isinstance(verify, bool | str):
+                r.fail("verify", "must be true, false or the path of a CA certificate")
+            options["verify"] = True if verify is None else verify
             cams = r.child("cameras")
             options["cameras"] = {k: str(v) for k, v in cams.value.items()}
             cams.known.update(cams.value)

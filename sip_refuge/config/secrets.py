@@ -7,6 +7,7 @@ import os
 import re
 import secrets as random
 from pathlib import Path
+from urllib.parse import quote
 
 from sip_refuge.config.model import Site
 from sip_refuge.errors import RefugeError
@@ -44,7 +45,10 @@ class Masker:
     """Replaces known secret values (and URL passwords) in text; used by every log handler."""
 
     def __init__(self, values: list[str] | None = None) -> None:
-        self.values = sorted({v for v in (values or []) if len(v) >= 4}, key=len, reverse=True)
+        raw = {v for v in (values or []) if len(v) >= 4}
+        # A secret can also show up percent-encoded, e.g. a camera password inside an RTSP URL.
+        raw |= {quote(v, safe="") for v in raw}
+        self.values = sorted(raw, key=len, reverse=True)
 
     @classmethod
     def for_site(cls, site: Site) -> Masker:

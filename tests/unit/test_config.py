@@ -181,3 +181,9 @@ def test_masking_hides_secrets_and_url_passwords(site_copy: Path) -> None:
     assert token not in mask(f"registering with password {token}")
     assert mask_url("open rtsp://viewer:s3cr3t@10.0.0.1:554/x now") == "open rtsp://viewer:***@10.0.0.1:554/x now"
     assert mask_url("rtsp://10.0.0.1/x") == "rtsp://10.0.0.1/x"
+
+
+def test_masker_also_hides_percent_encoded_secrets() -> None:
+    mask = Masker(["cam-S3cret!pw/with@odd"])
+    assert "S3cret" not in mask("rtsp://viewer:cam-S3cret%21pw%2Fwith%40odd@10.0.0.1/s")
+    assert "S3cret" not in mask("raw cam-S3cret!pw/with@odd here")

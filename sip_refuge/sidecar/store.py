@@ -1,0 +1,375 @@
+"""The sidecar's durable store: incidents and timelines, the event outbox, post/camera status, telemetry.
+
+SQLite in WAL mode. One connection guarded by a re-entrant lock: the sidecar writes a handful of rows per
+call, far below what one connection serves, and a single writer can never meet ``database is locked``.
+WAL still matters: readers in other processes (exports, ``sqlite3`` by hand) never block the sidecar, and a
+killed process leaves a file that opens cleanly with every committed transaction in it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from sip_refuge.errors import SidecarError
+from sip_refuge.sidecar.events import Event, event_from_json, iso_utc
+from sip_refuge.sidecar.migrations import MIGRATIONS
+
+PENDING = "pending"
+DELIVERED = "delivered"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event still owed to one target."""
+
+    seq: int
+    target: str
+    attempts: int
+    next_attempt_at: float
+    event: Event
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    at: str
+    kind: str
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Incident:
+    id: str
+    post_id: str
+    state: str
+    created: str
+    answered_by: str | None
+    answered_at: str | None
+    ended: str | None
+    outcome: str | None
+    snapshot: str | None
+    timeline: tuple[TimelineEntry, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PostStatus:
+    post_id: str
+    updated: str
+    online: bool | None = None
+    state: str | None = None
+    contact: str | None = None
+    detail: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class CameraStatus:
+    post_id: str
+    updated: str
+    ok: bool | None = None
+    reason: str | None = None
+    detail: dict[str, Any] | None = None
+
+
+_INCIDENT_FIELDS = ("state", "answered_by", "answered_at", "ended", "outcome", "snapshot")
+CSV_COLUMNS = ("id", "post_id", "state", "created", "answered_by", "answered_at", "ended", "outcome",
+               "snapshot", "timeline")
+
+
+def _opt_bool(value: object) -> bool | None:
+    return None if value is None else bool(value)
+
+
+class Store:
+    """Open (creating and migrating as needed) the database at ``path``; ``":memory:"`` works for tests."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._depth = 0
+        try:
+            # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE) so none is ever left open.
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL, not NORMAL: NORMAL in WAL mode survives a killed process but can lose the last commits on
+            # power loss. An emergency-call log must keep them, and a few commits per call cost nothing.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise SidecarError(f"cannot open the database {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema -----------------------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        version = self.schema_version()
+        if version > len(MIGRATIONS):
+            raise SidecarError(f"{self.path} has schema version {version}, newer than this sip-refuge "
+                               f"({len(MIGRATIONS)}); upgrade sip-refuge or use another database")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            try:
+                # One script, one transaction: the tables and the version bump commit together or not at all.
+                self._db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+            except sqlite3.Error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def journal_mode(self) -> str:
+        with self._lock:
+            return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes atomically; nests (only the outermost commits). Callers use it to store an incident
+        change together with the event it raises."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield
+            except BaseException:
+                self._depth = 0
+                self._db.execute("ROLLBACK")
+                raise
+            self._depth = 0
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")  # a failed COMMIT (disk full) leaves the transaction open
+                raise
+
+    def _exec(self, sql: str, args: Iterable[object] = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, tuple(args))
+
+    # Rows are fetched under the lock: a half-read cursor must not interleave with another thread's
+    # transaction on the shared connection.
+    def _all(self, sql: str, args: Iterable[object] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    def _one(self, sql: str, args: Iterable[object] = ()) -> sqlite3.Row | None:
+        with self._lock:
+            row: sqlite3.Row | None = self._db.execute(sql, tuple(args)).fetchone()
+            return row
+
+    def _scalar(self, sql: str, args: Iterable[object] = ()) -> Any:
+        """The single value of an aggregate query (which always yields one row)."""
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchone()[0]
+
+    # -- events and deliveries --------------------------------------------------------------------------
+
+    def add_event(self, event: Event, targets: Iterable[str], now: float) -> bool:
+        """Commit ``event`` and one pending delivery per target, due at ``now``. False if already stored."""
+        with self.transaction():
+            cur = self._exec(
+                "INSERT OR IGNORE INTO events (id, type, timestamp, incident, post_id, stream, body)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (event.id, event.type, event.timestamp, event.incident, event.post_id, event.stream,
+                 event.to_json()))
+            if cur.rowcount == 0:
+                return False
+            seq = cur.lastrowid
+            self._db.executemany(
+                "INSERT INTO deliveries (event_seq, event_id, target, stream, status, next_attempt_at)"
+                " VALUES (?, ?, ?, ?, 'pending', ?)",
+                [(seq, event.id, target, event.stream, now) for target in targets])
+            return True
+
+    def _event(self, row: sqlite3.Row) -> Event:
+        return event_from_json(row["id"], row["incident"], row["post_id"], row["body"])
+
+    def event(self, event_id: str) -> Event | None:
+        row = self._one("SELECT * FROM events WHERE id = ?", (event_id,))
+        return None if row is None else self._event(row)
+
+    def events_since(self, seq: int = 0, limit: int = 100) -> list[tuple[int, Event]]:
+        """Events after ``seq`` in creation order, for the SSE feed (which resumes by Last-Event-ID)."""
+        rows = self._all("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
+        return [(int(r["seq"]), self._event(r)) for r in rows]
+
+    # The head of a stream is its oldest pending delivery; only heads may be attempted, which keeps each
+    # incident's events in order at each target while other incidents (and other targets) go on.
+    _HEADS = """
+        SELECT d.event_seq, d.attempts, d.next_attempt_at, e.id, e.incident, e.post_id, e.body
+        FROM deliveries d JOIN events e ON e.seq = d.event_seq
+        WHERE d.target = :target AND d.status = 'pending'
+          AND d.event_seq = (SELECT MIN(d2.event_seq) FROM deliveries d2
+                             WHERE d2.target = d.target AND d2.status = 'pending' AND d2.stream = d.stream)
+    """
+
+    def due(self, target: str, now: float, limit: int = 50) -> list[Delivery]:
+        """Stream heads for ``target`` whose next attempt is due at ``now``, oldest first."""
+        return self._heads(target, now, limit)
+
+    def _heads(self, target: str, now: float | None, limit: int) -> list[Delivery]:
+        sql = self._HEADS + (" AND d.next_attempt_at <= :now" if now is not None else "")
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY d.event_seq LIMIT :limit",
+                                    {"target": target, "now": now, "limit": limit}).fetchall()
+        return [Delivery(int(r["event_seq"]), target, int(r["attempts"]), float(r["next_attempt_at"]),
+                         self._event(r)) for r in rows]
+
+    def next_attempt(self, target: str) -> float | None:
+        """When the earliest stream head of ``target`` is due; None when nothing is pending."""
+        with self._lock:
+            row = self._db.execute(f"SELECT MIN(next_attempt_at) FROM ({self._HEADS})",
+                                   {"target": target}).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def mark_delivered(self, seq: int, target: str, at: datetime) -> None:
+        self._exec("UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = ?,"
+                   " last_error = NULL WHERE event_seq = ? AND target = ?", (iso_utc(at), seq, target))
+
+    def mark_failed(self, seq: int, target: str, error: str, next_attempt_at: float) -> None:
+        self._exec("UPDATE deliveries SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?"
+                   " WHERE event_seq = ? AND target = ?", (error, next_attempt_at, seq, target))
+
+    def pending_count(self, target: str) -> int:
+        return int(self._scalar("SELECT COUNT(*) FROM deliveries WHERE target = ? AND status = 'pending'",
+                                (target,)))
+
+    def delivery_counts(self) -> dict[str, dict[str, int]]:
+        """``{target: {status: count}}`` over the whole database, for /metrics."""
+        out: dict[str, dict[str, int]] = {}
+        for row in self._all("SELECT target, status, COUNT(*) FROM deliveries GROUP BY target, status"):
+            out.setdefault(row[0], {})[row[1]] = int(row[2])
+        return out
+
+    def last_delivered(self, target: str) -> str | None:
+        value = self._scalar("SELECT MAX(delivered_at) FROM deliveries WHERE target = ?", (target,))
+        return None if value is None else str(value)
+
+    # -- incidents --------------------------------------------------------------------------------------
+
+    def open_incident(self, incident_id: str, post_id: str, at: datetime, state: str = "queued") -> bool:
+        """Create the incident; False if it exists (AMI re-sync may announce a call twice)."""
+        cur = self._exec("INSERT OR IGNORE INTO incidents (id, post_id, state, created) VALUES (?, ?, ?, ?)",
+                         (incident_id, post_id, state, iso_utc(at)))
+        return cur.rowcount == 1
+
+    def update_incident(self, incident_id: str, **fields: str | None) -> None:
+        """Set some of state, answered_by, answered_at, ended, outcome, snapshot."""
+        unknown = set(fields) - set(_INCIDENT_FIELDS)
+        if unknown:
+            raise SidecarError(f"unknown incident fields: {', '.join(sorted(unknown))}")
+        if not fields:
+            return
+        names = sorted(fields)
+        sets = ", ".join(f"{name} = ?" for name in names)
+        self._exec(f"UPDATE incidents SET {sets} WHERE id = ?", [fields[n] for n in names] + [incident_id])
+
+    def add_timeline(self, incident_id: str, kind: str, at: datetime,
+                     detail: dict[str, Any] | None = None) -> None:
+        self._exec("INSERT INTO timeline (incident, at, kind, detail) VALUES (?, ?, ?, ?)",
+                   (incident_id, iso_utc(at), kind, json.dumps(detail or {}, separators=(",", ":"))))
+
+    def _incidents(self, where: str, args: tuple[object, ...], limit: int | None) -> list[Incident]:
+        sql = f"SELECT * FROM incidents {where} ORDER BY created DESC, id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+            ids = [r["id"] for r in rows]
+            lines: dict[str, list[TimelineEntry]] = {i: [] for i in ids}
+            if ids:
+                marks = ",".join("?" * len(ids))
+                for t in self._db.execute(
+                        f"SELECT * FROM timeline WHERE incident IN ({marks}) ORDER BY seq", ids):
+                    lines[t["incident"]].append(TimelineEntry(t["at"], t["kind"], json.loads(t["detail"])))
+        return [Incident(r["id"], r["post_id"], r["state"], r["created"], r["answered_by"], r["answered_at"],
+                         r["ended"], r["outcome"], r["snapshot"], tuple(lines[r["id"]])) for r in rows]
+
+    def incident(self, incident_id: str) -> Incident | None:
+        found = self._incidents("WHERE id = ?", (incident_id,), None)
+        return found[0] if found else None
+
+    def incidents(self, limit: int | None = 100, post_id: str | None = None) -> list[Incident]:
+        """Newest first, each with its timeline."""
+        if post_id is None:
+            return self._incidents("", (), limit)
+        return self._incidents("WHERE post_id = ?", (post_id,), limit)
+
+    def export_json(self, out: TextIO, limit: int | None = None) -> None:
+        json.dump([i.to_dict() for i in self.incidents(limit)], out, indent=1)
+        out.write("\n")
+
+    def export_csv(self, out: TextIO, limit: int | None = None) -> None:
+        """One row per incident; the timeline is one cell, ``AT kind; AT kind ...``, for spreadsheets."""
+        writer = csv.writer(out)
+        writer.writerow(CSV_COLUMNS)
+        for inc in self.incidents(limit):
+            timeline = "; ".join(f"{t.at} {t.kind}" + (f" {json.dumps(t.detail)}" if t.detail else "")
+                                 for t in inc.timeline)
+            writer.writerow([inc.id, inc.post_id, inc.state, inc.created, inc.answered_by or "",
+                             inc.answered_at or "", inc.ended or "", inc.outcome or "", inc.snapshot or "",
+                             timeline])
+
+    # -- post and camera status, telemetry --------------------------------------------------------------
+
+    def save_post_status(self, status: PostStatus) -> None:
+        self._exec("INSERT OR REPLACE INTO post_status (post_id, updated, online, state, contact, detail)"
+                   " VALUES (?, ?, ?, ?, ?, ?)",
+                   (status.post_id, status.updated, status.online, status.state, status.contact,
+                    json.dumps(status.detail or {})))
+
+    def post_statuses(self) -> dict[str, PostStatus]:
+        return {r["post_id"]: PostStatus(r["post_id"], r["updated"], _opt_bool(r["online"]), r["state"],
+                                         r["contact"], json.loads(r["detail"]))
+                for r in self._all("SELECT * FROM post_status ORDER BY post_id")}
+
+    def save_camera_status(self, status: CameraStatus) -> None:
+        self._exec("INSERT OR REPLACE INTO camera_status (post_id, updated, ok, reason, detail)"
+                   " VALUES (?, ?, ?, ?, ?)",
+                   (status.post_id, status.updated, status.ok, status.reason, json.dumps(status.detail or {})))
+
+    def camera_statuses(self) -> dict[str, CameraStatus]:
+        return {r["post_id"]: CameraStatus(r["post_id"], r["updated"], _opt_bool(r["ok"]), r["reason"],
+                                           json.loads(r["detail"]))
+                for r in self._all("SELECT * FROM camera_status ORDER BY post_id")}
+
+    def add_telemetry(self, post_id: str, at: datetime, body: dict[str, Any]) -> None:
+        self._exec("INSERT INTO telemetry (post_id, received, body) VALUES (?, ?, ?)",
+                   (post_id, iso_utc(at), json.dumps(body, separators=(",", ":"))))
+
+    def telemetry(self, post_id: str, limit: int = 20) -> list[tuple[str, dict[str, Any]]]:
+        """The latest reports of a post, newest first, as (received, body)."""
+        rows = self._all("SELECT received, body FROM telemetry WHERE post_id = ? ORDER BY seq DESC LIMIT ?",
+                          (post_id, limit))
+        return [(str(r[0]), json.loads(r[1])) for r in rows]
