@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sip_refuge.config.model import Desk, Post, Site
@@ -187,7 +187,7 @@ class CallTracker:
 
     # -- after (re)connecting to AMI ---------------------------------------------------------------
     def resync(self, now: float, contacts: Mapping[str, str], channels: set[str],
-               queue_entries: list[Mapping[str, str]]) -> list[Occurrence]:
+               queue_entries: Sequence[Mapping[str, str]]) -> list[Occurrence]:
         """Correct everything an AMI outage may have left wrong.
 
         Calls whose caller channel is gone are closed; callers waiting in the queue that we never saw
