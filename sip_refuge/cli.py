@@ -21,6 +21,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("asterisk", "render"): ("sip_refuge.pbx.commands", "render", "write the Asterisk include files"),
     ("asterisk", "check"): ("sip_refuge.pbx.commands", "check", "load the rendered config into a real Asterisk"),
     ("pbx",): ("sip_refuge.pbx.commands", "run", "run a real Asterisk on loopback with the rendered site"),
+    ("sidecar",): ("sip_refuge.sidecar.runner", "run", "run the sidecar (AMI, CCTV events, dashboard, API)"),
 }
 ARGUMENTS: dict[tuple[str, ...], Callable[[argparse.ArgumentParser], None]] = {}
 
@@ -36,7 +37,13 @@ def _render_args(parser: argparse.ArgumentParser) -> None:
                         help="also write asterisk.conf, modules.conf and friends for a loopback run")
 
 
+def _sidecar_args(parser: argparse.ArgumentParser) -> None:
+    _site(parser)
+    parser.add_argument("--no-cameras", action="store_true", help="do not probe cameras (no opencv needed)")
+
+
 ARGUMENTS[("asterisk", "render")] = _render_args
+ARGUMENTS[("sidecar",)] = _sidecar_args
 
 
 def build_parser() -> argparse.ArgumentParser:

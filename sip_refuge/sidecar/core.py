@@ -1,0 +1,260 @@
+"""The sidecar's hub: turns what it learns (AMI, telemetry, cameras) into incidents and events.
+
+Every input arrives on some worker thread (AMI, camera monitor, HTTP request); the hub serialises
+them behind one lock, commits the incident change and its event in one transaction, hands the event
+to the outbox (CCTV targets) and to live page subscribers (server-sent events).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from sip_refuge.config.model import Site
+from sip_refuge.sidecar.ami import Snapshot
+from sip_refuge.sidecar.calls import CallTracker, Occurrence
+from sip_refuge.sidecar.events import Event, build_event, iso_utc
+from sip_refuge.sidecar.outbox import Outbox
+from sip_refuge.sidecar.store import CameraStatus, PostStatus, Store
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBER_BACKLOG = 200  # events kept for a slow page; beyond that it is dropped and reconnects
+
+
+class Hub:
+    def __init__(self, site: Site, store: Store, outbox: Outbox, *, base_url: str,
+                 snapshot: Callable[[str], bytes | None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.site, self.store, self.outbox, self.base_url = site, store, outbox, base_url.rstrip("/")
+        self.tracker = CallTracker(site)
+        self.snapshot_source = snapshot
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.ami_connected = False
+        self.ami_last_change: str | None = None
+        self._subscribers: list[queue.Queue[Event | None]] = []
+        self._snapshots: dict[str, bytes] = {}
+        self._snapshot_done: dict[str, threading.Event] = {}
+        self.counters: dict[str, int] = {}
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def on_ami_event(self, event: Mapping[str, str]) -> None:
+        with self.lock:
+            self._apply_all(self.tracker.handle(event, self.clock()))
+            self._timeline_from_ami(event)
+
+    def on_resync(self, snap: Snapshot) -> None:
+        with self.lock:
+            self._apply_all(self.tracker.resync(self.clock(), snap.contacts, snap.channels, snap.queue_entries))
+
+    def on_ami_link(self, up: bool) -> None:
+        with self.lock:
+            self.ami_connected = up
+            self.ami_last_change = _now_iso()
+
+    def tick(self) -> float | None:
+        """Fire timers (post offline after grace); return the next deadline on the hub's clock."""
+        with self.lock:
+            self._apply_all(self.tracker.tick(self.clock()))
+            return self.tracker.next_deadline()
+
+    def on_camera_change(self, post_id: str, ok: bool, reason: str) -> None:
+        with self.lock:
+            now = datetime.now(UTC)
+            self.store.save_camera_status(CameraStatus(post_id, iso_utc(now), ok, reason))
+            self._publish(build_event("camera.ok" if ok else "camera.fault", self.site, post_id=post_id,
+                                      now=now, reason=reason))
+
+    def on_telemetry(self, post_id: str, body: dict[str, Any]) -> None:
+        """A post agent's report: remember it, show its state, and raise selftest.failed."""
+        with self.lock:
+            now = datetime.now(UTC)
+            self.store.add_telemetry(post_id, now, body)
+            previous = self.store.post_statuses().get(post_id)
+            detail = dict(previous.detail or {}) if previous else {}
+            for key in ("registered", "last_self_test", "faults", "call"):
+                if key in body:
+                    detail[key] = body[key]
+            self.store.save_post_status(PostStatus(post_id, iso_utc(now), previous.online if previous else None,
+                                                   str(body.get("state") or (previous.state if previous else "")),
+                                                   previous.contact if previous else None, detail))
+            if body.get("kind") == "selftest" and body.get("passed") is False:
+                self._publish(build_event("selftest.failed", self.site, post_id=post_id, now=now,
+                                          reason=str(body.get("detail") or "self-test failed")))
+            if body.get("kind") == "call" and body.get("event") == "pressed":
+                self._note_press(post_id, now)
+            self._broadcast_status(post_id)
+
+    # -- queries for the web app -------------------------------------------------------------------
+    def posts(self) -> list[dict[str, Any]]:
+        with self.lock:
+            statuses, cameras = self.store.post_statuses(), self.store.camera_statuses()
+            live = {c.post.id: c for c in self.tracker.live_calls()}
+            return [self._post_view(p.id, statuses, cameras, live) for p in self.site.posts]
+
+    def post(self, post_id: str) -> dict[str, Any]:
+        with self.lock:
+            live = {c.post.id: c for c in self.tracker.live_calls()}
+            return self._post_view(post_id, self.store.post_statuses(), self.store.camera_statuses(), live)
+
+    def live_calls(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [{"incident": c.incident, "post": c.post.id, "post_name": c.post.name,
+                     "desk": c.answered_by.id if c.answered_by else None,
+                     "state": "answered" if c.answered_by else "queued", "rung": list(c.rung)}
+                    for c in self.tracker.live_calls()]
+
+    def snapshot(self, incident: str, wait: float = 0.0) -> bytes | None:
+        """The JPEG taken when ``incident`` was queued; waits up to ``wait`` s if it is still being taken."""
+        done = self._snapshot_done.get(incident)
+        if done is not None and wait > 0:
+            done.wait(wait)
+        return self._snapshots.get(incident)
+
+    # -- live subscribers (SSE) ------------------------------------------------------------------
+    def subscribe(self) -> queue.Queue[Event | None]:
+        q: queue.Queue[Event | None] = queue.Queue(SUBSCRIBER_BACKLOG)
+        with self.lock:
+            self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.Queue[Event | None]) -> None:
+        with self.lock:
+            if q in self._subscribers:
+                self._subscribers.remove(q)
+
+    def close_subscribers(self) -> None:
+        with self.lock:
+            for q in self._subscribers:
+                try:
+                    q.put_nowait(None)
+                except queue.Full:
+                    pass
+            self._subscribers.clear()
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _apply_all(self, occurrences: list[Occurrence]) -> None:
+        for occ in occurrences:
+            try:
+                self._apply(occ)
+            except Exception:  # noqa: BLE001 - one bad occurrence must not stop following the rest
+                log.exception("could not record %s for post %s", occ.type, occ.post.id)
+
+    def _apply(self, occ: Occurrence) -> None:
+        now = datetime.now(UTC)
+        post = occ.post.id
+        self.counters[occ.type] = self.counters.get(occ.type, 0) + 1
+        if occ.type in ("post.offline", "post.online"):
+            self._save_online(post, occ.type == "post.online", now)
+            self._publish(build_event(occ.type, self.site, post_id=post, now=now, extra=occ.detail))
+            return
+        incident = occ.incident or ""
+        desk = occ.desk.id if occ.desk else None
+        with self.store.transaction():
+            snapshot_url = None
+            if occ.type == "call.queued":
+                self.store.open_incident(incident, post, now)
+                if self.snapshot_source is not None and occ.post.camera is not None:
+                    snapshot_url = f"{self.base_url}/api/v1/incidents/{incident}/snapshot.jpg"
+                    self.store.update_incident(incident, snapshot=snapshot_url)
+                    self._take_snapshot(incident, post)
+            elif occ.type == "call.answered":
+                self.store.update_incident(incident, state="answered", answered_by=desk, answered_at=iso_utc(now))
+            else:
+                self.store.update_incident(incident, state="ended", ended=iso_utc(now),
+                                           outcome=str(occ.detail.get("outcome")))
+            self.store.add_timeline(incident, occ.type.split(".")[1], now,
+                                    {k: v for k, v in {**occ.detail, "desk": desk}.items() if v is not None})
+            existing = self.store.incident(incident)
+            snapshot_url = snapshot_url or (existing.snapshot if existing else None)
+            reason = str(occ.detail["outcome"]) if occ.type == "call.unanswered" else None
+            self._publish(build_event(occ.type, self.site, post_id=post, now=now, incident=incident,
+                                      desk_id=desk, snapshot_url=snapshot_url, reason=reason,
+                                      extra={k: v for k, v in occ.detail.items() if k != "outcome"}))
+
+    def _publish(self, event: Event) -> None:
+        self.outbox.publish(event)
+        for q in list(self._subscribers):
+            try:
+                q.put_nowait(event)
+            except queue.Full:
+                # A page that stopped reading: drop it; its EventSource reconnects and reloads state.
+                self._subscribers.remove(q)
+                q.queue.clear()
+                q.put_nowait(None)
+
+    def _broadcast_status(self, post_id: str) -> None:
+        """Pages also follow post state changes that are not CCTV events (telemetry)."""
+        status = Event("status-" + post_id, "post.status", _now_iso(), None, post_id,
+                       {"type": "post.status", "data": {"post": {"id": post_id}}})
+        for q in list(self._subscribers):
+            try:
+                q.put_nowait(status)
+            except queue.Full:
+                pass
+
+    def _save_online(self, post_id: str, online: bool, now: datetime) -> None:
+        previous = self.store.post_statuses().get(post_id)
+        self.store.save_post_status(PostStatus(post_id, iso_utc(now), online, previous.state if previous else None,
+                                               previous.contact if previous else None,
+                                               previous.detail if previous else None))
+
+    def _take_snapshot(self, incident: str, post_id: str) -> None:
+        # A snapshot takes seconds (the next key frame): never hold up call.queued for it.
+        done = threading.Event()
+        self._snapshot_done[incident] = done
+        source = self.snapshot_source
+        assert source is not None
+
+        def take() -> None:
+            try:
+                image = source(post_id)
+                if image:
+                    self._snapshots[incident] = image
+            except Exception:  # noqa: BLE001 - thread boundary: a failed snapshot leaves the call untouched
+                log.exception("post %s: snapshot for incident %s failed", post_id, incident)
+            finally:
+                done.set()
+
+        threading.Thread(target=take, name=f"snapshot-{incident[:8]}", daemon=True).start()
+
+    def _note_press(self, post_id: str, now: datetime) -> None:
+        for call in self.tracker.live_calls():
+            if call.post.id == post_id:
+                self.store.add_timeline(call.incident, "pressed", now, {"source": "telemetry"})
+
+    def _timeline_from_ami(self, event: Mapping[str, str]) -> None:
+        if event.get("Event") == "AgentCalled":
+            call = self.tracker.calls.get(event.get("Uniqueid", ""))
+            if call is not None and call.outcome is None:
+                self.store.add_timeline(call.incident, "desk_rung", datetime.now(UTC),
+                                        {"desk": event.get("Interface", "").removeprefix("PJSIP/")})
+
+    def _post_view(self, post_id: str, statuses: Mapping[str, PostStatus], cameras: Mapping[str, CameraStatus],
+                   live: Mapping[str, Any]) -> dict[str, Any]:
+        post = self.site.post(post_id)
+        status, camera, call = statuses.get(post_id), cameras.get(post_id), live.get(post_id)
+        detail = status.detail or {} if status else {}
+        return {
+            "id": post.id, "name": post.name, "extension": post.extension,
+            "location": {"address": post.location.address, "lat": post.location.lat, "lon": post.location.lon},
+            "online": self.tracker.is_online(post.id), "state": status.state if status else None,
+            "registered": detail.get("registered"), "last_self_test": detail.get("last_self_test"),
+            "faults": detail.get("faults", []), "sip_backend": post.sip_backend,
+            "mock_gpio": bool(detail.get("mock_gpio")),
+            "camera": None if post.camera is None else {
+                "ok": camera.ok if camera else None, "reason": camera.reason if camera else None},
+            "call": None if call is None else {
+                "incident": call.incident, "state": "answered" if call.answered_by else "queued",
+                "desk": call.answered_by.id if call.answered_by else None},
+        }
+
+
+def _now_iso() -> str:
+    return iso_utc(datetime.now(UTC))

@@ -1,0 +1,121 @@
+"""``sip-refuge sidecar SITE``: build the hub and own every background thread of the sidecar.
+
+Threads: the AMI follower (its own asyncio loop), one outbox worker per CCTV target, the camera
+monitor, a ticker for timers (post offline after grace), and waitress's request threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from sip_refuge.config import Site, load_site
+from sip_refuge.config.secrets import Masker
+from sip_refuge.errors import SidecarError
+from sip_refuge.logs import setup_logging
+from sip_refuge.sidecar.ami import AmiFollower
+from sip_refuge.sidecar.core import Hub
+from sip_refuge.sidecar.events import Revealer
+from sip_refuge.sidecar.outbox import Outbox
+from sip_refuge.sidecar.store import Store
+from sip_refuge.sidecar.targets import make_target
+
+log = logging.getLogger(__name__)
+
+REQUEST_THREADS = 32  # each open dashboard/operator page holds one for its event stream
+
+
+class SidecarRunner:
+    def __init__(self, site: Site, *, cameras: bool = True) -> None:
+        if site.sidecar is None:
+            raise SidecarError(f"{site.path}: the site has no sidecar section")
+        self.site, self.conf = site, site.sidecar
+        self.stop_event = threading.Event()
+        self.conf.database.parent.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.conf.database)
+        targets = [make_target(t) for t in site.cctv]
+        self.outbox = Outbox(self.store, targets, reveal=Revealer(site), mask=Masker.for_site(site))
+        base = self.conf.public_url or f"http://{self.conf.host}:{self.conf.port}"
+        self.monitor: Any = None
+        watch = cameras and any(p.camera for p in site.posts)
+        self.hub = Hub(site, self.store, self.outbox, base_url=base,
+                       snapshot=(lambda post_id: self.monitor.snapshot(post_id)) if watch else None)
+        if watch:
+            from sip_refuge.sidecar.cameras import CameraMonitor  # opencv only when cameras are checked
+
+            # Seeded from the store, so a restarted sidecar does not repeat camera.fault for a known fault.
+            known = {k: (bool(v.ok), v.reason or "") for k, v in self.store.camera_statuses().items()
+                     if v.ok is not None}
+            self.monitor = CameraMonitor.for_site(site, on_change=self.hub.on_camera_change, initial=known)
+        self.ami = AmiFollower(site.pbx.ami, site.queue.name, on_event=self.hub.on_ami_event,
+                               on_resync=self.hub.on_resync, on_link=self.hub.on_ami_link)
+        self.threads: list[threading.Thread] = []
+        self.server: Any = None
+
+    def start(self) -> None:
+        self.ami.start()
+        self._thread("outbox", lambda: self.outbox.run(self.stop_event))
+        self._thread("ticker", self._tick)
+        if self.monitor is not None:
+            self._thread("cameras", lambda: self.monitor.run(self.stop_event))
+
+    def _thread(self, name: str, body: Any) -> None:
+        thread = threading.Thread(target=body, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def _tick(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                deadline = self.hub.tick()
+            except Exception:  # noqa: BLE001 - thread boundary: keep timing posts out
+                log.exception("sidecar timer failed")
+                deadline = None
+            wait = 1.0 if deadline is None else max(0.05, min(1.0, deadline - time.monotonic()))
+            self.stop_event.wait(wait)
+
+    def serve(self) -> None:
+        """Serve HTTP until SIGINT/SIGTERM, then stop every thread."""
+        from waitress import create_server
+
+        from sip_refuge.sidecar.web import create_app
+
+        app = create_app(self.hub, token=self.conf.token.read(), cameras=self.monitor, stop=self.stop_event)
+        self.server = create_server(app, host=self.conf.host, port=self.conf.port, threads=REQUEST_THREADS,
+                                    channel_timeout=60, ident="sip-refuge")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._signal)
+        self.start()
+        log.info("sidecar for %s on http://%s:%s/ (dashboard), /operator?desk=ID, /metrics",
+                 self.site.name, self.conf.host, self.conf.port)
+        try:
+            self.server.run()
+        finally:
+            self.stop()
+
+    def _signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("sidecar stopping (signal %d)", signum)
+        self.stop_event.set()
+        if self.server is not None:
+            self.server.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.hub.close_subscribers()
+        self.ami.stop()
+        for thread in self.threads:
+            thread.join(10)
+        self.outbox.close()
+        self.store.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    site = load_site(args.site)
+    setup_logging(getattr(args, "verbose", False), Masker.for_site(site))
+    SidecarRunner(site, cameras=not getattr(args, "no_cameras", False)).serve()
+    return 0

@@ -1,0 +1,80 @@
+"""The JSON API (spec section 5): posts, incidents, snapshots and post telemetry."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from flask import Blueprint, Response, abort, jsonify, request
+
+from sip_refuge.errors import RefugeError
+from sip_refuge.sidecar.web.context import hub, require_token
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+TELEMETRY_KINDS = ("state", "call", "selftest", "fault", "registration", "heartbeat")
+SNAPSHOT_WAIT = 10.0  # seconds: the snapshot of a just-queued call needs the camera's next key frame
+
+
+def _post_or_404(post_id: str) -> dict[str, Any]:
+    try:
+        return hub().post(post_id)
+    except RefugeError:
+        abort(404, description=f"no post {post_id!r}")
+
+
+@bp.get("/posts")
+def posts() -> Response:
+    return jsonify(posts=hub().posts(), calls=hub().live_calls())
+
+
+@bp.get("/posts/<post_id>")
+def post(post_id: str) -> Response:
+    return jsonify(_post_or_404(post_id))
+
+
+@bp.get("/incidents")
+def incidents() -> Response:
+    limit = request.args.get("limit", "100")
+    if not limit.isdigit() or not 1 <= int(limit) <= 10000:
+        abort(400, description="limit must be a whole number from 1 to 10000")
+    store = hub().store
+    if request.args.get("format") == "csv":
+        out = io.StringIO()
+        store.export_csv(out, int(limit))
+        return Response(out.getvalue(), mimetype="text/csv",
+                        headers={"Content-Disposition": "attachment; filename=incidents.csv"})
+    post_id = request.args.get("post")
+    return jsonify(incidents=[i.to_dict() for i in store.incidents(int(limit), post_id)])
+
+
+@bp.get("/incidents/<incident_id>")
+def incident(incident_id: str) -> Response:
+    found = hub().store.incident(incident_id)
+    if found is None:
+        abort(404, description=f"no incident {incident_id!r}")
+    return jsonify(found.to_dict())
+
+
+@bp.get("/incidents/<incident_id>/snapshot.jpg")
+def snapshot(incident_id: str) -> Response:
+    image = hub().snapshot(incident_id, wait=SNAPSHOT_WAIT)
+    if image is None:
+        abort(404, description="no snapshot for this incident")
+    return Response(image, mimetype="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@bp.post("/posts/<post_id>/telemetry")
+@require_token
+def telemetry(post_id: str) -> tuple[Response, int]:
+    _post_or_404(post_id)
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        abort(400, description="the body must be a JSON object")
+    kind = body.get("kind")
+    if kind not in TELEMETRY_KINDS:
+        abort(422, description=f"kind must be one of: {', '.join(TELEMETRY_KINDS)}")
+    if "state" in body and not isinstance(body["state"], str | None):
+        abort(422, description="state must be text")
+    hub().on_telemetry(post_id, body)
+    return jsonify(accepted=True), 202
