@@ -1,0 +1,93 @@
+"""What the post must do: the outputs of :class:`sip_refuge.post.machine.PostMachine`.
+
+The runner executes them in list order, so the machine puts the latency-critical one (``Dial``,
+``Answer``) first. Every command is safe to execute twice or late: ``Hangup`` of a call the backend no
+longer knows is a no-op, ``SetLights`` is absolute rather than a delta.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+# Telemetry values stay JSON-able so the outbox can store them as they are.
+Json = str | int | float | bool | None | list["Json"] | dict[str, "Json"]
+
+
+class Light(StrEnum):
+    """How one LED shows; the panel maps the blink patterns to on/off times."""
+
+    OFF = "off"
+    ON = "on"
+    BLINK = "blink"  # slow: "something needs attention" (device fault, a call-back ringing)
+    FLASH = "flash"  # fast: reserved for urgent states; the panel supports it
+
+
+@dataclass(frozen=True)
+class SetLights:
+    """The whole panel at once; yellow/green keep their EN 81-28 meanings, red is ours (faults)."""
+
+    yellow: Light = Light.OFF
+    green: Light = Light.OFF
+    red: Light = Light.OFF
+
+
+@dataclass(frozen=True)
+class PlayPrompt:
+    """Play a short local prompt: ``connecting``, ``hold`` or ``unreachable``."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Dial:
+    """Place a call. ``target`` is ``queue`` (an alarm) or ``selftest``; the backend runs the echo test on the
+    latter and answers with ``SelfTestResult``. ``host`` is the PBX to send the INVITE to."""
+
+    call_id: str
+    target: str
+    extension: str
+    host: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Answer the incoming call ``call_id``."""
+
+    call_id: str
+
+
+@dataclass(frozen=True)
+class Ring:
+    """Ring the post's speaker for the incoming call ``call_id`` (a press will answer it)."""
+
+    call_id: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Refuse the incoming call ``call_id`` (the post is busy with an alarm)."""
+
+    call_id: str
+    status: int = 486
+
+
+@dataclass(frozen=True)
+class Hangup:
+    """End (or cancel) the call ``call_id``."""
+
+    call_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Report:
+    """Telemetry for the sidecar. ``kind``: state | call | selftest | fault | registration.
+    ``at`` is the machine's clock; the runner maps it to wall time."""
+
+    kind: str
+    at: float
+    detail: dict[str, Json] = field(default_factory=dict)
+
+
+Command = SetLights | PlayPrompt | Dial | Answer | Ring | Reject | Hangup | Report

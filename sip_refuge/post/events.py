@@ -1,0 +1,139 @@
+"""What can happen to a post: the inputs of :class:`sip_refuge.post.machine.PostMachine`.
+
+Panel callbacks and SIP backends only build one of these and enqueue it; the runner feeds them to the
+machine together with the time it read from its own monotonic clock. Events carry no timestamps so the
+machine has exactly one notion of time (the ``now`` it is given).
+
+``call_id`` ties call events to the call: for outgoing calls it is the id the machine put in its
+:class:`~sip_refuge.post.commands.Dial` command, for incoming calls the id the backend chose in
+:class:`IncomingCall`. Events for a call the machine no longer follows are ignored (or hung up), so a late
+``200 OK`` can never resurrect an abandoned attempt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ButtonPressed:
+    """The help button went down (an edge, not a level)."""
+
+
+@dataclass(frozen=True)
+class ButtonReleased:
+    """The help button came back up."""
+
+
+@dataclass(frozen=True)
+class TamperChanged:
+    """The tamper input changed: ``active`` is True while the housing is open or the loop is cut."""
+
+    active: bool
+
+
+@dataclass(frozen=True)
+class Registered:
+    """The PBX accepted (or refreshed) the post's registration."""
+
+    host: str = ""
+
+
+@dataclass(frozen=True)
+class RegistrationFailed:
+    """A registration attempt failed (timeout, 401 with a wrong secret, transport error...)."""
+
+    reason: str = ""
+    status: int | None = None
+
+
+@dataclass(frozen=True)
+class Unregistered:
+    """The registration lapsed or the transport to the PBX went away."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CallProgress:
+    """A provisional response: 180/183 mean the PBX has the call (the alarm is registered)."""
+
+    call_id: str
+    status: int
+
+
+@dataclass(frozen=True)
+class CallAnswered:
+    """200 OK on an outgoing call, or the media of an answered incoming call is up."""
+
+    call_id: str
+
+
+@dataclass(frozen=True)
+class CallFailed:
+    """The call could not be set up: a final error response, or ``status=None`` for timeout/transport errors."""
+
+    call_id: str
+    status: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CallEnded:
+    """The far end hung up (BYE, or CANCEL of an incoming call that was ringing)."""
+
+    call_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class MediaTimeout:
+    """No RTP arrived for the backend's media timeout: the call is dead even without a BYE."""
+
+    call_id: str
+
+
+@dataclass(frozen=True)
+class IncomingCall:
+    """Someone (normally a desk calling back) is calling the post."""
+
+    call_id: str
+    caller: str = ""
+
+
+@dataclass(frozen=True)
+class SelfTestRequested:
+    """Run the self-test now (control socket, sidecar, or the command line)."""
+
+
+@dataclass(frozen=True)
+class SelfTestResult:
+    """The backend's verdict on the echo test of a self-test call."""
+
+    call_id: str
+    passed: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Nothing happened, but time passed: lets timers fire (same as ``PostMachine.tick``)."""
+
+
+Event = (
+    ButtonPressed
+    | ButtonReleased
+    | TamperChanged
+    | Registered
+    | RegistrationFailed
+    | Unregistered
+    | CallProgress
+    | CallAnswered
+    | CallFailed
+    | CallEnded
+    | MediaTimeout
+    | IncomingCall
+    | SelfTestRequested
+    | SelfTestResult
+    | Tick
+)

@@ -1,0 +1,519 @@
+"""The post's behaviour as a pure state machine (sans-I/O, in the manner of aioquic).
+
+``PostMachine.handle(event, now)`` returns the commands to execute; ``next_deadline()`` says when the runner
+must call ``tick(now)`` if nothing else happens. There are no threads, sleeps, clocks or I/O in here, so
+every rule of spec section 4 is tested with explicit times.
+
+Vocabulary: an *alarm* starts with a press and lasts until a call carrying it is answered and then ends.
+It survives failed attempts (EN 81-28: the alarm is re-sent until acknowledged), which is also what
+makes a burst of presses one call: while an alarm exists a press has nothing left to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sip_refuge.config.model import Post, Site
+from sip_refuge.post.commands import (
+    Answer,
+    Command,
+    Dial,
+    Hangup,
+    Json,
+    Light,
+    PlayPrompt,
+    Reject,
+    Report,
+    Ring,
+    SetLights,
+)
+from sip_refuge.post.events import (
+    ButtonPressed,
+    ButtonReleased,
+    CallAnswered,
+    CallEnded,
+    CallFailed,
+    CallProgress,
+    Event,
+    IncomingCall,
+    MediaTimeout,
+    Registered,
+    RegistrationFailed,
+    SelfTestRequested,
+    SelfTestResult,
+    TamperChanged,
+    Tick,
+    Unregistered,
+)
+
+log = logging.getLogger(__name__)
+
+
+class State(StrEnum):
+    STARTING = "starting"  # no registration result yet; not worth a red light during boot
+    IDLE = "idle"
+    CALLING = "calling"
+    QUEUED = "queued"
+    CONNECTED = "connected"
+    FAULT = "fault"
+    SELFTEST = "selftest"
+    RINGING = "ringing"
+
+
+# Final responses that mean "no PBX answered" rather than "the PBX said no"; None is a timeout or a
+# transport error. They get the "call 999" prompt, the others "please hold".
+UNREACHABLE = frozenset({None, 408, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Timings of the machine. Defaults follow the standards and the field notes; tests shorten nothing."""
+
+    debounce: float = 0.05  # press edges closer than this are contact bounce
+    stuck_after: float = 30.0  # Talkaphone-style stuck button report
+    dial_timeout: float = 32.0  # SIP timer B: no provisional response at all means the PBX is not there
+    unanswered_extra: float = 120.0  # queued longer than queue.max_wait + this: hang up and re-send
+    retry_first: float = 1.0
+    retry_cap: float = 30.0  # keeps failover to the secondary PBX within 30 s (Code Blue)
+    startup_grace: float = 15.0
+    callback_ring: float = 120.0  # a call-back nobody answers and nobody cancels still ends
+    self_test_timeout: float = 60.0
+    self_test_retry: float = 600.0  # 2N retries a failed audio test after 10 minutes
+    first_self_test: float | None = None  # seconds after start; None means one interval
+    prompt_gap: float = 20.0  # the same prompt at most this often, so retries do not babble
+
+
+@dataclass
+class _Call:
+    id: str
+    direction: str  # out | in
+    target: str  # queue | selftest | callback
+    host: str
+    since: float
+    deadline: float  # setup guard, ring guard or maximum duration, whichever applies now
+    answered_at: float | None = None
+
+
+@dataclass
+class _Alarm:
+    since: float
+    attempts: int = 0
+    registered: bool = False  # the PBX had it (18x): yellow until the alarm ends
+    retry_at: float | None = None
+
+
+class PostMachine:
+    def __init__(self, site: Site, post: Post, *, now: float, settings: Settings | None = None) -> None:
+        self.site = site
+        self.post = post
+        self.settings = settings or Settings()
+        self.state = State.STARTING
+        self.registered = False
+        self.last_self_test: dict[str, Json] | None = None
+        self._hosts = [site.pbx.host] + ([site.pbx.secondary_host] if site.pbx.secondary_host else [])
+        self._started = now
+        self._call: _Call | None = None
+        self._alarm: _Alarm | None = None
+        self._faults: set[str] = set()  # device faults; registration faults are derived in faults()
+        self._seq = 0
+        self._out: list[Command] = []
+        self._lights: SetLights | None = None
+        self._button_down: float | None = None
+        self._last_press: float | None = None
+        self._last_alarm_end: float | None = None
+        self._last_prompt: dict[str, float] = {}
+        first = self.settings.first_self_test
+        self._self_test_due = now + (site.self_test.interval if first is None else first)
+
+    # ----------------------------------------------------------------- driving
+
+    def handle(self, event: Event, now: float) -> list[Command]:
+        # Timers first: an event arriving after a deadline must see the world the deadline made.
+        self._fire_timers(now)
+        match event:
+            case ButtonPressed():
+                self._on_press(now)
+            case ButtonReleased():
+                self._button_down = None
+                self._clear_fault("button_stuck", now)
+            case TamperChanged(active=active):
+                if active:
+                    self._raise_fault("tamper", now)
+                else:
+                    self._clear_fault("tamper", now)
+            case Registered(host=host):
+                self._on_registered(host, now)
+            case RegistrationFailed(reason=reason) | Unregistered(reason=reason):
+                self._on_unregistered(reason, now)
+            case CallProgress(call_id=cid, status=status):
+                self._on_progress(cid, status, now)
+            case CallAnswered(call_id=cid):
+                self._on_answered(cid, now)
+            case CallFailed(call_id=cid, status=status, reason=reason):
+                if self._is_current(cid):
+                    self._call_failed(now, status in UNREACHABLE, f"{status or ''} {reason}".strip())
+            case CallEnded(call_id=cid, reason=reason):
+                if self._is_current(cid):
+                    self._on_ended(now, reason or "far end hung up")
+            case MediaTimeout(call_id=cid):
+                if self._is_current(cid):
+                    self._emit(Hangup(cid, "media timeout"))
+                    self._on_ended(now, "media timeout")
+            case IncomingCall(call_id=cid, caller=caller):
+                self._on_incoming(cid, caller, now)
+            case SelfTestRequested():
+                self._self_test_due = now
+            case SelfTestResult(call_id=cid, passed=passed, detail=detail):
+                if self._is_current(cid) and self._call is not None and self._call.target == "selftest":
+                    self._self_test_done(now, passed, detail)
+            case Tick():
+                pass
+        self._fire_timers(now)  # the event may have made something due at once (e.g. a retry)
+        if self.state is State.IDLE and now >= self._self_test_due:
+            self._start_self_test(now)
+        return self._flush()
+
+    def tick(self, now: float) -> list[Command]:
+        return self.handle(Tick(), now)
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` must be called at the latest, or None if only an event can change anything."""
+        due: list[float] = []
+        if self.state is State.STARTING:
+            due.append(self._started + self.settings.startup_grace)
+        if self._button_down is not None and "button_stuck" not in self._faults:
+            due.append(self._button_down + self.settings.stuck_after)
+        if self._call is not None:
+            due.append(self._call.deadline)
+        if self._alarm is not None and self._alarm.retry_at is not None:
+            due.append(self._alarm.retry_at)
+        if self.state is State.IDLE:
+            due.append(self._self_test_due)
+        return min(due) if due else None
+
+    def faults(self) -> list[str]:
+        found = set(self._faults)
+        if not self.registered and self.state is not State.STARTING:
+            found.add("unregistered")
+        if self._alarm is not None and self._alarm.retry_at is not None:
+            found.add("unreachable")
+        return sorted(found)
+
+    def status(self, wall_offset: float = 0.0) -> dict[str, Json]:
+        """JSON-able state for ``sip-refuge status``; ``wall_offset`` maps machine times to wall-clock times."""
+
+        def at(t: float | None) -> float | None:
+            return None if t is None else t + wall_offset
+
+        call: dict[str, Json] | None = None
+        if self._call is not None:
+            c = self._call
+            call = {"id": c.id, "direction": c.direction, "target": c.target, "host": c.host,
+                    "since": at(c.since), "answered_at": at(c.answered_at)}
+        alarm: dict[str, Json] | None = None
+        if self._alarm is not None:
+            a = self._alarm
+            alarm = {"since": at(a.since), "attempts": a.attempts, "registered": a.registered,
+                     "retry_at": at(a.retry_at)}
+        last: dict[str, Json] | None = None
+        if self.last_self_test is not None:
+            last = dict(self.last_self_test)
+            raw = last["at"]
+            last["at"] = at(raw) if isinstance(raw, float | int) else raw
+        return {"post": self.post.id, "state": str(self.state), "registered": self.registered,
+                "call": call, "alarm": alarm, "last_self_test": last, "faults": list(self.faults())}
+
+    # ----------------------------------------------------------------- events
+
+    def _on_press(self, now: float) -> None:
+        bounce = self._last_press is not None and now - self._last_press < self.settings.debounce
+        self._last_press = now
+        self._button_down = now
+        # A press edge proves the button moved, so a stuck report (missed release) is over.
+        self._clear_fault("button_stuck", now)
+        if bounce:
+            self._debug("press at %.3f is contact bounce", now)
+        elif self.state is State.RINGING and self._call is not None:
+            self._answer(self._call, now)
+        elif self.state is State.SELFTEST and self._call is not None:
+            self._abort_self_test(now)
+            self._start_alarm(now)
+        elif self._alarm is not None or self._call is not None:
+            # Spec section 4: a press during a call never hangs it up, and a pending alarm is already
+            # being re-sent, so there is nothing for this press to do.
+            self._debug("press ignored in %s", self.state)
+        else:
+            self._start_alarm(now)
+
+    def _on_registered(self, host: str, now: float) -> None:
+        regained = not self.registered
+        if regained:
+            self.registered = True
+            self._report("registration", now, registered=True, host=host)
+        if self._alarm is not None and self._alarm.retry_at is not None:
+            if regained:  # the PBX is back: re-send the alarm without waiting out the backoff
+                self._alarm.retry_at = now
+        elif self._call is None and self.state in (State.STARTING, State.FAULT):
+            self._set_state(State.IDLE, now, "registered")
+
+    def _on_unregistered(self, reason: str, now: float) -> None:
+        if self.registered or self.state is State.STARTING:
+            self._report("registration", now, registered=False, reason=reason)
+        self.registered = False
+        if self.state in (State.IDLE, State.STARTING):
+            self._set_state(State.FAULT, now, reason or "not registered")
+
+    def _on_progress(self, cid: str, status: int, now: float) -> None:
+        call = self._call
+        if not self._is_current(cid) or call is None or not 180 <= status <= 189:
+            return
+        if call.target == "queue" and self.state is State.CALLING and self._alarm is not None:
+            self._alarm.registered = True
+            call.deadline = now + self.site.queue.max_wait + self.settings.unanswered_extra
+            self._report("call", now, event="queued", call=cid, host=call.host)
+            self._set_state(State.QUEUED, now, f"{status}")
+
+    def _on_answered(self, cid: str, now: float) -> None:
+        call = self._call
+        if call is None or call.id != cid:
+            # A late 200 for an attempt we gave up on: hang it up, or it would be an open line nobody follows.
+            self._emit(Hangup(cid, "stale call"))
+            return
+        if call.target == "queue" and call.answered_at is None:
+            call.answered_at = now
+            call.deadline = now + self.post.max_call
+            self._report("call", now, event="answered", call=cid, host=call.host)
+            self._set_state(State.CONNECTED, now, "200 OK")
+
+    def _on_ended(self, now: float, reason: str) -> None:
+        call = self._call
+        assert call is not None
+        if call.answered_at is not None:
+            self._end_call(now, reason)
+        elif call.target == "queue":
+            # The PBX dropped the alarm before anyone answered (overflow failed): re-send it.
+            self._call_failed(now, False, reason)
+        elif call.target == "selftest":
+            self._self_test_done(now, False, f"call ended before a result: {reason}")
+        else:
+            self._call = None  # the caller gave up ringing
+            self._report("call", now, event="missed", call=call.id)
+            self._set_state(self._rest_state(now), now, reason)
+
+    def _on_incoming(self, cid: str, caller: str, now: float) -> None:
+        if self.state is State.SELFTEST:
+            self._abort_self_test(now)  # a person calling beats a test call
+        if self._call is not None:
+            self._emit(Reject(cid))
+            self._report("call", now, event="rejected", call=cid, caller=caller)
+            return
+        call = _Call(cid, "in", "callback", "", now, now + self.settings.callback_ring)
+        self._call = call
+        # While an alarm waits for a retry, the control room calling is the acknowledgement we were after.
+        if self._alarm is not None or self._auto_answer(now):
+            self._answer(call, now)
+        else:
+            self._emit(Ring(cid))
+            self._set_state(State.RINGING, now, f"call from {caller}")
+        self._report("call", now, event="incoming", call=cid, caller=caller)
+
+    def _auto_answer(self, now: float) -> bool:
+        policy = self.post.auto_answer
+        if policy == "always":
+            return True
+        if policy == "after_alarm":
+            # EN 81-28: no auto-answer in standby, only shortly after the post's own alarm.
+            end = self._last_alarm_end
+            return end is not None and now - end <= self.post.auto_answer_window
+        return False
+
+    # ----------------------------------------------------------------- calls
+
+    def _start_alarm(self, now: float) -> None:
+        self._alarm = _Alarm(since=now)
+        self._dial_alarm(now)
+        self._prompt("connecting", now)
+
+    def _dial_alarm(self, now: float) -> None:
+        alarm = self._alarm
+        assert alarm is not None
+        # Alternate servers so a dead primary costs one backoff step, not the whole alarm.
+        host = self._hosts[alarm.attempts % len(self._hosts)]
+        alarm.attempts += 1
+        alarm.retry_at = None
+        self._dial("queue", self.site.queue.extension, host, now, self.settings.dial_timeout)
+        self._set_state(State.CALLING, now, f"attempt {alarm.attempts} via {host}")
+
+    def _dial(self, target: str, extension: str, host: str, now: float, guard: float) -> None:
+        self._seq += 1
+        cid = f"{self.post.id}-{self._seq}"
+        self._call = _Call(cid, "out", target, host, now, now + guard)
+        self._emit(Dial(cid, target, extension, host))
+        self._report("call", now, event="dial", call=cid, target=target, host=host)
+
+    def _call_failed(self, now: float, unreachable: bool, reason: str) -> None:
+        call = self._call
+        assert call is not None
+        if call.target == "selftest":
+            self._self_test_done(now, False, f"call failed: {reason}")
+            return
+        if call.direction == "in":
+            self._end_call(now, reason)
+            return
+        alarm = self._alarm
+        assert alarm is not None
+        self._call = None
+        delay = min(self.settings.retry_cap, self.settings.retry_first * 2 ** (alarm.attempts - 1))
+        alarm.retry_at = now + delay
+        self._report("call", now, event="failed", call=call.id, host=call.host, reason=reason,
+                     retry_in=delay)
+        self._prompt("unreachable" if unreachable else "hold", now)
+        self._set_state(State.FAULT, now, f"call failed ({reason}), retry in {delay:g} s")
+
+    def _answer(self, call: _Call, now: float) -> None:
+        call.answered_at = now
+        call.deadline = now + self.post.max_call
+        self._emit(Answer(call.id))
+        self._report("call", now, event="answered", call=call.id)
+        self._set_state(State.CONNECTED, now, "call-back answered")
+
+    def _end_call(self, now: float, reason: str) -> None:
+        call = self._call
+        assert call is not None
+        self._call = None
+        if self._alarm is not None:
+            # An answered call acknowledges the alarm; from now on call-backs may be auto-answered.
+            self._alarm = None
+            self._last_alarm_end = now
+        since = call.answered_at if call.answered_at is not None else call.since
+        self._report("call", now, event="ended", call=call.id, reason=reason, duration=now - since)
+        self._set_state(self._rest_state(now), now, reason)
+
+    def _rest_state(self, now: float) -> State:
+        if self._alarm is not None:
+            return State.FAULT
+        if self.registered:
+            return State.IDLE
+        if self.state is State.STARTING or now < self._started + self.settings.startup_grace:
+            return State.STARTING
+        return State.FAULT
+
+    # ----------------------------------------------------------------- self-test
+
+    def _start_self_test(self, now: float) -> None:
+        self._dial("selftest", self.site.self_test.extension, self._hosts[0], now,
+                   self.settings.self_test_timeout)
+        self._set_state(State.SELFTEST, now, "self-test due")
+
+    def _abort_self_test(self, now: float) -> None:
+        call = self._call
+        assert call is not None
+        self._emit(Hangup(call.id, "self-test aborted"))
+        self._call = None
+        self._self_test_due = now + self.settings.self_test_retry
+        self._report("selftest", now, result="aborted", call=call.id)
+
+    def _self_test_done(self, now: float, passed: bool, detail: str) -> None:
+        call = self._call
+        assert call is not None
+        self._emit(Hangup(call.id, "self-test done"))
+        self._call = None
+        self.last_self_test = {"at": now, "passed": passed, "detail": detail}
+        self._report("selftest", now, result="pass" if passed else "fail", detail=detail, call=call.id)
+        if passed:
+            self._clear_fault("selftest_failed", now)
+            self._self_test_due = now + self.site.self_test.interval
+        else:
+            self._raise_fault("selftest_failed", now, detail)
+            self._self_test_due = now + self.settings.self_test_retry
+        self._set_state(self._rest_state(now), now, "self-test " + ("passed" if passed else "failed"))
+
+    # ----------------------------------------------------------------- timers
+
+    def _fire_timers(self, now: float) -> None:
+        s = self.settings
+        if self.state is State.STARTING and now >= self._started + s.startup_grace:
+            self._set_state(State.FAULT, now, "no registration")
+        if self._button_down is not None and now - self._button_down >= s.stuck_after:
+            self._raise_fault("button_stuck", now, f"held since {self._button_down:.3f}")
+        call = self._call
+        if call is not None and now >= call.deadline:
+            self._call_timeout(call, now)
+        alarm = self._alarm
+        if alarm is not None and alarm.retry_at is not None and now >= alarm.retry_at and self._call is None:
+            self._dial_alarm(now)
+            self._prompt("hold", now)
+
+    def _call_timeout(self, call: _Call, now: float) -> None:
+        if call.answered_at is not None:
+            self._emit(Hangup(call.id, "maximum call duration"))
+            self._end_call(now, "maximum call duration")
+        elif call.direction == "in":
+            self._emit(Reject(call.id, 480))
+            self._on_ended(now, "nobody answered the call-back")
+        else:
+            self._emit(Hangup(call.id, "timeout"))
+            # No provisional response at all means no PBX; a queue that never answers is a refusal.
+            self._call_failed(now, self.state is State.CALLING, "timeout")
+
+    # ----------------------------------------------------------------- output
+
+    def _set_state(self, state: State, now: float, reason: str) -> None:
+        if state is self.state:
+            return
+        log.info("post %s: %s -> %s (%s) at %.3f", self.post.id, self.state, state, reason, now)
+        self._report("state", now, previous=str(self.state), state=str(state), reason=reason)
+        self.state = state
+
+    def _raise_fault(self, name: str, now: float, detail: str = "") -> None:
+        if name not in self._faults:
+            self._faults.add(name)
+            log.warning("post %s: fault %s %s", self.post.id, name, detail)
+            self._report("fault", now, fault=name, active=True, detail=detail)
+
+    def _clear_fault(self, name: str, now: float) -> None:
+        if name in self._faults:
+            self._faults.discard(name)
+            log.info("post %s: fault %s cleared", self.post.id, name)
+            self._report("fault", now, fault=name, active=False)
+
+    def _prompt(self, name: str, now: float) -> None:
+        last = self._last_prompt.get(name)
+        if last is None or now - last >= self.settings.prompt_gap:
+            self._last_prompt[name] = now
+            self._emit(PlayPrompt(name))
+
+    def _report(self, kind: str, now: float, **detail: Json) -> None:
+        self._emit(Report(kind, now, {"post": self.post.id, **detail}))
+
+    def _emit(self, command: Command) -> None:
+        self._out.append(command)
+
+    def _is_current(self, cid: str) -> bool:
+        return self._call is not None and self._call.id == cid
+
+    def _debug(self, msg: str, *args: object) -> None:
+        log.debug("post %s: " + msg, self.post.id, *args)
+
+    def _flush(self) -> list[Command]:
+        lights = self._compute_lights()
+        if lights != self._lights:
+            self._lights = lights
+            self._emit(lights)
+        out, self._out = self._out, []
+        return out
+
+    def _compute_lights(self) -> SetLights:
+        alarm = self._alarm
+        yellow = Light.ON if alarm is not None and alarm.registered else Light.OFF
+        green = {State.CONNECTED: Light.ON, State.RINGING: Light.BLINK}.get(self.state, Light.OFF)
+        retrying = alarm is not None and alarm.attempts > 1 and self.state is State.CALLING
+        if self.state is State.FAULT or retrying:
+            red = Light.ON  # cannot reach the control room (or not registered)
+        elif self._faults:
+            red = Light.BLINK  # calls work, but the post needs a visit (stuck, tamper, failed self-test)
+        else:
+            red = Light.OFF
+        return SetLights(yellow, green, red)
