@@ -7,12 +7,12 @@ opencv or Asterisk. A user's mistake ends in a clear message and exit status 2, 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from importlib import import_module
 
 from sip_refuge.errors import ConfigError, RefugeError
+from sip_refuge.logs import setup_logging
 
 # command -> (module, function, help). The function takes the parsed arguments and returns an exit status.
 COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
@@ -22,6 +22,9 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("asterisk", "check"): ("sip_refuge.pbx.commands", "check", "load the rendered config into a real Asterisk"),
     ("pbx",): ("sip_refuge.pbx.commands", "run", "run a real Asterisk on loopback with the rendered site"),
     ("sidecar",): ("sip_refuge.sidecar.runner", "run", "run the sidecar (AMI, CCTV events, dashboard, API)"),
+    ("post",): ("sip_refuge.post.agent", "run", "run one post agent"),
+    ("press",): ("sip_refuge.post.agent", "press", "press the button of a running mock-GPIO post agent"),
+    ("status",): ("sip_refuge.post.agent", "status", "print a running post agent's state as JSON"),
 }
 ARGUMENTS: dict[tuple[str, ...], Callable[[argparse.ArgumentParser], None]] = {}
 
@@ -42,12 +45,29 @@ def _sidecar_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cameras", action="store_true", help="do not probe cameras (no opencv needed)")
 
 
+def _post_id(parser: argparse.ArgumentParser) -> None:
+    _site(parser)
+    parser.add_argument("--post", required=True, metavar="ID", help="the post's id in the site file")
+
+
+def _post_args(parser: argparse.ArgumentParser) -> None:
+    _post_id(parser)
+    parser.add_argument("--gpio", choices=("real", "mock"), default="real",
+                        help="mock: gpiozero's MockFactory and `sip-refuge press` (demo, tests)")
+    parser.add_argument("--audio", metavar="DEVICE",
+                        help="ALSA device for prompts, or 'null' (default: null with mock GPIO, else 'default')")
+    parser.add_argument("--state-dir", metavar="DIR", help="where the telemetry outbox is kept")
+
+
 ARGUMENTS[("asterisk", "render")] = _render_args
+ARGUMENTS[("post",)] = _post_args
+ARGUMENTS[("press",)] = _post_id
+ARGUMENTS[("status",)] = _post_id
 ARGUMENTS[("sidecar",)] = _sidecar_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sip-refuge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sip-refuge", description="Street refuge points on SIP, Asterisk and the CCTV you already have.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -66,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     module, func = args.target
     try:
         command: Callable[[argparse.Namespace], int] = getattr(import_module(module), func)

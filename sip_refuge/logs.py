@@ -26,13 +26,14 @@ class MaskingFilter(logging.Filter):
         return True
 
 
-def setup_logging(verbose: bool = False, mask: Callable[[str], str] = mask_url) -> None:
-    """Configure the root logger once; calling it again only swaps the mask (after the site is read)."""
+def setup_logging(verbose: bool = False, mask: Callable[[str], str] = mask_url, prefix: str = "") -> None:
+    """Configure the root logger; ``prefix`` (e.g. ``post=sutton-market``) goes on every line."""
     root = logging.getLogger()
     if not root.handlers:
-        stream = logging.StreamHandler()
-        stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(stream)
+        root.addHandler(logging.StreamHandler())
+    head = f"{prefix} " if prefix else ""
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {head}%(name)s: %(message)s"))
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for handler in root.handlers:
         for old in [f for f in handler.filters if isinstance(f, MaskingFilter)]:

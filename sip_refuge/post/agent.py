@@ -1,0 +1,99 @@
+"""``sip-refuge post``, ``sip-refuge press`` and ``sip-refuge status``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from sip_refuge.config import Site, load_site
+from sip_refuge.config.model import Post
+from sip_refuge.config.secrets import Masker
+from sip_refuge.errors import RefugeError
+from sip_refuge.logs import setup_logging
+from sip_refuge.post.audio import AlsaAudio, Audio, NullAudio
+from sip_refuge.post.control import ControlServer, ask, control_port
+from sip_refuge.post.events import Event
+from sip_refuge.post.panel import MockPanel, Panel
+from sip_refuge.post.runner import PostRunner
+from sip_refuge.post.sip import Account, load_backend
+from sip_refuge.post.systemd import Notifier
+from sip_refuge.post.telemetry import TelemetryOutbox
+
+log = logging.getLogger(__name__)
+
+
+def state_dir(args: argparse.Namespace) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(args.state_dir) if getattr(args, "state_dir", None) else Path(base) / "sip-refuge"
+
+
+def telemetry_for(site: Site, post: Post, spool: Path) -> TelemetryOutbox:
+    if site.sidecar is None:
+        return TelemetryOutbox(post.id, None, None, spool)
+    base = site.sidecar.public_url or f"http://{site.sidecar.host}:{site.sidecar.port}"
+    return TelemetryOutbox(post.id, f"{base.rstrip('/')}/api/v1/posts/{post.id}/telemetry",
+                           site.sidecar.token.read(), spool)
+
+
+def build_runner(site: Site, post: Post, *, gpio: str, audio_device: str, spool: Path) -> PostRunner:
+    def panel(emit: Callable[[Event], None]) -> Panel:
+        if gpio == "mock":
+            return MockPanel(post.gpio, emit, post_id=post.id)
+        return Panel(post.gpio, emit, pin_factory=None, post_id=post.id)  # gpiozero's default: lgpio on a Pi
+
+    audio: Audio = NullAudio(post.id, site.prompts_dir) if audio_device == "null" else \
+        AlsaAudio(post.id, audio_device, site.prompts_dir)
+    return PostRunner(site, post, backend=load_backend(post.sip_backend),
+                      account=Account(post, site.pbx, post.secret.read()), panel=panel, audio=audio,
+                      telemetry=telemetry_for(site, post, spool))
+
+
+def run(args: argparse.Namespace) -> int:
+    site = load_site(args.site)
+    post = site.post(args.post)
+    setup_logging(getattr(args, "verbose", False), Masker.for_site(site), prefix=f"post={post.id}")
+    spool = state_dir(args) / f"post-{post.id}-telemetry.jsonl"
+    audio = args.audio or ("null" if args.gpio == "mock" else "default")
+    runner = build_runner(site, post, gpio=args.gpio, audio_device=audio, spool=spool)
+    server = ControlServer(control_port(site, post), runner.control)
+    notifier = Notifier()
+    runner.on_turn = notifier.alive
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info("post %s: stopping (signal %d)", post.id, signum)
+        runner.stop_event.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    server.start()
+    log.info("post %s (%s) starting: backend %s, gpio %s, control 127.0.0.1:%d", post.id, post.name,
+             post.sip_backend, args.gpio, control_port(site, post))
+    notifier.ready()
+    try:
+        runner.run()
+    finally:
+        server.stop()
+    return 0
+
+
+def press(args: argparse.Namespace) -> int:
+    site = load_site(args.site)
+    reply = ask(control_port(site, site.post(args.post)), {"cmd": "press"})
+    if not reply.get("ok"):
+        raise RefugeError(str(reply.get("error")))
+    print(f"pressed the button of post {args.post}")
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    site = load_site(args.site)
+    reply = ask(control_port(site, site.post(args.post)), {"cmd": "status"})
+    reply.pop("ok", None)
+    print(json.dumps(reply, indent=2, sort_keys=True))
+    return 0

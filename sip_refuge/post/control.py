@@ -1,0 +1,80 @@
+"""The post agent's local control socket: ``sip-refuge press`` and ``sip-refuge status`` talk to it.
+
+One JSON line in, one JSON line out, on 127.0.0.1 only. ``press`` works only on a mock-GPIO agent
+(demo, tests): on a real post the button is the only way to raise an alarm.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import socketserver
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from sip_refuge.config.model import Post, Site
+from sip_refuge.errors import RefugeError
+
+DEFAULT_BASE_PORT = 7400  # post N of the site listens on 7400 + N unless it sets control_port
+MAX_LINE = 4096
+
+
+def control_port(site: Site, post: Post) -> int:
+    if post.control_port is not None:
+        return post.control_port
+    return DEFAULT_BASE_PORT + [p.id for p in site.posts].index(post.id)
+
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class ControlServer:
+    """Serves ``handle(request) -> reply`` on 127.0.0.1:``port`` in one thread the runner owns."""
+
+    def __init__(self, port: int, handle: Handler) -> None:
+        outer = self
+
+        class RequestHandler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                line = self.rfile.readline(MAX_LINE)
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict):
+                        raise ValueError("not an object")
+                    reply = outer.handle(request)
+                except ValueError as exc:
+                    reply = {"ok": False, "error": f"bad request: {exc}"}
+                self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+        class Server(socketserver.ThreadingTCPServer):
+            allow_reuse_address = True
+            daemon_threads = True
+
+        self.handle = handle
+        try:
+            self.server = Server(("127.0.0.1", port), RequestHandler)
+        except OSError as exc:
+            raise RefugeError(f"cannot open the control port 127.0.0.1:{port}: {exc.strerror}") from None
+        self.thread = threading.Thread(target=self.server.serve_forever, name="control", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def ask(port: int, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """Send one request to a running agent; a clear error when none listens."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+            conn.sendall(json.dumps(request).encode() + b"\n")
+            data = conn.makefile("rb").readline(1 << 20)
+    except OSError as exc:
+        raise RefugeError(f"no post agent answers on 127.0.0.1:{port} ({exc.strerror or exc}); "
+                          "is `sip-refuge post` running?") from None
+    reply: dict[str, Any] = json.loads(data)
+    return reply

@@ -1,0 +1,185 @@
+"""The post agent's runner: the only owner of threads. It feeds the machine and carries out its commands.
+
+Panel and SIP callbacks only ``emit`` (enqueue) events. One loop takes them in order, with the
+machine's own deadlines as the wait, and executes the commands. A failing command is logged and
+turned into the event that tells the machine (a dial that raised is a failed call): a post never
+stops on an error it can recover from.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sip_refuge.config.model import Post, Site
+from sip_refuge.post.audio import Audio
+from sip_refuge.post.commands import (
+    Answer,
+    Command,
+    Dial,
+    Hangup,
+    PlayPrompt,
+    Reject,
+    Report,
+    Ring,
+    SetLights,
+)
+from sip_refuge.post.events import (
+    ButtonPressed,
+    CallFailed,
+    Event,
+    RegistrationFailed,
+    SelfTestRequested,
+    Tick,
+)
+from sip_refuge.post.machine import PostMachine, Settings
+from sip_refuge.post.panel import MockPanel, Panel
+from sip_refuge.post.sip import Account, SipBackend
+from sip_refuge.post.telemetry import TelemetryOutbox
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT = 1.0  # seconds; the loop wakes at least this often so a stop request is seen promptly
+
+
+class PostRunner:
+    def __init__(self, site: Site, post: Post, *, backend: SipBackend, account: Account,
+                 panel: Callable[[Callable[[Event], None]], Panel], audio: Audio, telemetry: TelemetryOutbox,
+                 settings: Settings | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.site, self.post, self.backend, self.account = site, post, backend, account
+        self.audio, self.telemetry, self.clock = audio, telemetry, clock
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.machine = PostMachine(site, post, now=clock(), settings=settings)
+        self.panel = panel(self.emit)
+        self.stop_event = threading.Event()
+        self.on_turn: Callable[[], None] = lambda: None  # e.g. the systemd watchdog ping
+        self._status_lock = threading.Lock()
+        self._status: dict[str, Any] = {}
+        self._publish_status()
+
+    # -- inputs from any thread ------------------------------------------------------------------
+    def emit(self, event: Event) -> None:
+        self.events.put(event)
+
+    @property
+    def mock(self) -> bool:
+        return isinstance(self.panel, MockPanel)
+
+    def status(self) -> dict[str, Any]:
+        with self._status_lock:
+            return dict(self._status)
+
+    def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The control socket's requests (runs on the control thread: only enqueues or reads)."""
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if cmd == "selftest":
+            self.emit(SelfTestRequested())
+            return {"ok": True}
+        if cmd in ("press", "hold", "release"):
+            if not isinstance(self.panel, MockPanel):
+                return {"ok": False, "error": "this agent drives real GPIO: press its button"}
+            getattr(self.panel, cmd)()  # drives the mock pin, so the press goes through gpiozero like a real one
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {cmd!r} (press, hold, release, status, selftest)"}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.telemetry.start()
+        self.panel.sync()
+        try:
+            self.backend.start(self.account, self.emit)
+        except Exception as exc:  # noqa: BLE001 - thread boundary: keep the panel alive and say why
+            log.exception("post %s: SIP backend failed to start", self.post.id)
+            self.emit(RegistrationFailed(reason=f"backend failed to start: {exc}"))
+        try:
+            while not self.stop_event.is_set():
+                deadline = self.machine.next_deadline()
+                wait = MAX_WAIT if deadline is None else min(MAX_WAIT, max(0.0, deadline - self.clock()))
+                try:
+                    event: Event = self.events.get(timeout=wait)
+                except queue.Empty:
+                    event = Tick()
+                self.step(event)
+                self.on_turn()
+        finally:
+            self._shutdown()
+
+    def step(self, event: Event) -> None:
+        try:
+            commands = self.machine.handle(event, self.clock())
+        except Exception:  # noqa: BLE001 - thread boundary: a machine bug must not silence the post
+            log.exception("post %s: state machine failed on %s", self.post.id, event)
+            return
+        for command in commands:
+            self.execute(command)
+        self._publish_status()
+
+    def execute(self, command: Command) -> None:
+        try:
+            self._execute(command)
+        except Exception as exc:  # noqa: BLE001 - thread boundary: report it to the machine, keep running
+            log.exception("post %s: %s failed", self.post.id, type(command).__name__)
+            call_id = getattr(command, "call_id", None)
+            if isinstance(command, Dial) and call_id:
+                self.emit(CallFailed(call_id, None, f"backend error: {exc}"))
+
+    def _execute(self, command: Command) -> None:
+        match command:
+            case SetLights():
+                self.panel.apply(command)
+            case PlayPrompt(name=name):
+                self.audio.play(name)
+            case Dial(call_id=cid, target=target, extension=ext, host=host):
+                if target == "selftest":
+                    self.audio.stop()
+                self.backend.dial(cid, ext, host, target == "selftest")
+            case Answer(call_id=cid):
+                self.audio.stop()
+                self.backend.answer(cid)
+            case Ring():
+                self.audio.play("callback")
+            case Reject(call_id=cid, status=status):
+                self.backend.reject(cid, status)
+            case Hangup(call_id=cid):
+                self.backend.hangup(cid)
+            case Report():
+                self.telemetry.put(self._report(command))
+
+    def _report(self, report: Report) -> dict[str, Any]:
+        wall = datetime.now(UTC).timestamp() - (self.clock() - report.at)
+        body: dict[str, Any] = dict(report.detail)
+        body.update(kind=report.kind, post=self.post.id, at=datetime.fromtimestamp(wall, UTC).isoformat(),
+                    state=str(self.machine.state), registered=self.machine.registered,
+                    faults=self.machine.faults(), mock_gpio=self.mock)
+        if report.kind == "selftest":
+            body["passed"] = body.get("result") == "pass"
+            body["last_self_test"] = self.machine.status(self._wall_offset()).get("last_self_test")
+        return body
+
+    def _wall_offset(self) -> float:
+        return time.time() - self.clock()
+
+    def _publish_status(self) -> None:
+        status: dict[str, Any] = dict(self.machine.status(self._wall_offset()))
+        status.update(mock_gpio=self.mock, sip_backend=self.post.sip_backend, lights=self.panel.shown(),
+                      telemetry_pending=self.telemetry.pending())
+        with self._status_lock:
+            self._status = status
+
+    def press(self) -> None:
+        """For tests that hold a runner in-process: the same path as a real press."""
+        self.emit(ButtonPressed())
+
+    def _shutdown(self) -> None:
+        for step in (self.backend.stop, self.panel.close, self.audio.stop, self.telemetry.stop):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - best effort: stop every part even if one fails
+                log.exception("post %s: error while stopping", self.post.id)
