@@ -29,7 +29,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 venv: $(BIN)/.installed
 
 asterisk: deps venv
-	@$(BIN)/python -m sip_refuge.pbx.asterisk --ensure
+	@$(BIN)/python -m sip_refuge.pbx.asterisk
 
 lint: venv
 	$(BIN)/ruff check .

@@ -33,8 +33,15 @@ def _site(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("site", metavar="SITE", help="the site file (YAML)")
 
 
-def _render_args(parser: argparse.ArgumentParser) -> None:
+def _templates(parser: argparse.ArgumentParser) -> None:
     _site(parser)
+    parser.add_argument("--templates", metavar="DIR",
+                        help="render from this template directory (default: asterisk/templates, "
+                             "or $SIP_REFUGE_TEMPLATES)")
+
+
+def _render_args(parser: argparse.ArgumentParser) -> None:
+    _templates(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="directory to write the files into")
     parser.add_argument("--sandbox", action="store_true",
                         help="also write asterisk.conf, modules.conf and friends for a loopback run")
@@ -60,6 +67,8 @@ def _post_args(parser: argparse.ArgumentParser) -> None:
 
 
 ARGUMENTS[("asterisk", "render")] = _render_args
+ARGUMENTS[("asterisk", "check")] = _templates
+ARGUMENTS[("pbx",)] = _templates
 ARGUMENTS[("post",)] = _post_args
 ARGUMENTS[("press",)] = _post_id
 ARGUMENTS[("status",)] = _post_id

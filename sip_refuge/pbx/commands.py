@@ -1,0 +1,161 @@
+"""``sip-refuge asterisk render``, ``sip-refuge asterisk check`` and ``sip-refuge pbx``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from sip_refuge.config.loader import load_site
+from sip_refuge.config.model import Site
+from sip_refuge.errors import PbxError
+from sip_refuge.pbx.asterisk import Asterisk, cache_dir, on_free_ports
+from sip_refuge.pbx.lint import lint
+
+TEMPLATES_ENV = "SIP_REFUGE_TEMPLATES"
+# "[Nov 26 11:34:16] WARNING[10000]: ccss.c:4520 load_config: text" (console) or
+# "[Nov 26 11:34:16] WARNING[10000] ccss.c: text" (messages.log); the [C-...] call id is optional.
+_LOG_LINE = re.compile(r"^\[[^\]]+\]\s+(?P<level>ERROR|WARNING)\[\d+\](?:\[[^\]]*\])?:?\s+(?P<source>[\w./-]+?)"
+                       r"(?::\d+)?(?:\s+\w+)?:\s+(?P<text>.*)$")
+_ENDPOINT = re.compile(r"^\s*Endpoint:\s+(?P<name>[^\s/]+)")
+_CONTEXT_OPTION = re.compile(r"^\s*context\s*:\s*(?P<name>\S+)", re.M)
+_DIALPLAN_CONTEXT = re.compile(r"^\[ Context '(?P<name>[^']+)' created by", re.M)
+_SECTION = re.compile(r"^\[(?P<name>[^\]]+)\](?!\s*\(!)", re.M)
+
+
+def templates_dir(args: argparse.Namespace) -> Path | None:
+    """``--templates DIR`` if the command line has it, else $SIP_REFUGE_TEMPLATES, else the shipped ones."""
+    given = getattr(args, "templates", None) or os.environ.get(TEMPLATES_ENV)
+    return Path(given) if given else None
+
+
+def _command_line(words: str, args: argparse.Namespace) -> str:
+    # Named in each generated file's header so an admin knows how it was made.
+    return f"sip-refuge {words} {args.site}"
+
+
+def render(args: argparse.Namespace) -> int:
+    from sip_refuge.pbx import render as renderer
+
+    site = load_site(args.site)
+    out = Path(args.out)
+    command = _command_line("asterisk render", args) + f" --out {args.out}" + (" --sandbox" if args.sandbox else "")
+    templates = templates_dir(args)
+    if getattr(args, "sandbox", False):
+        # The sandbox set names absolute directories: config here, modules and sounds of the found Asterisk.
+        from sip_refuge.pbx.asterisk import find_asterisk
+
+        install = find_asterisk()
+        base = out.resolve()
+        dirs = renderer.SandboxDirs(etc=base, modules=install.modules, data=install.data, run=base / "run",
+                                    log=base / "log", spool=base / "spool", lib=base / "lib", db=base / "db",
+                                    keys=base / "keys")
+        for path in (dirs.run, dirs.log, dirs.spool, dirs.lib, dirs.db, dirs.keys):
+            path.mkdir(parents=True, exist_ok=True)
+        files = renderer.render_sandbox(site, dirs, command=command, templates=templates)
+    else:
+        files = renderer.render(site, command=command, templates=templates)
+    for path in renderer.write(files, out):
+        print(path)
+    return 0
+
+
+def check(args: argparse.Namespace) -> int:
+    """Load the rendered site into a real Asterisk on loopback; print one line per problem; 0 when clean."""
+    site = load_site(args.site)
+    try:
+        with Asterisk(on_free_ports(site), command=_command_line("asterisk check", args),
+                      templates=templates_dir(args)) as pbx:
+            problems = inspect(pbx, site)
+    except PbxError as exc:
+        # Asterisk would not even boot: what it logged is the best description of the problem.
+        print(f"asterisk check: {exc}", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{args.site}: {len(problems)} problem(s) in the rendered Asterisk config", file=sys.stderr)
+        return 1
+    print(f"{args.site}: ok: Asterisk loaded {len(site.posts)} posts, {len(site.desks)} desks, "
+          f"queue {site.queue.name} and the dialplan without an error or warning")
+    return 0
+
+
+def inspect(pbx: Asterisk, site: Site) -> list[str]:
+    """Every problem a running sandbox shows with the site's config: log lines, missing objects, lint."""
+    problems: list[str] = []
+    endpoints = {m["name"] for line in pbx.cli("pjsip show endpoints").splitlines() if (m := _ENDPOINT.match(line))}
+    phones = [("post", p.id) for p in site.posts] + [("desk", d.id) for d in site.desks]
+    endpoint_contexts: dict[str, str] = {}
+    for role, name in phones:
+        if name not in endpoints:
+            problems.append(f"pjsip: {role} {name} is missing from `pjsip show endpoints`")
+            continue
+        if m := _CONTEXT_OPTION.search(pbx.cli(f"pjsip show endpoint {name}")):
+            endpoint_contexts[name] = m["name"]
+    queue = pbx.cli(f"queue show {site.queue.name}")
+    if "No such queue" in queue or not queue.strip():
+        problems.append(f"queue: queue {site.queue.name} is missing from `queue show`")
+    dialplan = pbx.cli("dialplan show")
+    loaded = set(_DIALPLAN_CONTEXT.findall(dialplan))
+    ours = [m["name"] for m in _SECTION.finditer(pbx.files.get("extensions_refuge.conf", ""))]
+    for name in ours:
+        if name not in loaded:
+            problems.append(f"dialplan: context {name} (extensions_refuge.conf) is missing from `dialplan show`")
+    for phone, context in endpoint_contexts.items():
+        if context not in loaded:
+            problems.append(f"pjsip: endpoint {phone} uses context {context}, which is missing from `dialplan show`")
+    problems += lint(dialplan, pbx.cli("core show applications"), pbx.cli("core show functions"),
+                     contexts=[n for n in dict.fromkeys(ours) if n in loaded])
+    # Logs last: the commands above can make Asterisk warn, too.
+    return log_problems(pbx) + problems
+
+
+def log_problems(pbx: Asterisk) -> list[str]:
+    """Each ERROR or WARNING Asterisk logged (console output and messages.log), once."""
+    seen: dict[tuple[str, str], str] = {}
+    texts = [pbx.output()]
+    if pbx.messages_log.exists():
+        texts.append(pbx.messages_log.read_text(encoding="utf-8", errors="replace"))
+    for text in texts:
+        for line in text.splitlines():
+            if m := _LOG_LINE.match(line.strip()):
+                source = m["source"].rsplit(":", 1)[0]
+                # The sandbox's temporary path means nothing to the reader; the file name does.
+                message = m["text"].strip().replace(f"{pbx.dir}/etc/", "")
+                seen.setdefault((m["level"], message), f"asterisk {m['level']}: {source}: {message}")
+    return list(seen.values())
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run Asterisk with the site until Ctrl-C (or SIGTERM); its console output goes to our stdout."""
+    site = load_site(args.site)
+    # A fixed work dir per site file, so the logs are still there to read after Ctrl-C.
+    workdir = cache_dir() / "pbx" / Path(args.site).stem
+    pbx = Asterisk(site, command=_command_line("pbx", args), templates=templates_dir(args), console=True,
+                   workdir=workdir)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        pbx.start()
+        print(f"Asterisk running (pid {pbx.pid}) for {args.site}: SIP on {site.pbx.bind}:{site.pbx.sip_port}, "
+              f"AMI on {site.pbx.ami.host}:{site.pbx.ami.port}", flush=True)
+        print(f"  config and logs: {pbx.dir}  (messages: {pbx.messages_log}, security: {pbx.security_log})")
+        print(f"  attach its CLI:  {pbx.attach_command()}")
+        print("  Ctrl-C stops it.", flush=True)
+        status = pbx.wait()
+        print(f"Asterisk exited with status {status}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping Asterisk...", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        pbx.close()
+        signal.signal(signal.SIGTERM, previous)

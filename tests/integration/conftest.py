@@ -1,0 +1,143 @@
+"""Fixtures for tests against a real Asterisk: sites on free loopback ports, one Asterisk per session, phones."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sip_refuge.config import Desk, Post, Site, load_site
+from sip_refuge.config.secrets import init_secrets
+from sip_refuge.pbx.asterisk import Asterisk, free_port
+from tests.support.sipua import SipPeer
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "config" / "site.example.yaml"
+_used_rtp: set[int] = set()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "integration: needs a real Asterisk (and other real services)")
+
+
+def rtp_range() -> tuple[int, int]:
+    """A 200-port RTP range no other sandbox of this run uses (Asterisk skips ports in use anyway)."""
+    while True:
+        start = random.randrange(20000, 40000, 200)
+        if start not in _used_rtp:
+            _used_rtp.add(start)
+            return start, start + 198
+
+
+def write_site(folder: Path, **queue: Any) -> Site:
+    """The example site moved onto free loopback ports, with fresh secrets, in ``folder``."""
+    data = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    pbx = data["pbx"]
+    pbx.update(host="127.0.0.1", bind="127.0.0.1", sip_port=free_port(), transport="udp", qualify_frequency=5)
+    pbx["rtp_start"], pbx["rtp_end"] = rtp_range()
+    pbx["ami"]["port"] = free_port()
+    data["queue"].update(queue)
+    if data.get("sidecar"):
+        data["sidecar"]["listen"] = f"127.0.0.1:{free_port()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "site.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    init_secrets(load_site(path, check_secrets=False))
+    return load_site(path)
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
+    # Short waits so the overflow test takes seconds; every other test answers well within them.
+    return write_site(tmp_path_factory.mktemp("site"), max_wait=6, ring_timeout=5)
+
+
+@pytest.fixture(scope="session")
+def pbx(site: Site) -> Iterator[Asterisk]:
+    with Asterisk(site, command="pytest tests/integration", boot_timeout=60) as asterisk:
+        yield asterisk
+
+
+@dataclass
+class Phones:
+    """Every post and desk of the site as a registered SIP phone, by id."""
+
+    posts: dict[str, SipPeer]
+    desks: dict[str, SipPeer]
+
+    def all(self) -> list[SipPeer]:
+        return [*self.posts.values(), *self.desks.values()]
+
+
+def every_phone(site: Site) -> list[Post | Desk]:
+    return [*site.posts, *site.desks]
+
+
+def peer(site: Site, phone_id: str, *, password: str | None = None, display: str | None = None) -> SipPeer:
+    phone = next((p for p in every_phone(site) if p.id == phone_id), None)
+    secret = password if password is not None else (phone.secret.read() if phone else "")
+    return SipPeer(phone_id, secret, (site.pbx.host, site.pbx.sip_port), display=display)
+
+
+def wait_until(probe: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s (last: {value!r})")
+        time.sleep(interval)
+
+
+def desks_ready(pbx: Asterisk, site: Site) -> bool:
+    """Every desk is a queue member Asterisk would ring now (its contact qualified)."""
+    text = pbx.cli(f"queue show {site.queue.name}")
+    return all(re.search(rf"\(PJSIP/{re.escape(d.id)}\).*\(Not in use\)", text) for d in site.desks)
+
+
+@pytest.fixture
+def phones(pbx: Asterisk, site: Site) -> Iterator[Phones]:
+    """Fresh peers per test (no inbox left over from another test), registered, desks ready to ring."""
+    posts = {p.id: peer(site, p.id) for p in site.posts}
+    desks = {d.id: peer(site, d.id) for d in site.desks}
+    made = Phones(posts, desks)
+    try:
+        for phone in made.all():
+            response = phone.register()
+            assert response.code == 200, f"{phone.user} could not register: {response}"
+        wait_until(lambda: desks_ready(pbx, site), 10, "desk ready in the queue")
+        yield made
+    finally:
+        for phone in made.all():
+            try:
+                phone.register(expires=0, timeout=2)
+            except TimeoutError:
+                pass
+            phone.close()
+        try:
+            wait_until(lambda: "0 active channels" in pbx.cli("core show channels count"), 10, "idle Asterisk")
+        except AssertionError:
+            # Fail this test, but hand the next one a clean Asterisk instead of a cascade of failures.
+            pbx.cli("channel request hangup all")
+            raise
+
+
+class LogMark:
+    """What Asterisk logged (messages.log) since this mark was made."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+
+    def text(self) -> str:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return f.read().decode("utf-8", "replace")
