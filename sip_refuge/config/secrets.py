@@ -6,10 +6,11 @@ import base64
 import os
 import re
 import secrets as random
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
-from sip_refuge.config.model import Site
+from sip_refuge.config.model import Secret, Site
 from sip_refuge.errors import RefugeError
 
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]+):[^@\s/]*@", re.I)
@@ -64,3 +65,40 @@ class Masker:
         for value in self.values:
             text = text.replace(value, "***")
         return mask_url(text)
+
+
+def stand_in_secrets(site: Site, directory: Path) -> tuple[Site, list[str]]:
+    """A copy of ``site`` whose unreadable secrets point at fresh random files in ``directory``.
+
+    For checks that only need *some* secret (``asterisk check`` loads the rendered config into a
+    throw-away Asterisk): a fresh clone can be checked before ``secrets init``. Returns the dotted
+    names of the secrets that were stood in for.
+    """
+    swapped: dict[int, Secret] = {}
+    names: list[str] = []
+    for name, secret in site.secrets():
+        try:
+            secret.read()
+        except RefugeError:
+            path = directory / f"{len(swapped)}.secret"
+            path.write_text(new_value(secret.kind) + "\n", encoding="utf-8")
+            path.chmod(0o600)
+            swapped[id(secret)] = replace(secret, file=path, env=None)
+            names.append(name)
+    if not swapped:
+        return site, []
+
+    def fix(secret: Secret | None) -> Secret | None:
+        return swapped.get(id(secret), secret) if secret is not None else None
+
+    def fix_required(secret: Secret) -> Secret:
+        return swapped.get(id(secret), secret)
+
+    pbx = replace(site.pbx, ami=replace(site.pbx.ami, secret=fix_required(site.pbx.ami.secret)))
+    desks = tuple(replace(d, secret=fix_required(d.secret)) for d in site.desks)
+    posts = tuple(replace(p, secret=fix_required(p.secret),
+                          camera=replace(p.camera, password=fix(p.camera.password)) if p.camera else None)
+                  for p in site.posts)
+    sidecar = replace(site.sidecar, token=fix_required(site.sidecar.token)) if site.sidecar else None
+    cctv = tuple(replace(t, secret=fix(t.secret)) for t in site.cctv)
+    return replace(site, pbx=pbx, desks=desks, posts=posts, sidecar=sidecar, cctv=cctv), names

@@ -274,10 +274,11 @@ class IncomingCall:
         self.state = "ringing"  # ringing | answered | confirmed | cancelled | ended | rejected
 
     def answer(self, timeout: float = 5.0) -> None:
-        self.peer.respond(self.invite, self.source, 200, "OK", tag=self.dialog.local_tag,
-                          body=self.rtp.sdp(int(time.time())))
+        # Mark the call answered before the 200 leaves: on loopback the ACK can come back first.
         with self.peer.lock:
             self.state = "answered"
+        self.peer.respond(self.invite, self.source, 200, "OK", tag=self.dialog.local_tag,
+                          body=self.rtp.sdp(int(time.time())))
         self.peer.wait_for(lambda: self.state != "answered" or None, timeout, "ACK to our 200 OK")
 
     def reject(self, code: int = 486, reason: str = "Busy Here") -> None:

@@ -187,3 +187,20 @@ def test_masker_also_hides_percent_encoded_secrets() -> None:
     mask = Masker(["cam-S3cret!pw/with@odd"])
     assert "S3cret" not in mask("rtsp://viewer:cam-S3cret%21pw%2Fwith%40odd@10.0.0.1/s")
     assert "S3cret" not in mask("raw cam-S3cret!pw/with@odd here")
+
+
+def test_stand_in_secrets_replace_only_missing_ones(tmp_path: Path) -> None:
+    from sip_refuge.config.secrets import stand_in_secrets
+
+    path = tmp_path / "site.yaml"
+    shutil.copy(EXAMPLE, path)
+    site = load_site(path, check_secrets=False)
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "desk-1.secret").write_text("Zq8vN2xK4pL9mR7tW1yBq\n")
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    fixed, names = stand_in_secrets(site, spare)
+    assert "desks.desk-1" not in names and "posts.sutton-market" in names and len(names) == 8
+    assert fixed.desks[0].secret.read() == "Zq8vN2xK4pL9mR7tW1yBq"
+    assert len(fixed.posts[0].secret.read()) >= 32 and fixed.cctv[0].secret is not None
+    assert fixed.cctv[0].secret.read().startswith("whsec_")

@@ -8,7 +8,7 @@ imported only inside its own module, so a post on pyVoIP never needs pjsua2 and 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import import_module
 from typing import Protocol
 
@@ -24,7 +24,7 @@ class Account:
 
     post: Post
     pbx: Pbx
-    password: str
+    password: str = field(repr=False)  # never in a log line or a traceback
     local_port: int = 0  # 0 = any free port
     selftest_digits: str = "1379"  # sent on a self-test call; the echo must bring them back
 

@@ -1,0 +1,616 @@
+"""The pjsua2 SIP backend of the post: pjsip's C stack, with TLS/SRTP, echo canceller and jitter buffer.
+
+pjsua may only be called from the thread that created it (or inside its own callbacks): a call from any
+other Python thread aborts the whole process (``notes/platform.md``). So :class:`Backend` owns one
+thread, ``pjsua2-<post>``, that creates the library, runs pjsip's event loop, runs every command the
+runner enqueues (dial, answer, hangup...) and destroys the library again. pjsip gets no worker threads
+of its own (:func:`~sip_refuge.post.sip.pjsua2_compat.configure_threads` says why), so every callback
+also runs on the owner thread, between commands. Callbacks only update the small per-call records,
+build events and call ``emit``; anything that needs pjsua is enqueued as a command.
+
+A command wakes the owner thread at once: :meth:`Backend._submit` sends a CRLF keep-alive (which pjsip
+reads and ignores) to a loopback-only UDP transport, so pjsip's wait for packets returns.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import queue
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pjsua2 as pj
+
+from sip_refuge.errors import SipError
+from sip_refuge.post import events as ev
+from sip_refuge.post.sip import Account, Emit
+from sip_refuge.post.sip import pjsua2_compat as compat
+
+log = logging.getLogger(__name__)
+
+Command = Callable[[], None]
+_STOP = object()  # the owner thread's last command
+POLL_MS = 100  # longest wait for packets; commands do not wait for it (doorbell)
+TICK = 0.2  # seconds between timer checks (self-test steps, media timeout, registration watchdog)
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    """Audio settings. ``sound_device`` None: use a sound card when pjmedia finds one, else the null device
+    (tests, the demo). Echo canceller and jitter buffer matter only on a real speaker and microphone."""
+
+    sound_device: bool | None = None
+    ec_tail_ms: int = 200  # a metal post box rings: 200 ms covers its echo tail
+    jb_init_ms: int = -1  # -1: pjmedia's adaptive default
+    jb_min_pre_ms: int = 60  # LTE routers jitter: keep a little more in the buffer than pjmedia's default
+    jb_max_pre_ms: int = 240
+    jb_max_ms: int = 500
+
+
+@dataclass
+class _Record:
+    """What the backend knows about one call. Callbacks and commands both run on the owner thread; the
+    lock around the call table is for the runner-side look-ups only."""
+
+    call_id: str
+    outgoing: bool
+    selftest: bool = False
+    call: Any = None
+    progress: int = 0
+    responded: bool = False  # any response to our INVITE, 100 Trying included: the PBX is alive
+    answered: bool = False
+    media_up: bool = False
+    finished: bool = False
+    local_hangup: bool = False
+    created: float = 0.0
+    # self-test
+    deadline: float = 0.0
+    digits_due: float = 0.0
+    digits_sent: bool = False
+    received: str = ""
+    verdict: bool = False
+    # media timeout
+    rx_packets: int | None = None
+    rx_changed: float = 0.0
+    media_timeout_sent: bool = False
+
+
+def _guarded(what: str, run: Callable[[], None]) -> None:
+    """Run a callback body; an exception escaping into pjsip's C code would abort the process."""
+    try:
+        run()
+    except Exception:  # noqa: BLE001 - thread boundary (pjsip's thread): log and keep the post alive
+        log.exception("pjsua2 callback %s failed", what)
+
+
+class _PjCall(pj.Call):
+    """A pjsua2 Call whose callbacks report to the backend."""
+
+    def __init__(self, backend: Backend, record: _Record, account: Any, pj_call_id: int = -1) -> None:
+        super().__init__(account, pj_call_id)
+        self.backend, self.record = backend, record
+
+    def onCallState(self, prm: Any) -> None:  # noqa: N802 - pjsua2's name
+        _guarded("onCallState", lambda: self.backend._on_call_state(self.record, self, prm))
+
+    def onCallTsxState(self, prm: Any) -> None:  # noqa: N802
+        _guarded("onCallTsxState", lambda: self.backend._on_tsx_state(self.record, prm))
+
+    def onCallMediaState(self, prm: Any) -> None:  # noqa: N802
+        _guarded("onCallMediaState", lambda: self.backend._on_media_state(self.record))
+
+    def onDtmfDigit(self, prm: Any) -> None:  # noqa: N802
+        _guarded("onDtmfDigit", lambda: self.backend._on_dtmf(self.record, str(prm.digit)))
+
+
+class _PjAccount(pj.Account):
+    def __init__(self, backend: Backend) -> None:
+        super().__init__()
+        self.backend = backend
+
+    def onRegState(self, prm: Any) -> None:  # noqa: N802
+        _guarded("onRegState", lambda: self.backend._on_reg_state(compat.number(prm.code), str(prm.reason),
+                                                                  int(prm.expiration)))
+
+    def onIncomingCall(self, prm: Any) -> None:  # noqa: N802
+        _guarded("onIncomingCall", lambda: self.backend._on_incoming(self, int(prm.callId)))
+
+
+class Backend:
+    """:class:`~sip_refuge.post.sip.SipBackend` on pjsua2. Every public method only enqueues.
+
+    ``on_dtmf(call_id, digit)``, when set, is called (on the owner thread: keep it short, never call the
+    backend's pjsua objects from it) for every RFC 4733 digit received.
+    """
+
+    def __init__(self, *, media: MediaSettings | None = None, registration_expiry: int = 60,
+                 refresh_every: int = 25, retry_interval: int = 5, media_timeout: float = 20.0,
+                 no_response_timeout: float = 4.0, selftest_timeout: float = 8.0, bind_address: str = "", pjsua_log_file: str = "",
+                 pjsua_log_level: int = 3) -> None:
+        self.media = media or MediaSettings()
+        self.registration_expiry = registration_expiry
+        # Refresh well before expiry: a PBX that lost its contacts (restart on a fresh disk, failover) learns
+        # the post again within refresh_every seconds, not within the expiry.
+        self.refresh_every = refresh_every
+        self.retry_interval = retry_interval
+        self.media_timeout = media_timeout
+        # pjsip waits 32 s (Timer B) for a PBX that does not answer at all; a post in an emergency must try the
+        # secondary PBX long before that. Asterisk sends 100 Trying within milliseconds.
+        self.no_response_timeout = no_response_timeout
+        self.selftest_timeout = selftest_timeout
+        self.bind_address = bind_address
+        self.pjsua_log_file, self.pjsua_log_level = pjsua_log_file, pjsua_log_level
+        self.on_dtmf: Callable[[str, str], None] | None = None
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._account: Account | None = None
+        self._emit: Emit = _drop
+        self._post = "-"
+        self._ep: Any = None
+        self._acc: Any = None
+        self._transport_id = -1
+        self._poll: Callable[[int], None] | None = None
+        self._doorbell: socket.socket | None = None
+        self._doorbell_to: tuple[str, int] = ("127.0.0.1", 0)
+        self._lock = threading.Lock()
+        self._calls: dict[str, _Record] = {}
+        self._incoming_ids = itertools.count(1)
+        self._registered = False
+        self._reg_activity = 0.0
+
+    # -- the SipBackend interface (any thread) --------------------------------------------------------------
+    def start(self, account: Account, emit: Emit) -> None:
+        if self._thread is not None:
+            raise SipError("pjsua2 backend already started")
+        self._account, self._emit, self._post = account, emit, account.post.id
+        self._ready.clear()
+        self._start_error = None
+        self._thread = threading.Thread(target=self._run, name=f"pjsua2-{self._post}", daemon=True)
+        self._thread.start()
+        # Library start-up takes milliseconds; waiting for it turns a bad port or transport into an error here.
+        if not self._ready.wait(15.0):
+            raise SipError(f"{self._post}: pjsua2 did not start within 15 s")
+        if self._start_error is not None:
+            self._thread.join()
+            self._thread = None
+            if self._doorbell is not None:
+                self._doorbell.close()
+                self._doorbell = None
+            raise SipError(f"{self._post}: pjsua2 failed to start: {self._start_error}") from self._start_error
+
+    def dial(self, call_id: str, extension: str, host: str, selftest: bool) -> None:
+        self._submit(lambda: self._dial(call_id, extension, host, selftest), call_id)
+
+    def answer(self, call_id: str) -> None:
+        self._submit(lambda: self._answer(call_id, 200))
+
+    def reject(self, call_id: str, status: int) -> None:
+        self._submit(lambda: self._answer(call_id, status))
+
+    def hangup(self, call_id: str) -> None:
+        self._submit(lambda: self._hangup(call_id, "asked by the runner"))
+
+    def send_dtmf(self, call_id: str, digits: str) -> None:
+        self._submit(lambda: self._send_dtmf(call_id, digits))
+
+    def stop(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        self._queue.put(_STOP)
+        self._ring()
+        thread.join()
+        self._thread = None
+        self._emit = _drop
+        if self._doorbell is not None:
+            self._doorbell.close()
+            self._doorbell = None
+
+    def _submit(self, command: Command, dial_id: str = "") -> None:
+        if self._thread is None or not self._thread.is_alive():
+            log.warning("%s: pjsua2 backend not running; command dropped", self._post)
+            if dial_id:  # the machine waits for a verdict on every dial
+                self._emit(ev.CallFailed(dial_id, None, "SIP backend not running"))
+            return
+        self._queue.put(command)
+        self._ring()
+
+    def _ring(self) -> None:
+        """Wake the owner thread out of pjsip's wait for packets."""
+        bell = self._doorbell
+        if bell is not None:
+            try:
+                bell.sendto(b"\r\n\r\n", self._doorbell_to)
+            except OSError as exc:  # the owner thread still wakes within its poll interval
+                log.debug("%s: doorbell: %s", self._post, exc)
+
+    # -- the owner thread ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._create()
+        except Exception as exc:  # noqa: BLE001 - thread boundary: start() reports it
+            log.error("%s: pjsua2 start failed: %s", self._post, exc)
+            # The traceback's frames hold the Endpoint; pjsua2 allows one, so it must really go now.
+            exc.__traceback__ = None
+            self._start_error = exc
+            self._destroy()
+            self._ready.set()
+            return
+        self._ready.set()
+        poll = self._poll
+        assert poll is not None
+        next_tick = 0.0
+        stopping = False
+        while not stopping:
+            try:
+                poll(POLL_MS)  # SIP and RTP events, callbacks included; returns early on the doorbell
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    item()  # type: ignore[operator]
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK
+                    self._tick(now)
+            except Exception:  # noqa: BLE001 - thread boundary: one bad command must not end the post's SIP
+                log.exception("%s: pjsua2 command failed", self._post)
+        self._shutdown()
+
+    def _create(self) -> None:
+        account = self._account
+        assert account is not None
+        pbx, post = account.pbx, account.post
+        ep = pj.Endpoint()
+        self._ep = ep
+        ep.libCreate()
+        cfg = pj.EpConfig()
+        compat.configure_threads(cfg)
+        logc = compat.log_config(cfg)
+        # pjsua writes to stdout by itself; keep it quiet. msgLogging off: no SIP message (with its digest
+        # headers) ever reaches a log. A file is for debugging a site only.
+        logc.consoleLevel = 0
+        logc.msgLogging = 0
+        logc.level = self.pjsua_log_level if self.pjsua_log_file else 0
+        if self.pjsua_log_file:
+            logc.filename = self.pjsua_log_file
+        med = compat.media_config(cfg)
+        # RTP keeps flowing through silence: a quiet post must not look dead to the PBX's rtp_timeout, and
+        # our own media timeout can only judge a stream that never pauses.
+        med.noVad = True
+        if self.media.sound_device is not False:
+            med.ecTailLen = self.media.ec_tail_ms
+            med.jbInit, med.jbMinPre = self.media.jb_init_ms, self.media.jb_min_pre_ms
+            med.jbMaxPre, med.jbMax = self.media.jb_max_pre_ms, self.media.jb_max_ms
+        else:
+            med.ecTailLen = 0  # no speaker, no echo
+        ep.libInit(cfg)
+        if self.media.sound_device is False or (self.media.sound_device is None and compat.sound_device_count(ep) == 0):
+            # No sound card: the null device still clocks the conference bridge, so RTP and DTMF flow.
+            compat.audio_manager(ep).setNullDev()
+            log.info("%s: no sound device; using the null audio device", self._post)
+        tls = pbx.tls if pbx.transport == "tls" else None
+        tcfg = compat.transport_config(account.local_port, self.bind_address, tls)
+        self._transport_id = ep.transportCreate(compat.TRANSPORTS[pbx.transport](), tcfg)
+        bell_id = ep.transportCreate(compat.TRANSPORTS["udp"](), compat.transport_config(0, "127.0.0.1"))
+        self._doorbell_to = compat.transport_address(ep, bell_id)
+        self._doorbell = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._poll = compat.Poller(ep)
+        ep.libStart()
+        acc_cfg = compat.account_config()
+        name = re.sub(r'["\\<>\r\n]', "", post.name)
+        suffix = "" if pbx.transport == "udp" else f";transport={pbx.transport}"
+        acc_cfg.idUri = f'"{name}" <sip:{post.id}@{pbx.host}:{pbx.sip_port}>'
+        reg = compat.reg_config(acc_cfg)
+        reg.registrarUri = f"sip:{pbx.host}:{pbx.sip_port}{suffix}"
+        reg.timeoutSec = self.registration_expiry
+        reg.delayBeforeRefreshSec = max(5, self.registration_expiry - self.refresh_every)
+        reg.retryIntervalSec = self.retry_interval
+        reg.firstRetryIntervalSec = min(2, self.retry_interval)  # a restarted PBX is usually back at once
+        reg.randomRetryIntervalSec = 1
+        reg.dropCallsOnFail = False  # never drop an alarm call because a registration refresh failed
+        sip = compat.sip_config(acc_cfg)
+        sip.authCreds.append(compat.digest_credentials(post.id, account.password))
+        sip.transportId = self._transport_id
+        if pbx.transport == "tls" and not compat.require_srtp(acc_cfg):
+            log.error("%s: the %s pjsua2 binding cannot require SRTP; media of this post is NOT encrypted "
+                      "(and a PBX with media_encryption=sdes refuses its calls)", self._post, compat.BINDING)
+        self._acc = _PjAccount(self)
+        self._reg_activity = time.monotonic()
+        self._acc.create(acc_cfg, True)
+        log.info("%s: pjsua2 (%s binding) started, registering to %s:%d over %s", self._post, compat.BINDING,
+                 pbx.host, pbx.sip_port, pbx.transport)
+
+    def _tick(self, now: float) -> None:
+        """Timers: self-test steps and deadlines, media timeouts, a registration pjsua gave up on."""
+        with self._lock:
+            records = list(self._calls.values())
+        for rec in records:
+            if rec.finished:
+                continue
+            if rec.outgoing and not rec.responded and now - rec.created > self.no_response_timeout:
+                log.warning("%s: call %s: no response from the PBX in %.0f s", self._post, rec.call_id,
+                            now - rec.created)
+                # Kept until pjsua drops it: deleting a pjsua2 Call that pjsua still runs hangs it up again.
+                self._finish(rec, ev.CallFailed(rec.call_id, None, "no response from the PBX"), forget=False)
+                self._end_call(rec)  # pjsip sends CANCEL should the PBX wake up after all
+            elif rec.selftest:
+                self._selftest_step(rec, now)
+            elif rec.answered and rec.media_up:
+                self._check_media(rec, now)
+        # pjsua retries timeouts and 5xx by itself but not 401/403/404 (a secret fixed on the PBX later).
+        if not self._registered and now - self._reg_activity > max(30.0, 3.0 * self.retry_interval):
+            self._reg_activity = now
+            log.info("%s: still not registered; registering again", self._post)
+            try:
+                self._acc.setRegistration(True)
+            except Exception as exc:  # noqa: BLE001 - pjsua busy with its own attempt: fine, try later
+                log.info("%s: re-register: %s", self._post, exc)
+
+    def _check_media(self, rec: _Record, now: float) -> None:
+        count = compat.rx_packets(rec.call)
+        if count is None:  # pybind11: no stream statistics; the PBX's rtp_timeout ends such calls
+            return
+        if count != rec.rx_packets:
+            rec.rx_packets, rec.rx_changed = count, now
+        elif now - rec.rx_changed >= self.media_timeout and not rec.media_timeout_sent:
+            rec.media_timeout_sent = True
+            log.warning("%s: no RTP on call %s for %.0f s", self._post, rec.call_id, now - rec.rx_changed)
+            self._emit(ev.MediaTimeout(rec.call_id))
+
+    def _selftest_step(self, rec: _Record, now: float) -> None:
+        account = self._account
+        assert account is not None
+        if rec.verdict:
+            return
+        if rec.media_up and not rec.digits_sent and rec.digits_due and now >= rec.digits_due:
+            rec.digits_sent = True
+            rec.deadline = now + self.selftest_timeout
+            rec.call.dialDtmf(account.selftest_digits)
+            log.info("%s: self-test %s sent DTMF", self._post, rec.call_id)
+        expected = account.selftest_digits
+        if expected in rec.received:
+            self._selftest_verdict(rec, True, f"DTMF {expected} echoed back")
+        elif now > rec.deadline:
+            detail = (f"sent {expected}, got back {rec.received or 'nothing'}" if rec.digits_sent
+                      else "echo extension did not answer" if not rec.answered else "no media")
+            self._selftest_verdict(rec, False, detail)
+
+    def _selftest_verdict(self, rec: _Record, passed: bool, detail: str) -> None:
+        rec.verdict = True
+        log.info("%s: self-test %s %s: %s", self._post, rec.call_id, "passed" if passed else "FAILED", detail)
+        self._emit(ev.SelfTestResult(rec.call_id, passed, detail))
+        self._hangup(rec.call_id, "self-test done")
+
+    def _dial(self, call_id: str, extension: str, host: str, selftest: bool) -> None:
+        account = self._account
+        assert account is not None
+        pbx = account.pbx
+        suffix = "" if pbx.transport == "udp" else f";transport={pbx.transport}"
+        uri = f"sip:{extension}@{host}:{pbx.sip_port}{suffix}"
+        now = time.monotonic()
+        # A self-test gets a while to be answered; the echo's own deadline starts when the digits go out.
+        rec = _Record(call_id, outgoing=True, selftest=selftest, created=now, deadline=now + 15.0)
+        rec.call = _PjCall(self, rec, self._acc)
+        with self._lock:
+            self._calls[call_id] = rec  # before makeCall: its first callbacks may come before it returns
+        log.info("%s: dialling %s (call %s%s)", self._post, uri, call_id, ", self-test" if selftest else "")
+        try:
+            rec.call.makeCall(uri, compat.call_op())
+        except Exception as exc:  # noqa: BLE001 - pj.Error differs per binding; the machine needs CallFailed
+            log.warning("%s: call %s could not start: %s", self._post, call_id, exc)
+            self._finish(rec, ev.CallFailed(call_id, None, f"cannot place call: {exc}"))
+
+    def _answer(self, call_id: str, status: int) -> None:
+        rec = self._record(call_id)
+        if rec is None or rec.outgoing or rec.finished:
+            log.info("%s: no ringing call %s to answer with %d", self._post, call_id, status)
+            return
+        if status >= 300:
+            rec.local_hangup = True
+        rec.call.answer(compat.call_op(status))
+
+    def _hangup(self, call_id: str, reason: str) -> None:
+        rec = self._record(call_id)
+        if rec is None or rec.finished:
+            return
+        log.info("%s: hanging up call %s (%s)", self._post, call_id, reason)
+        self._end_call(rec)
+
+    def _end_call(self, rec: _Record) -> None:
+        # pjsua may report DISCONNECTED from inside hangup(), on this same thread: mark the record first.
+        rec.local_hangup = True
+        try:
+            rec.call.hangup(compat.call_op())
+        except Exception as exc:  # noqa: BLE001 - a call already going away raises; it ends either way
+            log.info("%s: hangup of %s: %s", self._post, rec.call_id, exc)
+
+    def _send_dtmf(self, call_id: str, digits: str) -> None:
+        rec = self._record(call_id)
+        if rec is None or not rec.answered or rec.finished:
+            log.warning("%s: no established call %s for DTMF", self._post, call_id)
+            return
+        rec.call.dialDtmf(digits)  # RFC 4733 events on the RTP stream
+
+    def _connect_audio(self, rec: _Record) -> None:
+        if rec.finished or self._ep is None:
+            return
+        for media in compat.audio_media_slots(rec.call):
+            media.startTransmit(compat.playback_media(self._ep))
+            compat.capture_media(self._ep).startTransmit(media)
+        if rec.selftest and not rec.digits_due:
+            rec.digits_due = time.monotonic() + 0.3  # let the echo path carry RTP before the digits
+
+    def _forget(self, rec: _Record) -> None:
+        with self._lock:
+            if self._calls.get(rec.call_id) is rec:
+                del self._calls[rec.call_id]
+        rec.call = None  # the pjsua2 Call is destroyed here, on the owner thread
+
+    def _record(self, call_id: str) -> _Record | None:
+        with self._lock:
+            return self._calls.get(call_id)
+
+    def _shutdown(self) -> None:
+        """Hang up every call and let pjsua finish them before libDestroy (else pjsua_call.c asserts)."""
+        with self._lock:
+            records = list(self._calls.values())
+        for rec in records:
+            self._hangup(rec.call_id, "stopping")
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not any(not r.finished for r in self._calls.values()):
+                    break
+            self._drain(0.05)
+        self._drain(0.0)
+        with self._lock:
+            records = list(self._calls.values())
+            self._calls.clear()
+        for rec in records:
+            rec.call = None
+        self._destroy()
+        log.info("%s: pjsua2 stopped", self._post)
+
+    def _drain(self, wait: float) -> None:
+        """Run pjsip's events, then the backend's own queued steps; the runner's late commands are dropped."""
+        if self._poll is not None:
+            self._poll(int(wait * 1000))
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP and getattr(item, "_internal", False):
+                item()  # type: ignore[operator]
+
+    def _destroy(self) -> None:
+        acc, self._acc = self._acc, None
+        if acc is not None:
+            try:
+                acc.shutdown()  # unregisters (libDestroy waits briefly for the answer)
+            except Exception as exc:  # noqa: BLE001 - shutting down regardless
+                log.info("%s: account shutdown: %s", self._post, exc)
+            del acc
+        self._poll = None  # holds the Endpoint too
+        ep, self._ep = self._ep, None
+        if ep is not None:
+            try:
+                ep.libDestroy()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("%s: libDestroy: %s", self._post, exc)
+            del ep
+        # pjsua2's Endpoint is a singleton: the old one must be gone before a later start() makes a new one.
+        gc.collect()
+        self._registered = False
+
+    # -- callbacks (on the owner thread, inside pjsip's event loop): update records, emit, enqueue ----------------------------------------------
+    def _internal(self, command: Command) -> None:
+        command._internal = True  # type: ignore[attr-defined]
+        self._queue.put(command)
+
+    def _on_reg_state(self, code: int, reason: str, expiration: int) -> None:
+        self._reg_activity = time.monotonic()
+        account = self._account
+        host = account.pbx.host if account else ""
+        if code // 100 == 2 and expiration > 0:
+            if not self._registered:
+                log.info("%s: registered to %s (expires in %d s)", self._post, host, expiration)
+            self._registered = True
+            self._emit(ev.Registered(host))
+        elif code // 100 == 2:
+            self._registered = False
+            log.info("%s: unregistered", self._post)
+            self._emit(ev.Unregistered("unregistered"))
+        else:
+            was, self._registered = self._registered, False
+            log.warning("%s: registration to %s failed: %d %s", self._post, host, code, reason)
+            if was:
+                self._emit(ev.Unregistered(f"{code} {reason}"))
+            self._emit(ev.RegistrationFailed(reason, code or None))
+
+    def _on_incoming(self, acc: Any, pj_call_id: int) -> None:
+        rec = _Record(f"in-{next(self._incoming_ids)}", outgoing=False, created=time.monotonic())
+        rec.call = _PjCall(self, rec, acc, pj_call_id)
+        caller = str(compat.call_info(rec.call).remoteUri)
+        with self._lock:
+            self._calls[rec.call_id] = rec
+        log.info("%s: incoming call %s from %s", self._post, rec.call_id, caller)
+        self._internal(lambda: self._send_ringing(rec))
+        self._emit(ev.IncomingCall(rec.call_id, caller))
+
+    def _send_ringing(self, rec: _Record) -> None:
+        if not rec.finished and not rec.answered and not rec.local_hangup:
+            rec.call.answer(compat.call_op(180))
+
+    def _on_call_state(self, rec: _Record, call: Any, prm: Any) -> None:
+        ci = compat.call_info(call)
+        state, code, reason = compat.number(ci.state), compat.number(ci.lastStatusCode), str(ci.lastReason)
+        if state in (compat.INV_EARLY, compat.INV_CONNECTING, compat.INV_CONFIRMED):
+            rec.responded = True
+        if rec.finished and state == compat.INV_DISCONNECTED:
+            self._internal(lambda: self._forget(rec))  # the call given up on is gone from pjsua at last
+            return
+        if rec.finished:  # given up on (no response): a late answer must not resurrect it
+            return
+        if state == compat.INV_EARLY and rec.outgoing and code in (180, 183) and code != rec.progress:
+            rec.progress = code
+            log.info("%s: call %s: %d %s", self._post, rec.call_id, code, reason)
+            self._emit(ev.CallProgress(rec.call_id, code))
+        elif state == compat.INV_CONFIRMED and not rec.answered:
+            rec.answered = True
+            log.info("%s: call %s answered", self._post, rec.call_id)
+            self._emit(ev.CallAnswered(rec.call_id))
+        elif state == compat.INV_DISCONNECTED:
+            event: ev.Event
+            if rec.local_hangup:
+                event = ev.CallEnded(rec.call_id, "hung up locally")
+            elif rec.answered or not rec.outgoing:
+                event = ev.CallEnded(rec.call_id, f"{code} {reason}".strip())
+            else:
+                status = None if compat.local_failure(prm) or code == 0 else code
+                event = ev.CallFailed(rec.call_id, status, reason)
+            log.info("%s: call %s over: %s", self._post, rec.call_id, event)
+            self._finish(rec, event)
+
+    def _finish(self, rec: _Record, event: ev.Event, *, forget: bool = True) -> None:
+        rec.finished = True
+        if rec.selftest and not rec.verdict:
+            rec.verdict = True
+            self._emit(ev.SelfTestResult(rec.call_id, False, f"call ended before the echo came back: {event}"))
+        self._emit(event)
+        if forget:
+            self._internal(lambda: self._forget(rec))
+
+    def _on_tsx_state(self, rec: _Record, prm: Any) -> None:
+        if not rec.responded and compat.invite_response(prm):
+            rec.responded = True
+
+    def _on_media_state(self, rec: _Record) -> None:
+        rec.media_up = True
+        self._internal(lambda: self._connect_audio(rec))
+
+    def _on_dtmf(self, rec: _Record, digit: str) -> None:
+        rec.received += digit
+        if rec.selftest:
+            self._internal(lambda: self._selftest_step(rec, time.monotonic()))
+        hook = self.on_dtmf
+        if hook is not None:
+            hook(rec.call_id, digit)
+
+
+def _drop(event: ev.Event) -> None:
+    """``emit`` before start and after stop: nobody listens any more."""
