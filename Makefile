@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the tests and the demo need. mmdebstrap builds the Asterisk root folder.
 DEB_PACKAGES := mmdebstrap vlc-bin vlc-plugin-base util-linux \
-	gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly python3-gi
+	gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly python3-gi \
+	chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv deps asterisk lint test unit integration demo clean
@@ -46,10 +47,7 @@ test: deps venv asterisk lint
 	$(BIN)/pytest -q
 
 demo: deps venv asterisk
-	@echo "make demo: the full demo (posts, sidecar, cameras, desk robots) arrives with issue 5."
-	@echo "For now it runs the real Asterisk with config/demo.yaml on loopback; Ctrl-C stops it."
-	$(BIN)/sip-refuge secrets init config/demo.yaml
-	$(BIN)/sip-refuge pbx config/demo.yaml
+	$(BIN)/sip-refuge demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

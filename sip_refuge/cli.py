@@ -25,6 +25,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("post",): ("sip_refuge.post.agent", "run", "run one post agent"),
     ("press",): ("sip_refuge.post.agent", "press", "press the button of a running mock-GPIO post agent"),
     ("status",): ("sip_refuge.post.agent", "status", "print a running post agent's state as JSON"),
+    ("demo",): ("sip_refuge.demo.run", "run", "everything on loopback in one command (Ctrl-C stops it)"),
 }
 ARGUMENTS: dict[tuple[str, ...], Callable[[argparse.ArgumentParser], None]] = {}
 
@@ -69,7 +70,13 @@ def _post_args(parser: argparse.ArgumentParser) -> None:
 ARGUMENTS[("asterisk", "render")] = _render_args
 ARGUMENTS[("asterisk", "check")] = _templates
 ARGUMENTS[("pbx",)] = _templates
+def _demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--site", metavar="SITE", help="the demo site file (default: config/demo.yaml)")
+    parser.add_argument("--log-dir", metavar="DIR", help="where the parts' logs go (default: var/demo)")
+
+
 ARGUMENTS[("post",)] = _post_args
+ARGUMENTS[("demo",)] = _demo_args
 ARGUMENTS[("press",)] = _post_id
 ARGUMENTS[("status",)] = _post_id
 ARGUMENTS[("sidecar",)] = _sidecar_args

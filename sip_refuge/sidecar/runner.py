@@ -101,8 +101,15 @@ class SidecarRunner:
     def _signal(self, signum: int, frame: FrameType | None) -> None:
         log.info("sidecar stopping (signal %d)", signum)
         self.stop_event.set()
+        # End event streams and live views first: they hold request threads and connections open.
+        self.hub.close_subscribers()
         if self.server is not None:
+            from waitress import wasyncore
+
+            # Runs in the main thread, inside waitress's loop: with every channel closed the loop returns.
             self.server.close()
+            wasyncore.close_all(self.server._map)
+            self.server.task_dispatcher.shutdown(timeout=5)
 
     def stop(self) -> None:
         self.stop_event.set()

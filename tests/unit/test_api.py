@@ -130,3 +130,11 @@ def test_fuzzed_queries_never_give_a_5xx(client: FlaskClient, query: str) -> Non
     for url in ("/api/v1/incidents", "/api/v1/posts/" + segment, "/api/v1/incidents/" + segment):
         response = client.get(url, query_string={"limit": query, "format": query})
         assert response.status_code < 500, (url, response.data)
+
+
+def test_press_needs_the_token_and_a_running_agent(client: FlaskClient) -> None:
+    assert client.post("/api/v1/posts/idlewells/press").status_code == 401
+    assert client.post("/api/v1/posts/nope/press", headers=AUTH).status_code == 404
+    # No agent listens on the post's control port in this test: a clear 503, never a 5xx crash page.
+    reply = client.post("/api/v1/posts/idlewells/press", headers=AUTH)
+    assert reply.status_code == 503 and "no post agent answers" in reply.get_json()["detail"]

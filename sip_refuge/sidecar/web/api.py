@@ -78,3 +78,24 @@ def telemetry(post_id: str) -> tuple[Response, int]:
         abort(422, description="state must be text")
     hub().on_telemetry(post_id, body)
     return jsonify(accepted=True), 202
+
+
+@bp.post("/posts/<post_id>/press")
+@require_token
+def press(post_id: str) -> tuple[Response, int]:
+    """Press a mock-GPIO post's button through its agent's control socket (demo and acceptance runs).
+
+    Only an agent on this host can be reached, and a real-GPIO agent refuses: on a real post the
+    button is the only way to raise an alarm.
+    """
+    from sip_refuge.post.control import ask, control_port
+
+    _post_or_404(post_id)
+    site = hub().site
+    try:
+        reply = ask(control_port(site, site.post(post_id)), {"cmd": "press"}, timeout=3)
+    except RefugeError as exc:
+        abort(503, description=str(exc))
+    if not reply.get("ok"):
+        abort(409, description=str(reply.get("error") or "the post agent refused"))
+    return jsonify(pressed=post_id), 202

@@ -4,17 +4,30 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, abort, render_template, request
 
+from sip_refuge.config.model import Site
 from sip_refuge.errors import RefugeError
 from sip_refuge.sidecar.web.context import cameras, hub, stopping
 
 bp = Blueprint("pages", __name__)
+
+INCIDENTS_SHOWN = 50  # the dashboard's history; older incidents are in the CSV/JSON export
+
+# Incident timeline steps (store kinds) as the dashboard shows them; its script gets the same words.
+STEP_LABELS = {"pressed": "Button pressed", "queued": "Queued", "desk_rung": "Rang", "answered": "Answered by",
+               "ended": "Ended", "unanswered": "Unanswered"}
+
+
+def _names(site: Site) -> dict[str, dict[str, str]]:
+    """Display names by id: the JSON API and the events name desks and posts by id only."""
+    return {"desks": {d.id: d.name for d in site.desks}, "posts": {p.id: p.name for p in site.posts}}
 
 
 @bp.get("/")
 def dashboard() -> str:
     h = hub()
     return render_template("dashboard.html", site=h.site, posts=h.posts(), calls=h.live_calls(),
-                           incidents=h.store.incidents(50))
+                           incidents=h.store.incidents(INCIDENTS_SHOWN), names=_names(h.site),
+                           step_labels=STEP_LABELS)
 
 
 @bp.get("/operator")
@@ -25,7 +38,7 @@ def operator() -> str:
         desk = h.site.desk(desk_id)
     except RefugeError:
         abort(404, description=f"no desk {desk_id!r}")
-    return render_template("operator.html", site=h.site, desk=desk, calls=h.live_calls())
+    return render_template("operator.html", site=h.site, desk=desk, calls=h.live_calls(), names=_names(h.site))
 
 
 @bp.get("/cameras/<post_id>/thumbnail.jpg")

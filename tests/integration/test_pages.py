@@ -1,0 +1,336 @@
+"""The dashboard and the operator pop-up in a real headless Chromium, against the real sidecar app.
+
+The app is served by waitress (as in production) around a hub built in-process, with a real camera monitor
+reading a real RTSP test camera. AMI is the only part played by the test: it feeds the hub the events
+Asterisk's queue sends (QueueCallerJoin, AgentCalled, AgentConnect, AgentComplete, ContactStatus).
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from playwright.sync_api import Page, expect
+from waitress import create_server, wasyncore
+
+from sip_refuge.config import Site, load_site
+from sip_refuge.config.secrets import init_secrets
+from sip_refuge.sidecar.cameras import CameraMonitor
+from sip_refuge.sidecar.core import Hub
+from sip_refuge.sidecar.outbox import Outbox
+from sip_refuge.sidecar.store import Store
+from sip_refuge.sidecar.web import create_app
+from tests.support.browser import Browser
+from tests.support.rtsp_camera import TestCamera
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "config" / "site.example.yaml"
+SCREENSHOTS = REPO / "docs" / "img"
+TOKEN = "t0ken-for-the-page-tests-0123456789"
+CAMERA_USER = "viewer"
+WAIT_MS = 15_000  # generous bound for page updates: these tests prove behaviour, not speed
+_uniqueids = itertools.count(1)
+
+
+@dataclass
+class Sidecar:
+    """The sidecar as the pages see it: an HTTP base URL, and the hub the test feeds AMI events to."""
+
+    url: str
+    hub: Hub
+    monitor: CameraMonitor
+    camera: TestCamera
+    camera_password: str
+
+
+def write_site(folder: Path, camera: TestCamera, password: str) -> Site:
+    """The example site with every post camera on the test camera, behind a login like a real one."""
+    data = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    secret = folder / "secrets" / "camera.secret"
+    secret.parent.mkdir(mode=0o700, parents=True)
+    secret.write_text(password + "\n", encoding="utf-8")
+    secret.chmod(0o600)
+    for post in data["posts"]:
+        post["camera"] = {"rtsp_url": camera.url(post["id"], user=CAMERA_USER),
+                          "password_file": "secrets/camera.secret"}
+    path = folder / "site.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    init_secrets(load_site(path, check_secrets=False))
+    return load_site(path)
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
+    folder = tmp_path_factory.mktemp("pages")
+    password = "cam-" + secrets.token_hex(8)
+    with TestCamera(["sutton-market", "idlewells", "kirkby-bus-station"], user=CAMERA_USER,
+                    password=password) as camera:
+        site = write_site(folder, camera, password)
+        store = Store(folder / "sidecar.sqlite3")
+        monitor: CameraMonitor | None = None
+
+        def snapshot(post_id: str) -> bytes:
+            assert monitor is not None
+            return monitor.snapshot(post_id)
+
+        hub = Hub(site, store, Outbox(store, []), base_url="http://127.0.0.1", snapshot=snapshot)
+        monitor = CameraMonitor.for_site(site, on_change=hub.on_camera_change, interval=300)
+        # One probe each now, in this thread: the dashboard then has camera states and thumbnails to show.
+        for post in site.posts:
+            monitor.probe(post.id)
+        stop = threading.Event()
+        app = create_app(hub, token=TOKEN, cameras=monitor, stop=stop)
+        server: Any = create_server(app, host="127.0.0.1", port=0, threads=16, ident="sip-refuge")
+        thread = threading.Thread(target=server.run, name="waitress", daemon=True)
+        thread.start()
+        try:
+            yield Sidecar(f"http://127.0.0.1:{server.effective_port}", hub, monitor, camera, password)
+        finally:
+            # Ends the event streams and live views first, so no request thread is left holding the server.
+            stop.set()
+            hub.close_subscribers()
+            server.task_dispatcher.shutdown()
+            # server.close() alone closes only the listening socket; the loop runs while any channel is open.
+            # Close them from inside the loop's own thread (its trigger), never under a running select().
+            server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+            thread.join(10)
+            store.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    with Browser(tmp_path_factory.mktemp("chromium-profile")) as chromium:
+        yield chromium
+
+
+@pytest.fixture(autouse=True)
+def no_call_left(sidecar: Sidecar) -> Iterator[None]:
+    """Each test starts without a live call, even when the one before failed half-way through a call."""
+    yield
+    for call in sidecar.hub.tracker.live_calls():
+        sidecar.hub.on_ami_event({"Event": "Hangup", "Uniqueid": call.uniqueid, "Cause-txt": "test cleanup"})
+
+
+# -- AMI as Asterisk's queue reports a refuge call --------------------------------------------------------
+
+def queue_call(hub: Hub, post_id: str) -> str:
+    uid = f"1700000000.{next(_uniqueids)}"
+    hub.on_ami_event({"Event": "QueueCallerJoin", "Queue": hub.site.queue.name,
+                      "Channel": f"PJSIP/{post_id}-{int(uid.split('.')[1]):08x}", "Uniqueid": uid, "Position": "1"})
+    for desk in hub.site.desks:
+        hub.on_ami_event({"Event": "AgentCalled", "Uniqueid": uid, "Interface": f"PJSIP/{desk.id}"})
+    return uid
+
+
+def answer(hub: Hub, uid: str, desk_id: str) -> None:
+    hub.on_ami_event({"Event": "AgentConnect", "Uniqueid": uid, "Interface": f"PJSIP/{desk_id}"})
+
+
+def hang_up(hub: Hub, uid: str) -> None:
+    hub.on_ami_event({"Event": "AgentComplete", "Uniqueid": uid, "Reason": "agent"})
+
+
+# A camera frame is on screen: the image has a picture and it is the test camera's colour bars, not the
+# sidecar's black "camera unavailable" placeholder of the same size.
+CAMERA_FRAME_SHOWN = """() => {
+  const img = document.getElementById("camera");
+  if (!img.src || img.naturalWidth === 0) return false;
+  const canvas = document.createElement("canvas");
+  canvas.width = 32; canvas.height = 18;
+  const g = canvas.getContext("2d");
+  g.drawImage(img, 0, 0, 32, 18);
+  const px = g.getImageData(0, 0, 32, 18).data;
+  let sum = 0;
+  for (let i = 0; i < px.length; i += 4) sum += px[i] + px[i + 1] + px[i + 2];
+  return sum / (px.length / 4) / 3 > 60;
+}"""
+
+
+def open_page(browser: Browser, url: str) -> Page:
+    """``url`` loaded and subscribed to the event stream, with a marker that only a reload would lose."""
+    page = browser.page()
+    page.goto(url)
+    expect(page.locator("#link-state")).to_have_attribute("data-state", "open", timeout=WAIT_MS)
+    page.evaluate("window.loadMarker = 'still the first load'")
+    return page
+
+
+def assert_not_reloaded(page: Page) -> None:
+    assert page.evaluate("window.loadMarker") == "still the first load"
+
+
+# -- tests ------------------------------------------------------------------------------------------------
+
+def test_event_stream_reaches_a_reader_while_the_stream_stays_open(sidecar: Sidecar) -> None:
+    """Waitress sends each server-sent event as it happens, not when its buffer fills or the stream ends."""
+    connection = http.client.HTTPConnection("127.0.0.1", int(sidecar.url.rsplit(":", 1)[1]), timeout=10)
+    try:
+        connection.request("GET", "/api/v1/events")
+        reply = connection.getresponse()
+        assert reply.status == 200 and reply.getheader("Content-Type", "").startswith("text/event-stream")
+        assert [reply.readline(), reply.readline()] == [b"retry: 2000\n", b"\n"]
+        sidecar.hub.on_camera_change("kirkby-bus-station", True, "ok")  # as the camera monitor reports it
+        # A few hundred bytes would sit in a buffering server until the 15 s keep-alive; the 10 s socket
+        # timeout turns that into a failure.
+        lines = [reply.readline() for _ in range(4)]
+        assert lines[0].startswith(b"id: evt_") and lines[1] == b"event: camera.ok\n"
+        assert lines[2].startswith(b"data: {") and lines[3] == b"\n"
+    finally:
+        connection.close()
+
+
+def test_dashboard_lists_every_post_and_follows_calls_live(sidecar: Sidecar, browser: Browser) -> None:
+    """The dashboard shows every post, then follows a call, a self-test and a camera fault without a reload."""
+    hub = sidecar.hub
+    for post in hub.site.posts:
+        hub.on_ami_event({"Event": "ContactStatus", "AOR": post.id, "ContactStatus": "Reachable"})
+    page = open_page(browser, sidecar.url + "/")
+    cards = page.locator("#posts > li")
+    expect(cards).to_have_count(len(hub.site.posts))
+    for post in hub.site.posts:
+        card = page.locator(f"#post-{post.id}")
+        expect(card.locator("h3")).to_have_text(post.name)
+        expect(card).to_contain_text("Online")
+        expect(card).to_contain_text("OK")  # the camera probe of the fixture
+        page.wait_for_function("id => document.querySelector(`#post-${id} .thumb img`).naturalWidth > 0",
+                               arg=post.id, timeout=WAIT_MS)
+    expect(page.locator("#calls")).to_contain_text("No calls in progress")
+
+    uid = queue_call(hub, "idlewells")
+    expect(page.locator("#calls li.queued")).to_contain_text("Idlewells Shopping Centre", timeout=WAIT_MS)
+    expect(page.locator("#post-idlewells")).to_have_class(re.compile(r"\bcalling\b"))
+    expect(page.locator("#incidents tr").first).to_contain_text("Waiting")
+
+    answer(hub, uid, "desk-1")
+    expect(page.locator("#calls li.answered")).to_contain_text("answered by Operator Desk 1", timeout=WAIT_MS)
+    expect(page.locator("#post-idlewells")).to_contain_text("Answered by Operator Desk 1")
+
+    hang_up(hub, uid)
+    expect(page.locator("#calls li.none")).to_have_text("No calls in progress", timeout=WAIT_MS)
+    row = page.locator("#incidents tr").first
+    expect(row).to_contain_text("Ended")
+    expect(row).to_contain_text("Operator Desk 1")
+    row.locator("summary").click()
+    expect(row.locator(".timeline li")).to_contain_text(
+        ["Queued", "Rang: Operator Desk 1", "Rang: Operator Desk 2", "Answered by: Operator Desk 1", "Ended"])
+
+    # Post telemetry and camera probes reach the page the same way.
+    hub.on_telemetry("sutton-market", {"kind": "selftest", "passed": True, "state": "idle", "registered": True,
+                                       "last_self_test": {"at": datetime.now(UTC).isoformat(), "passed": True,
+                                                          "detail": "echo heard"}})
+    expect(page.locator("#post-sutton-market")).to_contain_text("Passed", timeout=WAIT_MS)
+    sidecar.camera.set_mode("kirkby-bus-station", "black")
+    try:
+        sidecar.monitor.probe("kirkby-bus-station")
+        expect(page.locator("#post-kirkby-bus-station")).to_contain_text("Fault: black", timeout=WAIT_MS)
+        expect(page.locator("#post-kirkby-bus-station")).to_have_class(re.compile(r"\bfault\b"))
+
+        # A call waiting, for the picture in the docs: amber beside red and green.
+        second = queue_call(hub, "sutton-market")
+        expect(page.locator("#calls li.queued")).to_contain_text("Sutton Market Place", timeout=WAIT_MS)
+        row.locator("summary").click()  # closed again, so the picture shows the table as it first appears
+        # Thumbnails are fetched again on a camera event: the picture shows the black one once all have loaded.
+        page.wait_for_function("() => [...document.querySelectorAll('.thumb img')].every("
+                               "i => i.src.includes('?t=') && i.complete && i.naturalWidth > 0)", timeout=WAIT_MS)
+        page.evaluate("window.scrollTo(0, 0)")
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=SCREENSHOTS / "dashboard.png")
+        hang_up(hub, second)
+        expect(page.locator("#calls li.none")).to_be_visible(timeout=WAIT_MS)
+    finally:
+        sidecar.camera.set_mode("kirkby-bus-station", "normal")
+    sidecar.monitor.probe("kirkby-bus-station")
+    expect(page.locator("#post-kirkby-bus-station")).not_to_have_class(re.compile("fault"), timeout=WAIT_MS)
+    assert_not_reloaded(page)
+    assert sidecar.camera_password not in page.content()
+    assert browser.errors == []
+    page.close()
+
+
+def test_operator_page_pops_up_the_callers_camera_within_two_seconds(sidecar: Sidecar, browser: Browser) -> None:
+    """The operator page shows the calling post and a live camera frame within 2 s of call.queued, no reload."""
+    hub = sidecar.hub
+    here = open_page(browser, sidecar.url + "/operator?desk=desk-1")
+    other = open_page(browser, sidecar.url + "/operator?desk=desk-2")
+    for page in (here, other):
+        expect(page.locator("#banner")).to_have_text("Waiting for calls")
+        expect(page.locator("#banner")).to_have_attribute("data-state", "idle")
+
+    published = time.monotonic()
+    uid = queue_call(hub, "sutton-market")
+    here.wait_for_function(CAMERA_FRAME_SHOWN, polling=20, timeout=WAIT_MS)
+    shown_after = time.monotonic() - published
+
+    for page in (here, other):
+        banner = page.locator("#banner")
+        expect(banner).to_have_attribute("data-state", "queued")
+        expect(banner).to_have_text("Refuge call from Sutton Market Place: ringing, answer your phone")
+        expect(page.locator("#post-name")).to_have_text("Sutton Market Place")
+        expect(page.locator("#post-address")).to_have_text("Market Place, Sutton-in-Ashfield")
+        expect(page.locator("#post-coords")).to_contain_text("53.12460, -1.26170")
+        expect(page.locator("#call-state")).to_have_text("Ringing the desks")
+        expect(page.locator("#camera")).to_have_attribute("src", re.compile(r"^/cameras/sutton-market/live\.mjpeg"))
+    # The camera password reaches CCTV targets only, never a page.
+    assert sidecar.camera_password not in here.content()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    here.screenshot(path=SCREENSHOTS / "operator.png")
+    assert shown_after < 2.0, f"the camera took {shown_after:.2f} s to show"  # checked after the picture for docs
+
+    answer(hub, uid, "desk-1")
+    expect(here.locator("#banner")).to_have_attribute("data-state", "answered-here", timeout=WAIT_MS)
+    expect(here.locator("#call-state")).to_have_text("Answered by Operator Desk 1 (this desk)")
+    expect(other.locator("#banner")).to_have_attribute("data-state", "answered", timeout=WAIT_MS)
+    expect(other.locator("#banner")).to_have_text("Operator Desk 1 answered the call from Sutton Market Place")
+
+    hang_up(hub, uid)
+    for page in (here, other):
+        expect(page.locator("#banner")).to_have_attribute("data-state", "ended", timeout=WAIT_MS)
+        expect(page.locator("#post-name")).to_have_text("Sutton Market Place")  # the last call stays a moment
+    for page in (here, other):
+        expect(page.locator("#banner")).to_have_text("Waiting for calls", timeout=WAIT_MS)
+        expect(page.locator("#call-view")).to_be_hidden()
+        assert page.evaluate("document.getElementById('camera').hasAttribute('src')") is False
+        assert_not_reloaded(page)
+        page.close()
+    assert browser.errors == []
+
+
+def test_operator_page_opened_during_a_call_shows_it(sidecar: Sidecar, browser: Browser) -> None:
+    """An operator page (re)opened while a call is live catches up from the API and shows that call."""
+    hub = sidecar.hub
+    uid = queue_call(hub, "idlewells")
+    answer(hub, uid, "desk-2")
+    page = open_page(browser, sidecar.url + "/operator?desk=desk-2")
+    try:
+        expect(page.locator("#banner")).to_have_attribute("data-state", "answered-here", timeout=WAIT_MS)
+        expect(page.locator("#post-name")).to_have_text("Idlewells Shopping Centre")
+        expect(page.locator("#call-state")).to_have_text("Answered by Operator Desk 2 (this desk)")
+        expect(page.locator("#post-extension")).to_have_text("dial 9002")
+    finally:
+        hang_up(hub, uid)
+    expect(page.locator("#banner")).to_have_attribute("data-state", "ended", timeout=WAIT_MS)
+    page.close()
+    assert browser.errors == []
+
+
+def test_operator_page_for_an_unknown_desk_is_a_404(sidecar: Sidecar) -> None:
+    """An operator page for a desk the site does not have answers 404, not an empty page."""
+    connection = http.client.HTTPConnection("127.0.0.1", int(sidecar.url.rsplit(":", 1)[1]), timeout=10)
+    try:
+        connection.request("GET", "/operator?desk=nobody")
+        assert connection.getresponse().status == 404
+    finally:
+        connection.close()
