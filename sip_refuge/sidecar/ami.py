@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,21 +18,30 @@ from typing import Any
 from panoramisk import Manager
 
 from sip_refuge.config.model import Ami
+from sip_refuge.errors import SidecarError
 
 log = logging.getLogger(__name__)
 
 # Only the events the sidecar uses; Asterisk still sends the rest of the read classes, we drop them early.
 FOLLOWED = ("QueueCallerJoin", "QueueCallerLeave", "QueueCallerAbandon", "AgentCalled", "AgentConnect",
-            "AgentComplete", "AgentRingNoAnswer", "Hangup", "ContactStatus", "FullyBooted", "Shutdown")
+            "AgentComplete", "AgentRingNoAnswer", "DialEnd", "Hangup", "ContactStatus", "FullyBooted", "Shutdown")
 
 
 @dataclass
 class Snapshot:
     """Live state read after (re)login, so nothing from an outage stays wrong."""
 
-    contacts: dict[str, str] = field(default_factory=dict)  # endpoint -> Reachable/Unreachable/...
-    channels: set[str] = field(default_factory=set)  # Uniqueid of every live channel
+    # None: unknown, because the AMI user may not run the action (it needs write=system,reporting).
+    contacts: dict[str, str] | None = field(default_factory=dict)  # endpoint -> Reachable/Unreachable/...
+    contact_uris: dict[str, dict[str, str]] = field(default_factory=dict)  # endpoint -> contact URI -> status
+    channels: set[str] | None = field(default_factory=set)  # Uniqueid of every live channel
     queue_entries: list[dict[str, str]] = field(default_factory=list)  # QueueEntry events of our queue
+    # Asterisk restarted since the last login (from FullyBooted's Uptime): every channel we knew is gone.
+    restarted: bool = False
+
+
+class AmiRefused(SidecarError):
+    """Asterisk answered an action with ``Response: Error`` (typically: the AMI user lacks the permission)."""
 
 
 class AmiFollower:
@@ -47,6 +57,9 @@ class AmiFollower:
         self._manager: Manager | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
+        self._booted_at: float | None = None  # wall-clock time Asterisk started, as of the last FullyBooted
+        self._restarted = False
+        self._refused: set[str] = set()  # actions already reported as refused (warn once)
 
     # -- lifecycle (called from the runner's thread) ------------------------------------------------
     def start(self) -> None:
@@ -92,6 +105,8 @@ class AmiFollower:
 
     def _event(self, manager: Manager, message: Any) -> None:
         self.events_seen += 1
+        if message.get("Event") == "FullyBooted":
+            self._note_boot(message)
         try:
             self.on_event({str(k): str(v) for k, v in message.items()})
         except Exception:  # noqa: BLE001 - thread boundary: one bad event must not stop following calls
@@ -109,29 +124,63 @@ class AmiFollower:
         self.connected = False
         self.on_link(False)
 
-    async def _resync(self, manager: Manager) -> None:
-        snap = Snapshot()
+    def _note_boot(self, message: Any) -> None:
+        """Asterisk sends FullyBooted right after each login; its Uptime tells whether Asterisk restarted."""
         try:
-            for msg in await self._list(manager, {"Action": "PJSIPShowContacts"}):
-                if msg.get("Event") == "ContactList":
-                    snap.contacts[str(msg.get("Endpoint") or msg.get("Aor"))] = str(msg.get("Status"))
-            for msg in await self._list(manager, {"Action": "CoreShowChannels"}):
-                if msg.get("Event") == "CoreShowChannel":
-                    snap.channels.add(str(msg.get("Uniqueid")))
+            booted_at = time.time() - float(message.get("Uptime"))
+        except (TypeError, ValueError):
+            return
+        # Uptime has whole seconds: a boot time that moved by more than a few seconds is a new Asterisk.
+        if self._booted_at is not None and booted_at - self._booted_at > 5:
+            self._restarted = True
+        self._booted_at = booted_at
+
+    async def _resync(self, manager: Manager) -> None:
+        snap = Snapshot(restarted=self._restarted)
+        self._restarted = False
+        try:
+            contacts = await self._optional(manager, {"Action": "PJSIPShowContacts"}, "ContactList")
+            if contacts is None:
+                snap.contacts = None
+            for m in contacts or ():
+                endpoint, status = str(m.get("Endpoint") or m.get("Aor")), str(m.get("Status"))
+                snap.contact_uris.setdefault(endpoint, {})[str(m.get("Uri"))] = status
+                if snap.contacts is not None and snap.contacts.get(endpoint) != "Reachable":
+                    snap.contacts[endpoint] = status  # a post with any reachable contact is reachable
+            channels = await self._optional(manager, {"Action": "CoreShowChannels"}, "CoreShowChannel")
+            snap.channels = None if channels is None else {str(m.get("Uniqueid")) for m in channels}
             for msg in await self._list(manager, {"Action": "QueueStatus", "Queue": self.queue}):
                 if msg.get("Event") == "QueueEntry":
                     snap.queue_entries.append({str(k): str(v) for k, v in msg.items()})
         except Exception:  # noqa: BLE001 - thread boundary: a failed resync is retried on the next login
             log.exception("AMI resync failed")
             return
-        log.info("AMI resync: %d contacts, %d channels, %d waiting in queue %s",
-                 len(snap.contacts), len(snap.channels), len(snap.queue_entries), self.queue)
+        log.info("AMI resync: %s contacts, %s channels, %d waiting in queue %s%s",
+                 "?" if snap.contacts is None else len(snap.contacts),
+                 "?" if snap.channels is None else len(snap.channels), len(snap.queue_entries), self.queue,
+                 " (Asterisk restarted)" if snap.restarted else "")
         try:
             self.on_resync(snap)
         except Exception:  # noqa: BLE001 - thread boundary
             log.exception("AMI resync could not be applied")
 
+    async def _optional(self, manager: Manager, action: dict[str, str], event: str) -> list[Any] | None:
+        """The ``event`` messages of a list action, or None when this AMI user may not run it."""
+        try:
+            return [m for m in await self._list(manager, action) if m.get("Event") == event]
+        except AmiRefused as exc:
+            if action["Action"] not in self._refused:
+                self._refused.add(action["Action"])
+                log.warning("AMI user %s may not run %s (%s): give it write=system,reporting in manager.conf, "
+                            "or state missed while AMI was down stays unknown", self.ami.username,
+                            action["Action"], exc)
+            return None
+
     @staticmethod
     async def _list(manager: Manager, action: dict[str, str]) -> list[Any]:
-        result = await asyncio.wait_for(manager.send_action(action, as_list=True), timeout=10)
-        return list(result) if isinstance(result, list) else [result]
+        # No as_list=True: panoramisk then waits for a list that an error response never starts (a timeout).
+        result = await asyncio.wait_for(manager.send_action(action), timeout=10)
+        messages = list(result) if isinstance(result, list) else [result]
+        if messages and str(messages[0].get("Response", "")).lower() == "error":
+            raise AmiRefused(str(messages[0].get("Message") or "error"))
+        return messages

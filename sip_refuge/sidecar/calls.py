@@ -17,6 +17,7 @@ from sip_refuge.config.model import Desk, Post, Site
 
 log = logging.getLogger(__name__)
 
+REACHABLE = ("Reachable", "Created", "Updated", "NonQualified")  # ContactStatus values of a usable contact
 _ENDPOINT = re.compile(r"^PJSIP/(?P<name>[a-z0-9][a-z0-9-]*?)(?:-[0-9a-f]{8})?$")
 
 
@@ -46,12 +47,16 @@ class Call:
     rung: list[str] = field(default_factory=list)
     answered_by: Desk | None = None
     answered_at: float | None = None
+    answering: bool = False  # a desk picked up (DialEnd ANSWER): QueueCallerLeave then AgentConnect follow
     outcome: str | None = None  # answered calls: ended; others: overflowed | abandoned
 
 
 @dataclass
 class Reach:
     reachable: bool | None = None  # None until Asterisk told us
+    # Contact URI -> reachable. A re-registering post (new port) first gets its new contact, and only then is
+    # its old, dead contact removed: the post is reachable while any of its contacts is.
+    contacts: dict[str, bool] = field(default_factory=dict)
     unreachable_since: float | None = None
     reported_offline: bool = False
 
@@ -91,7 +96,8 @@ class CallTracker:
         call = Call(str(uuid.uuid4()), post, uid, now)
         self.calls[uid] = call
         log.info("post %s: call queued (incident %s)", post.id, call.incident)
-        return [Occurrence("call.queued", post, call.incident, detail={"position": e.get("Position")})]
+        # The caller channel's Uniqueid is kept with the incident: a restarted sidecar finds the call by it.
+        return [Occurrence("call.queued", post, call.incident, detail={"position": e.get("Position"), "uniqueid": uid})]
 
     def _on_AgentCalled(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
         call = self.calls.get(e.get("Uniqueid", ""))
@@ -100,10 +106,18 @@ class CallTracker:
             call.rung.append(desk)
         return []
 
+    def _on_DialEnd(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
+        # Asterisk reports an answer as DialEnd ANSWER, QueueCallerLeave, AgentConnect, in that order: the
+        # leave in between is the caller going to the desk, not a timeout.
+        call = self.calls.get(e.get("Uniqueid", ""))
+        if call is not None and e.get("DialStatus") == "ANSWER":
+            call.answering = True
+        return []
+
     def _on_AgentConnect(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
         call = self.calls.get(e.get("Uniqueid", ""))
         desk = self.desks.get(endpoint_of(e.get("Interface", "") or e.get("DestChannel", "")) or "")
-        if call is None or call.answered_by is not None:
+        if call is None or call.answered_by is not None or call.outcome is not None:
             return []
         call.answered_by, call.answered_at = desk, now
         log.info("post %s: answered by %s", call.post.id, desk.id if desk else e.get("Interface"))
@@ -119,7 +133,7 @@ class CallTracker:
     def _on_QueueCallerLeave(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
         # Leaving unanswered means max_wait passed or no desk can take it: the dialplan overflows it.
         call = self.calls.get(e.get("Uniqueid", ""))
-        if call is None or call.answered_by is not None or call.outcome is not None:
+        if call is None or call.answering or call.answered_by is not None or call.outcome is not None:
             return []
         return self._end(call.uniqueid, now, "overflowed", {})
 
@@ -149,12 +163,17 @@ class CallTracker:
         post_id = e.get("EndpointName") or e.get("AOR") or ""
         if post_id not in self.posts:
             return []
-        status = e.get("ContactStatus", "")
-        if status in ("Reachable", "Created", "Updated", "NonQualified"):
-            return self.set_reachable(post_id, True, now)
-        if status in ("Unreachable", "Removed"):
-            return self.set_reachable(post_id, False, now)
-        return []
+        status, uri = e.get("ContactStatus", ""), e.get("URI", "")
+        contacts = self.reach[post_id].contacts
+        if status in REACHABLE:
+            contacts[uri] = True
+        elif status == "Unreachable":
+            contacts[uri] = False
+        elif status == "Removed":
+            contacts.pop(uri, None)
+        else:
+            return []
+        return self.set_reachable(post_id, any(contacts.values()), now)
 
     def set_reachable(self, post_id: str, reachable: bool, now: float) -> list[Occurrence]:
         """Record reachability (from ContactStatus, or a resync after reconnecting to AMI)."""
@@ -186,22 +205,37 @@ class CallTracker:
         return min(pending) if pending else None
 
     # -- after (re)connecting to AMI ---------------------------------------------------------------
-    def resync(self, now: float, contacts: Mapping[str, str], channels: set[str],
-               queue_entries: Sequence[Mapping[str, str]]) -> list[Occurrence]:
+    def adopt(self, incident: str, post_id: str, uniqueid: str, now: float, answered_by: str | None) -> None:
+        """Follow again a call a previous sidecar process opened (from the store); ``resync`` then judges it."""
+        if post_id not in self.posts or any(c.incident == incident for c in self.calls.values()):
+            return
+        call = Call(incident, self.posts[post_id], uniqueid or f"unknown:{incident}", now,
+                    answered_by=self.desks.get(answered_by or ""))
+        call.answered_at = now if call.answered_by else None
+        self.calls[call.uniqueid] = call
+
+    def resync(self, now: float, contacts: Mapping[str, str] | None, channels: set[str] | None,
+               queue_entries: Sequence[Mapping[str, str]], *, restarted: bool = False,
+               contact_uris: Mapping[str, Mapping[str, str]] | None = None) -> list[Occurrence]:
         """Correct everything an AMI outage may have left wrong.
 
         Calls whose caller channel is gone are closed; callers waiting in the queue that we never saw
-        join become incidents; every post's reachability is taken from the contact list.
+        join become incidents; every post's reachability is taken from the contact list. ``contacts`` or
+        ``channels`` is None when Asterisk would not list them (AMI permissions); then only a ``restarted``
+        Asterisk, which has no channel from before, closes calls. ``contact_uris`` (endpoint -> URI -> status)
+        lets later ContactStatus events of single contacts be weighed against the others.
         """
         out: list[Occurrence] = []
         for call in list(self.calls.values()):
-            if call.uniqueid not in channels:
+            if (call.uniqueid not in channels) if channels is not None else restarted:
                 out += self._end(call.uniqueid, now, "ended" if call.answered_by else "abandoned",
                                  {"resync": True})
                 del self.calls[call.uniqueid]
         for entry in queue_entries:
             out += self._on_QueueCallerJoin({**entry, "Event": "QueueCallerJoin", "Queue": self.site.queue.name}, now)
-        for post_id in self.posts:
-            status = contacts.get(post_id, "Removed")
-            out += self.set_reachable(post_id, status in ("Reachable", "NonQualified", "Created", "Updated"), now)
+        if contacts is not None:
+            for post_id in self.posts:
+                uris = (contact_uris or {}).get(post_id, {"": contacts.get(post_id, "Removed")})
+                self.reach[post_id].contacts = {uri: status in REACHABLE for uri, status in uris.items()}
+                out += self.set_reachable(post_id, any(self.reach[post_id].contacts.values()), now)
         return out

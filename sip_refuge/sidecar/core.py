@@ -51,7 +51,9 @@ class Hub:
 
     def on_resync(self, snap: Snapshot) -> None:
         with self.lock:
-            self._apply_all(self.tracker.resync(self.clock(), snap.contacts, snap.channels, snap.queue_entries))
+            self._adopt_open_incidents()
+            self._apply_all(self.tracker.resync(self.clock(), snap.contacts, snap.channels, snap.queue_entries,
+                                                restarted=snap.restarted, contact_uris=snap.contact_uris))
 
     def on_ami_link(self, up: bool) -> None:
         with self.lock:
@@ -78,7 +80,7 @@ class Hub:
             self.store.add_telemetry(post_id, now, body)
             previous = self.store.post_statuses().get(post_id)
             detail = dict(previous.detail or {}) if previous else {}
-            for key in ("registered", "last_self_test", "faults", "call"):
+            for key in ("registered", "last_self_test", "faults", "call", "mock_gpio"):
                 if key in body:
                     detail[key] = body[key]
             self.store.save_post_status(PostStatus(post_id, iso_utc(now), previous.online if previous else None,
@@ -223,6 +225,17 @@ class Hub:
                 done.set()
 
         threading.Thread(target=take, name=f"snapshot-{incident[:8]}", daemon=True).start()
+
+    def _adopt_open_incidents(self, recent: int = 200) -> None:
+        """Incidents still open in the store that this process does not follow (it was restarted, maybe
+        SIGKILLed, while they were live) go back to the tracker, so the resync closes the ones whose call is gone.
+        """
+        for inc in self.store.incidents(recent):
+            if inc.state == "ended":
+                continue
+            queued = next((t for t in inc.timeline if t.kind == "queued"), None)
+            uniqueid = str(queued.detail.get("uniqueid") or "") if queued else ""
+            self.tracker.adopt(inc.id, inc.post_id, uniqueid, self.clock(), inc.answered_by)
 
     def _note_press(self, post_id: str, now: datetime) -> None:
         for call in self.tracker.live_calls():

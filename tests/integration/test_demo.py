@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import pytest
 from playwright.sync_api import expect
 
 from sip_refuge.config import Site, load_site
-from sip_refuge.demo.run import READY_LINE, ports_of
+from sip_refuge.demo.run import READY_LINE, busy, ports_of
 from tests.support.browser import Browser
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,17 +91,6 @@ def wait_for(what: str, probe: Any, timeout: float) -> Any:
             return found
         time.sleep(0.25)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def port_in_use(kind: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM) as s:
-        if kind == "tcp":
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -178,6 +166,6 @@ def test_demo_runs_a_call_end_to_end_and_stops_cleanly(demo: RunningDemo, demo_s
 
     assert demo.stop() == 0, demo.output()
     assert "nothing left running" in demo.output()
-    left = [f"{what} {kind}/{port}" for kind, port, what in ports_of(site) if port_in_use(kind, port)]
+    left = [f"{what} {kind}/{port}" for kind, port, what in ports_of(site) if busy(kind, port)]
     assert left == [], left
     assert processes_mentioning(str(tmp_path)) == []
