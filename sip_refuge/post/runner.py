@@ -117,9 +117,14 @@ class PostRunner:
         except Exception:  # noqa: BLE001 - thread boundary: a machine bug must not silence the post
             log.exception("post %s: state machine failed on %s", self.post.id, event)
             return
+        # Reports last: the state `sip-refuge status` shows must not wait for telemetry bookkeeping.
         for command in commands:
-            self.execute(command)
+            if not isinstance(command, Report):
+                self.execute(command)
         self._publish_status()
+        for command in commands:
+            if isinstance(command, Report):
+                self.execute(command)
 
     def execute(self, command: Command) -> None:
         try:

@@ -1,8 +1,8 @@
 """Telemetry from the post to the sidecar, through a small local outbox.
 
-A down or slow sidecar must never delay a call: ``put`` only appends to memory and to a spool file,
-and one sender thread (owned by the runner) posts in order, retrying with backoff. The spool keeps
-reports across a restart of the agent; it is bounded so a long sidecar outage cannot fill the disk.
+A down or slow sidecar must never delay a call: ``put`` only appends to memory, and one sender thread
+(owned by the runner) keeps the spool file up to date and posts in order, retrying with backoff. The
+spool keeps reports across a restart of the agent; it is bounded so a long outage cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class TelemetryOutbox:
         self._pending: deque[dict[str, Any]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._dirty = False  # the spool file is behind the pending reports
         self._thread: threading.Thread | None = None
         self.sent = 0
         self.dropped = 0
@@ -36,12 +37,13 @@ class TelemetryOutbox:
 
     # -- producer side (the runner's thread) ---------------------------------------------------------
     def put(self, report: dict[str, Any]) -> None:
+        """Queue ``report``; no I/O here (it runs on the post's one loop, between call events)."""
         with self._cond:
             self._pending.append(report)
             while len(self._pending) > MAX_KEPT:
                 self._pending.popleft()
                 self.dropped += 1
-            self._write_spool()
+            self._dirty = True
             self._cond.notify()
 
     def pending(self) -> int:
@@ -62,10 +64,12 @@ class TelemetryOutbox:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(self.timeout + 2)
+        self._save()  # whatever is still unsent survives a restart of the agent
 
     def _run(self) -> None:
         backoff = 1.0
         while True:
+            self._save()
             with self._cond:
                 while not self._pending and not self._stopping:
                     self._cond.wait()
@@ -90,7 +94,7 @@ class TelemetryOutbox:
                 if self._pending and self._pending[0] is report:
                     self._pending.popleft()
                 self.sent += 1
-                self._write_spool()
+                self._dirty = True
 
     def _send(self, report: dict[str, Any]) -> None:
         assert self.url is not None
@@ -117,13 +121,18 @@ class TelemetryOutbox:
             except ValueError:
                 log.warning("post %s: skipping a damaged telemetry spool line", self.post_id)
 
-    def _write_spool(self) -> None:
-        if self.spool is None:
-            return
+    def _save(self) -> None:
+        """Rewrite the spool from the pending reports when they changed (sender thread, or at stop)."""
+        with self._cond:
+            if not self._dirty or self.spool is None:
+                return
+            pending = list(self._pending)  # a cheap copy: put() waits for this lock, not for the JSON below
+            self._dirty = False
+        lines = "".join(json.dumps(r) + "\n" for r in pending)
         tmp = self.spool.with_suffix(".tmp")
         try:
             self.spool.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self._pending), encoding="utf-8")
+            tmp.write_text(lines, encoding="utf-8")
             tmp.replace(self.spool)
         except OSError as exc:
             log.warning("post %s: cannot write telemetry spool %s: %s", self.post_id, self.spool, exc)
