@@ -141,7 +141,7 @@ class AmiFollower:
         try:
             contacts = await self._optional(manager, {"Action": "PJSIPShowContacts"}, "ContactList")
             if contacts is None:
-                snap.contacts = None
+                snap.contacts = await self._device_states(manager)
             for m in contacts or ():
                 endpoint, status = str(m.get("Endpoint") or m.get("Aor")), str(m.get("Status"))
                 snap.contact_uris.setdefault(endpoint, {})[str(m.get("Uri"))] = status
@@ -164,6 +164,22 @@ class AmiFollower:
         except Exception:  # noqa: BLE001 - thread boundary
             log.exception("AMI resync could not be applied")
 
+    async def _device_states(self, manager: Manager) -> dict[str, str] | None:
+        """Reachability from device states, for a user that may only run reporting actions.
+
+        PJSIPShowContacts needs write=system (which also allows reloads); DeviceStateList needs only
+        write=reporting. A PJSIP device is UNAVAILABLE exactly when none of its contacts is reachable.
+        """
+        states = await self._optional(manager, {"Action": "DeviceStateList"}, "DeviceStateChange")
+        if states is None:
+            return None
+        out: dict[str, str] = {}
+        for m in states:
+            device, state = str(m.get("Device", "")), str(m.get("State", "")).upper()
+            if device.startswith("PJSIP/") and state not in ("UNKNOWN", "INVALID"):
+                out[device.removeprefix("PJSIP/")] = "Unreachable" if state == "UNAVAILABLE" else "Reachable"
+        return out
+
     async def _optional(self, manager: Manager, action: dict[str, str], event: str) -> list[Any] | None:
         """The ``event`` messages of a list action, or None when this AMI user may not run it."""
         try:
@@ -171,9 +187,8 @@ class AmiFollower:
         except AmiRefused as exc:
             if action["Action"] not in self._refused:
                 self._refused.add(action["Action"])
-                log.warning("AMI user %s may not run %s (%s): give it write=system,reporting in manager.conf, "
-                            "or state missed while AMI was down stays unknown", self.ami.username,
-                            action["Action"], exc)
+                log.info("AMI user %s may not run %s (%s); using what write=reporting allows",
+                         self.ami.username, action["Action"], exc)
             return None
 
     @staticmethod

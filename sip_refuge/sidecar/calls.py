@@ -165,6 +165,7 @@ class CallTracker:
             return []
         status, uri = e.get("ContactStatus", ""), e.get("URI", "")
         contacts = self.reach[post_id].contacts
+        contacts.pop("", None)  # a resync's summary (no address known) gives way to news of a real contact
         if status in REACHABLE:
             contacts[uri] = True
         elif status == "Unreachable":

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 REQUEST_THREADS = 32  # each open dashboard/operator page holds one for its event stream
 
 
+class _Stopping(Exception):
+    """Raised by the signal handler to leave the HTTP server's loop."""
+
+
 class SidecarRunner:
     def __init__(self, site: Site, *, cameras: bool = True) -> None:
         if site.sidecar is None:
@@ -95,18 +99,28 @@ class SidecarRunner:
                  self.site.name, self.conf.host, self.conf.port)
         try:
             self.server.run()
+        except _Stopping:
+            pass
         finally:
+            self._close_server()
             self.stop()
 
     def _signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.stop_event.is_set():
+            return  # already stopping: a second Ctrl-C must not interrupt the clean stop
         log.info("sidecar stopping (signal %d)", signum)
         self.stop_event.set()
+        # Leave waitress's loop by an exception: closing its sockets from inside a signal handler would
+        # pull them from under the select() the handler interrupted.
+        raise _Stopping
+
+    def _close_server(self) -> None:
+        from waitress import wasyncore
+
         # End event streams and live views first: they hold request threads and connections open.
+        self.stop_event.set()
         self.hub.close_subscribers()
         if self.server is not None:
-            from waitress import wasyncore
-
-            # Runs in the main thread, inside waitress's loop: with every channel closed the loop returns.
             self.server.close()
             wasyncore.close_all(self.server._map)
             self.server.task_dispatcher.shutdown(timeout=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,48 @@ def test_refused_calls_are_in_the_security_log(pbx: Asterisk, site: Site, phones
     call = phones.posts[site.posts[0].id].call("00441234567890")
     assert call.wait_final(10).code >= 400
     wait_until(lambda: "00441234567890" in mark.text(), 5, "refused number in security.log")
+
+
+def ami_replies(site: Site, actions: list[str]) -> dict[str, str]:
+    """Log in as the sidecar's AMI user and send each action; the Response line of each, by action."""
+    with socket.create_connection(("127.0.0.1", site.pbx.ami.port), timeout=10) as conn:
+        stream = conn.makefile("rwb")
+        stream.readline()  # the banner
+
+        def send(fields: dict[str, str]) -> None:
+            stream.write(("".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n").encode())
+            stream.flush()
+
+        def reply(action_id: str) -> str:
+            block: dict[str, str] = {}
+            while True:
+                line = stream.readline().decode().strip()
+                if line:
+                    key, _, value = line.partition(": ")
+                    block[key] = value
+                elif block:
+                    if "Response" in block and block.get("ActionID") == action_id:
+                        return block["Response"]
+                    block = {}
+
+        send({"Action": "Login", "Username": site.pbx.ami.username, "Secret": site.pbx.ami.secret.read(),
+              "Events": "off", "ActionID": "login"})
+        assert reply("login") == "Success"
+        out = {}
+        for action in actions:
+            send({"Action": action, "ActionID": action, "Channel": "PJSIP/desk-1", "Exten": "999",
+                  "Context": "refuge-desk", "Priority": "1", "Command": "core show version"})
+            out[action] = reply(action)
+        return out
+
+
+@pytest.mark.integration
+def test_sidecar_ami_user_reads_status_but_changes_nothing(pbx: Asterisk, site: Site) -> None:
+    """The sidecar's AMI user may list channels, device states and the queue, and may not originate,
+    run CLI commands, reload, or change queue members."""
+    replies = ami_replies(site, ["CoreShowChannels", "DeviceStateList", "QueueStatus", "Originate", "Command",
+                                 "Reload", "QueuePause", "Redirect", "Hangup"])
+    assert {a: replies[a] for a in ("CoreShowChannels", "DeviceStateList", "QueueStatus")} == \
+        dict.fromkeys(("CoreShowChannels", "DeviceStateList", "QueueStatus"), "Success")
+    refused = ("Originate", "Command", "Reload", "QueuePause", "Redirect", "Hangup")
+    assert {a: replies[a] for a in refused} == dict.fromkeys(refused, "Error")

@@ -104,3 +104,33 @@ def test_resync_closes_vanished_calls_adopts_waiting_ones_and_sets_reachability(
     assert [c.post.id for c in t.live_calls()] == ["idlewells"]
     offline = {o.post.id for o in t.tick(50.0) if o.type == "post.offline"}
     assert offline == {"idlewells", "kirkby-bus-station"}
+
+
+def test_answered_call_is_not_mistaken_for_an_overflow(site: Site) -> None:
+    """Asterisk sends QueueCallerLeave before AgentConnect; the DialEnd ANSWER in between marks it answered."""
+    t = CallTracker(site)
+    t.handle(join(), 0.0)
+    t.handle({"Event": "DialEnd", "Uniqueid": "1700000000.1", "DialStatus": "ANSWER",
+              "DestChannel": "PJSIP/desk-1-00000002"}, 3.0)
+    assert t.handle({"Event": "QueueCallerLeave", "Uniqueid": "1700000000.1", "Queue": "refuge"}, 3.0) == []
+    [answered] = t.handle({"Event": "AgentConnect", "Uniqueid": "1700000000.1", "Interface": "PJSIP/desk-1"}, 3.0)
+    assert answered.type == "call.answered"
+
+
+def test_a_new_contact_before_the_old_ones_removal_keeps_the_post_online(site: Site) -> None:
+    t = CallTracker(site, offline_grace=0)
+    status = {"Event": "ContactStatus", "EndpointName": "idlewells"}
+    t.handle({**status, "ContactStatus": "Reachable", "URI": "sip:idlewells@127.0.0.1:5001"}, 0.0)
+    t.handle({**status, "ContactStatus": "Created", "URI": "sip:idlewells@127.0.0.1:5002"}, 1.0)
+    t.handle({**status, "ContactStatus": "Removed", "URI": "sip:idlewells@127.0.0.1:5001"}, 1.1)
+    assert t.is_online("idlewells") is True and t.tick(10.0) == []
+
+
+def test_resync_from_device_states_gives_way_to_contact_events(site: Site) -> None:
+    """A resync without contact addresses (device states) is replaced by the first real ContactStatus."""
+    t = CallTracker(site, offline_grace=0)
+    t.resync(0.0, {"idlewells": "Reachable"}, set(), [])
+    assert t.is_online("idlewells") is True
+    t.handle({"Event": "ContactStatus", "EndpointName": "idlewells", "ContactStatus": "Unreachable",
+              "URI": "sip:idlewells@127.0.0.1:5001"}, 5.0)
+    assert [o.type for o in t.tick(5.0) if o.post.id == "idlewells"] == ["post.offline"]

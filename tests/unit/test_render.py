@@ -266,7 +266,8 @@ def test_queue_rings_every_desk_and_leaves_when_none_can_answer(example: Site) -
 
 def test_ami_user_is_read_only_and_loopback(example: Site) -> None:
     user = contexts(render(example, command=COMMAND)["manager_refuge.conf"])["sidecar"]
-    assert "write=" in user and "deny=0.0.0.0/0.0.0.0" in user and "permit=127.0.0.1/255.255.255.255" in user
+    # reporting is the one write class that only queries state (the sidecar's resync needs it).
+    assert "write=reporting" in user and "deny=0.0.0.0/0.0.0.0" in user and "permit=127.0.0.1/255.255.255.255" in user
     assert any(line.startswith("read=system,call,agent") for line in user)
 
 
