@@ -18,7 +18,7 @@ from sip_refuge.errors import RefugeError
 from sip_refuge.logs import setup_logging
 from sip_refuge.post.audio import AlsaAudio, Audio, NullAudio
 from sip_refuge.post.control import ControlServer, ask, control_port
-from sip_refuge.post.events import Event
+from sip_refuge.post.events import Event, Tick
 from sip_refuge.post.panel import MockPanel, Panel
 from sip_refuge.post.runner import PostRunner
 from sip_refuge.post.sip import Account, load_backend
@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     def stop(signum: int, frame: FrameType | None) -> None:
         log.info("post %s: stopping (signal %d)", post.id, signum)
         runner.stop_event.set()
+        runner.emit(Tick())  # wake the loop now rather than at its next timeout
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
