@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 import re
 import secrets as random
@@ -102,3 +104,10 @@ def stand_in_secrets(site: Site, directory: Path) -> tuple[Site, list[str]]:
     sidecar = replace(site.sidecar, token=fix_required(site.sidecar.token)) if site.sidecar else None
     cctv = tuple(replace(t, secret=fix(t.secret)) for t in site.cctv)
     return replace(site, pbx=pbx, desks=desks, posts=posts, sidecar=sidecar, cctv=cctv), names
+
+
+def telemetry_token(post_id: str, post_secret: str) -> str:
+    """The bearer token a post uses for its own telemetry: derived from its SIP secret, so a post needs
+    no site-wide secret and a stolen post can only ever write as itself."""
+    digest = hmac.new(post_secret.encode(), f"sip-refuge telemetry {post_id}".encode(), hashlib.sha256)
+    return "post." + digest.hexdigest()

@@ -13,7 +13,7 @@ from types import FrameType
 
 from sip_refuge.config import Site, load_site
 from sip_refuge.config.model import Post
-from sip_refuge.config.secrets import Masker
+from sip_refuge.config.secrets import Masker, telemetry_token
 from sip_refuge.errors import RefugeError
 from sip_refuge.logs import setup_logging
 from sip_refuge.post.audio import AlsaAudio, Audio, NullAudio
@@ -33,12 +33,28 @@ def state_dir(args: argparse.Namespace) -> Path:
     return Path(args.state_dir) if getattr(args, "state_dir", None) else Path(base) / "sip-refuge"
 
 
-def telemetry_for(site: Site, post: Post, spool: Path) -> TelemetryOutbox:
+def telemetry_for(site: Site, post: Post, password: str, spool: Path) -> TelemetryOutbox:
     if site.sidecar is None:
         return TelemetryOutbox(post.id, None, None, spool)
     base = site.sidecar.public_url or f"http://{site.sidecar.host}:{site.sidecar.port}"
     return TelemetryOutbox(post.id, f"{base.rstrip('/')}/api/v1/posts/{post.id}/telemetry",
-                           site.sidecar.token.read(), spool)
+                           telemetry_token(post.id, password), spool)
+
+
+def load_post(path: str, post_id: str) -> tuple[Site, Post]:
+    """The site and one post, reading only that post's own secret.
+
+    A post carries just its own secret: the site's other secrets (AMI, desks, other posts, CCTV keys)
+    stay in the control room, so a post taken from the street gives nothing else away.
+    """
+    site = load_site(path, check_secrets=False)
+    post = site.post(post_id)
+    try:
+        post.secret.read()
+    except RefugeError as exc:
+        raise RefugeError(f"{path}: posts.{post.id}.secret: {exc} (copy the post's secret from the control "
+                          "room; do not run `secrets init` on a post)") from None
+    return site, post
 
 
 def build_runner(site: Site, post: Post, *, gpio: str, audio_device: str, spool: Path) -> PostRunner:
@@ -49,14 +65,14 @@ def build_runner(site: Site, post: Post, *, gpio: str, audio_device: str, spool:
 
     audio: Audio = NullAudio(post.id, site.prompts_dir) if audio_device == "null" else \
         AlsaAudio(post.id, audio_device, site.prompts_dir)
+    password = post.secret.read()
     return PostRunner(site, post, backend=load_backend(post.sip_backend),
-                      account=Account(post, site.pbx, post.secret.read()), panel=panel, audio=audio,
-                      telemetry=telemetry_for(site, post, spool))
+                      account=Account(post, site.pbx, password), panel=panel, audio=audio,
+                      telemetry=telemetry_for(site, post, password, spool))
 
 
 def run(args: argparse.Namespace) -> int:
-    site = load_site(args.site)
-    post = site.post(args.post)
+    site, post = load_post(args.site, args.post)
     setup_logging(getattr(args, "verbose", False), Masker.for_site(site), prefix=f"post={post.id}")
     spool = state_dir(args) / f"post-{post.id}-telemetry.jsonl"
     audio = args.audio or ("null" if args.gpio == "mock" else "default")
@@ -84,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def press(args: argparse.Namespace) -> int:
-    site = load_site(args.site)
+    site = load_site(args.site, check_secrets=False)
     reply = ask(control_port(site, site.post(args.post)), {"cmd": "press"})
     if not reply.get("ok"):
         raise RefugeError(str(reply.get("error")))
@@ -93,7 +109,7 @@ def press(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    site = load_site(args.site)
+    site = load_site(args.site, check_secrets=False)
     reply = ask(control_port(site, site.post(args.post)), {"cmd": "status"})
     reply.pop("ok", None)
     print(json.dumps(reply, indent=2, sort_keys=True))

@@ -240,6 +240,10 @@ class PostMachine:
         elif self.state is State.SELFTEST and self._call is not None:
             self._abort_self_test(now)
             self._start_alarm(now)
+        elif self._alarm is not None and self._alarm.retry_at is not None and self._call is None:
+            # Fault, waiting to re-send: someone is still there and pressing, so re-send now rather
+            # than make them wait out the backoff (one attempt at a time: a burst still makes one).
+            self._dial_alarm(now)
         elif self._alarm is not None or self._call is not None:
             # Spec section 4: a press during a call never hangs it up, and a pending alarm is already
             # being re-sent, so there is nothing for this press to do.

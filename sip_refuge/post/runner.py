@@ -45,6 +45,7 @@ from sip_refuge.post.telemetry import TelemetryOutbox
 log = logging.getLogger(__name__)
 
 MAX_WAIT = 1.0  # seconds; the loop wakes at least this often so a stop request is seen promptly
+BACKEND_RETRY_CAP = 30.0  # seconds between attempts to start a SIP stack that would not start
 
 
 class PostRunner:
@@ -58,6 +59,8 @@ class PostRunner:
         self.panel = panel(self.emit)
         self.stop_event = threading.Event()
         self.on_turn: Callable[[], None] = lambda: None  # e.g. the systemd watchdog ping
+        self._backend_failures = 0
+        self._backend_retry_at: float | None = None
         self._status_lock = threading.Lock()
         self._status: dict[str, Any] = {}
         self._publish_status()
@@ -93,14 +96,14 @@ class PostRunner:
     def run(self) -> None:
         self.telemetry.start()
         self.panel.sync()
-        try:
-            self.backend.start(self.account, self.emit)
-        except Exception as exc:  # noqa: BLE001 - thread boundary: keep the panel alive and say why
-            log.exception("post %s: SIP backend failed to start", self.post.id)
-            self.emit(RegistrationFailed(reason=f"backend failed to start: {exc}"))
+        self._start_backend()
         try:
             while not self.stop_event.is_set():
+                if self._backend_retry_at is not None and self.clock() >= self._backend_retry_at:
+                    self._start_backend()
                 deadline = self.machine.next_deadline()
+                if self._backend_retry_at is not None:
+                    deadline = min(deadline or self._backend_retry_at, self._backend_retry_at)
                 wait = MAX_WAIT if deadline is None else min(MAX_WAIT, max(0.0, deadline - self.clock()))
                 try:
                     event: Event = self.events.get(timeout=wait)
@@ -110,6 +113,27 @@ class PostRunner:
                 self.on_turn()
         finally:
             self._shutdown()
+
+    def _start_backend(self) -> None:
+        """Start the SIP stack; when it cannot start (port taken, network not up yet at boot) keep trying
+        with backoff, with the post showing the fault meanwhile: a post never gives up."""
+        try:
+            self.backend.start(self.account, self.emit)
+        except Exception as exc:  # noqa: BLE001 - thread boundary: keep the panel alive, say why, retry
+            self._backend_failures += 1
+            delay = min(BACKEND_RETRY_CAP, 2.0 ** min(self._backend_failures, 5))
+            self._backend_retry_at = self.clock() + delay
+            log.exception("post %s: SIP backend failed to start (attempt %d); retrying in %.0f s",
+                          self.post.id, self._backend_failures, delay)
+            self.emit(RegistrationFailed(reason=f"backend failed to start: {exc}"))
+            try:
+                self.backend.stop()  # free whatever half-started, so the next attempt starts clean
+            except Exception:  # noqa: BLE001 - best effort
+                log.debug("post %s: stopping the half-started backend failed", self.post.id, exc_info=True)
+            return
+        if self._backend_failures:
+            log.info("post %s: SIP backend started after %d failed attempts", self.post.id, self._backend_failures)
+        self._backend_failures, self._backend_retry_at = 0, None
 
     def step(self, event: Event) -> None:
         try:
@@ -164,7 +188,10 @@ class PostRunner:
                     state=str(self.machine.state), registered=self.machine.registered,
                     faults=self.machine.faults(), mock_gpio=self.mock)
         if report.kind == "selftest":
-            body["passed"] = body.get("result") == "pass"
+            # Only a finished test passes or fails: one aborted by a press or a call-back is neither.
+            passed = {"pass": True, "fail": False}.get(str(body.get("result")))
+            if passed is not None:
+                body["passed"] = passed
             body["last_self_test"] = self.machine.status(self._wall_offset()).get("last_self_test")
         return body
 
@@ -174,7 +201,8 @@ class PostRunner:
     def _publish_status(self) -> None:
         status: dict[str, Any] = dict(self.machine.status(self._wall_offset()))
         status.update(mock_gpio=self.mock, sip_backend=self.post.sip_backend, lights=self.panel.shown(),
-                      telemetry_pending=self.telemetry.pending())
+                      telemetry_pending=self.telemetry.pending(), telemetry_dropped=self.telemetry.dropped,
+                      telemetry_error=self.telemetry.last_error)
         with self._status_lock:
             self._status = status
 

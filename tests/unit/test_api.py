@@ -138,3 +138,16 @@ def test_press_needs_the_token_and_a_running_agent(client: FlaskClient) -> None:
     # No agent listens on the post's control port in this test: a clear 503, never a 5xx crash page.
     reply = client.post("/api/v1/posts/idlewells/press", headers=AUTH)
     assert reply.status_code == 503 and "no post agent answers" in reply.get_json()["detail"]
+
+
+def test_a_post_writes_telemetry_with_its_own_token_and_only_for_itself(client: FlaskClient, site: Site) -> None:
+    from sip_refuge.config.secrets import telemetry_token
+
+    own = telemetry_token("idlewells", site.post("idlewells").secret.read())
+    body = {"kind": "state", "state": "idle"}
+    assert client.post("/api/v1/posts/idlewells/telemetry", json=body,
+                       headers={"Authorization": f"Bearer {own}"}).status_code == 202
+    # The same token cannot write as another post, nor press a button.
+    assert client.post("/api/v1/posts/sutton-market/telemetry", json=body,
+                       headers={"Authorization": f"Bearer {own}"}).status_code == 401
+    assert client.post("/api/v1/posts/idlewells/press", headers={"Authorization": f"Bearer {own}"}).status_code == 401

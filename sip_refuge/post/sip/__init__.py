@@ -13,6 +13,7 @@ from importlib import import_module
 from typing import Protocol
 
 from sip_refuge.config.model import Pbx, Post
+from sip_refuge.errors import SipError
 from sip_refuge.post.events import Event
 
 Emit = Callable[[Event], None]
@@ -60,5 +61,10 @@ BACKENDS = {"pjsua2": "sip_refuge.post.sip.pjsua2", "pyvoip": "sip_refuge.post.s
 
 def load_backend(name: str) -> SipBackend:
     """The backend class named by the site (``pjsua2`` | ``pyvoip``), imported only now."""
-    backend: SipBackend = import_module(BACKENDS[name]).Backend()
+    try:
+        module = import_module(BACKENDS[name])
+    except ImportError as exc:
+        raise SipError(f"the {name} SIP backend cannot be loaded ({exc}); on a Raspberry Pi build pjproject's "
+                       "Python binding, or set `sip_backend: pyvoip` for this post") from None
+    backend: SipBackend = module.Backend()
     return backend

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, Response, abort, jsonify, request
 
 from sip_refuge.errors import RefugeError
-from sip_refuge.sidecar.web.context import hub, require_token
+from sip_refuge.sidecar.web.context import hub, require_post_token, require_token
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -65,7 +65,7 @@ def snapshot(incident_id: str) -> Response:
 
 
 @bp.post("/posts/<post_id>/telemetry")
-@require_token
+@require_post_token
 def telemetry(post_id: str) -> tuple[Response, int]:
     _post_or_404(post_id)
     body = request.get_json(silent=True)

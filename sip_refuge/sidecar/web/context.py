@@ -10,6 +10,8 @@ from typing import Any, TypeVar, cast
 
 from flask import abort, current_app, request
 
+from sip_refuge.config.secrets import telemetry_token
+from sip_refuge.errors import RefugeError
 from sip_refuge.sidecar.core import Hub
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -27,17 +29,50 @@ def stopping() -> threading.Event:
     return cast(threading.Event, current_app.extensions["refuge"]["stop"])
 
 
+def _bearer() -> bytes:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value.strip().encode() if scheme.lower() == "bearer" else b""
+
+
+def _site_token_ok(given: bytes) -> bool:
+    expected = str(current_app.extensions["refuge"]["token"]).encode()
+    return bool(given) and hmac.compare_digest(given, expected)
+
+
 def require_token(view: F) -> F:
     """API writes need ``Authorization: Bearer <sidecar token>`` (compared in constant time)."""
 
     @wraps(view)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        expected = str(current_app.extensions["refuge"]["token"])
-        given = request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not value or not hmac.compare_digest(value.strip().encode(),
-                                                                               expected.encode()):
+        if not _site_token_ok(_bearer()):
             abort(401, description="a valid bearer token is required")
         return view(*args, **kwargs)
 
     return cast(F, wrapped)
+
+
+def require_post_token(view: F) -> F:
+    """Writes about one post (``post_id``): the site token, or that post's own telemetry token.
+
+    A post holds only its own token (derived from its SIP secret), so a tampered post can never
+    write as another one.
+    """
+
+    @wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        given = _bearer()
+        if not _site_token_ok(given) and not _post_token_ok(str(kwargs.get("post_id", "")), given):
+            abort(401, description="a valid bearer token is required")
+        return view(*args, **kwargs)
+
+    return cast(F, wrapped)
+
+
+def _post_token_ok(post_id: str, given: bytes) -> bool:
+    if not given:
+        return False
+    try:
+        secret = hub().site.post(post_id).secret.read()
+    except RefugeError:
+        return False  # unknown post, or its secret is missing here: only the site token will do
+    return hmac.compare_digest(given, telemetry_token(post_id, secret).encode())
