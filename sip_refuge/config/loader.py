@@ -323,11 +323,13 @@ class _Builder:
             headers = r.child("headers")
             options["headers"] = {k: str(v) for k, v in headers.value.items()}
             headers.known.update(headers.value)
-            options["body_template"] = r.text("body_template")
+            body_template = options["body_template"] = r.text("body_template")
+            self.check_webhook(r, body_template, secret)
         elif kind == "milestone":
             options["host"] = r.text("host", required=True, pattern=HOST, hint="is not a host name or address")
             options["port"] = r.integer("port", 1234, low=1, high=65535)
-            options["template"] = r.text("template", "{type} {post_id}")
+            template = options["template"] = r.text("template", "{type} {post_id}")
+            self.check_milestone(r, template)
             options["echo"] = r.flag("echo", True)  # XProtect "Compatible" format echoes what it received
         elif kind == "nx":
             options["url"] = self.url(r, "url", ("http", "https"))
@@ -351,3 +353,38 @@ class _Builder:
         if kind is None or name is None:
             return None
         return CctvTarget(kind, name, options, secret)
+
+    # The targets' own checks, run here so ``config check`` finds what would otherwise stop the sidecar's
+    # start. Imported when needed: the webhook target pulls in Jinja, requests and standardwebhooks.
+    def check_milestone(self, r: Reader, template: str | None) -> None:
+        if template is None:
+            return
+        from sip_refuge.sidecar.targets.milestone import check_template
+
+        try:
+            check_template(template)
+        except RefugeError as exc:
+            r.fail("template", str(exc))
+
+    def check_webhook(self, r: Reader, body_template: str | None, secret: Secret | None) -> None:
+        if body_template:
+            from sip_refuge.sidecar.targets.webhook import compile_template
+
+            try:
+                compile_template(body_template)
+            except RefugeError as exc:
+                r.fail("body_template", str(exc))
+        if secret is None or not self.check_secrets:
+            return
+        try:
+            value = secret.read()
+        except RefugeError:
+            return  # already reported by check_secret_value
+        from standardwebhooks import Webhook
+
+        try:
+            Webhook(value)
+        except Exception as exc:  # noqa: BLE001 - the library raises several kinds for a malformed key
+            r.fail("secret_file" if secret.file is not None else "secret_env",
+                   f"the secret in {secret.describe()} is not a valid Standard Webhooks key (whsec_ and base64:"
+                   f" {type(exc).__name__})")

@@ -40,6 +40,9 @@ class Snapshot:
     restarted: bool = False
 
 
+RESYNC_RETRY = 5.0  # seconds between attempts at a resync that failed while the link stayed up
+
+
 class AmiRefused(SidecarError):
     """Asterisk answered an action with ``Response: Error`` (typically: the AMI user lacks the permission)."""
 
@@ -47,12 +50,19 @@ class AmiRefused(SidecarError):
 class AmiFollower:
     def __init__(self, ami: Ami, queue: str, *, on_event: Callable[[Mapping[str, str]], None],
                  on_resync: Callable[[Snapshot], None], on_link: Callable[[bool], None],
-                 reconnect: float = 1.0) -> None:
+                 on_error: Callable[[str | None], None] | None = None,
+                 reconnect: float = 1.0, resync_retry: float = RESYNC_RETRY) -> None:
         self.ami, self.queue = ami, queue
-        self.on_event, self.on_resync, self.on_link = on_event, on_resync, on_link
+        self.on_event, self.on_resync, self.on_link, self.on_error = on_event, on_resync, on_link, on_error
         self.reconnect = reconnect
+        self.resync_retry = resync_retry
         self.connected = False
         self.events_seen = 0
+        self.last_error: str | None = None  # why the last login or resync failed; None once one succeeds
+        self.resynced_at: float | None = None  # time.time() of the last resync applied
+        self._login_refusals: set[str] = set()  # reasons already logged since the last good login
+        self._resync_failures = 0  # failed resyncs in a row on this link
+        self._resync_retry: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._manager: Manager | None = None
         self._thread: threading.Thread | None = None
@@ -82,7 +92,7 @@ class AmiFollower:
         manager = Manager(loop=loop, host=self.ami.host, port=self.ami.port, username=self.ami.username,
                           secret=self.ami.secret.read(), ping_delay=5, ping_interval=5,
                           reconnect_timeout=max(1, int(self.reconnect)), log=log,
-                          on_login=self._logged_in, on_disconnect=self._lost)
+                          on_connect=self._connected, on_login=self._logged_in, on_disconnect=self._lost)
         for name in FOLLOWED:
             manager.register_event(name, self._event)
         self._manager = manager
@@ -112,17 +122,84 @@ class AmiFollower:
         except Exception:  # noqa: BLE001 - thread boundary: one bad event must not stop following calls
             log.exception("AMI event %s could not be handled", message.get("Event"))
 
+    def _connected(self, manager: Manager) -> None:
+        """TCP is up and panoramisk has sent Login: watch its answer, which panoramisk drops when it fails."""
+        future = getattr(manager, "authenticated_future", None)
+        if future is not None:
+            future.add_done_callback(self._login_answered)
+
+    def _login_answered(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            return
+        try:
+            response = future.result()
+        except Exception as exc:  # noqa: BLE001 - whatever ended the Login action is the reason
+            reason = str(exc) or type(exc).__name__
+        else:
+            if getattr(response, "success", False):
+                return
+            reason = str(response.get("Message") or "no reason given") if hasattr(response, "get") \
+                else str(response)
+        self._login_refused(reason)
+
+    def _login_refused(self, reason: str) -> None:
+        """Asterisk refused the login (it then drops the connection and panoramisk retries)."""
+        message = f"AMI login as {self.ami.username} refused: {reason}"
+        if reason not in self._login_refusals:
+            self._login_refusals.add(reason)
+            log.error("%s", message)
+        self._set_error(message)
+
+    def _set_error(self, message: str | None) -> None:
+        if message == self.last_error:
+            return
+        self.last_error = message
+        if self.on_error is not None:
+            try:
+                self.on_error(message)
+            except Exception:  # noqa: BLE001 - thread boundary
+                log.exception("AMI error could not be reported")
+
     def _logged_in(self, manager: Manager) -> None:
         log.info("AMI connected to %s:%s as %s", self.ami.host, self.ami.port, self.ami.username)
         self.connected = True
+        self._login_refusals.clear()
+        self._resync_failures = 0
         self.on_link(True)
+        self._cancel_resync_retry()
         asyncio.ensure_future(self._resync(manager))
 
     def _lost(self, manager: Manager, exc: Exception | None) -> None:
         if self.connected:
             log.warning("AMI connection lost (%s); reconnecting", exc or "closed")
         self.connected = False
+        self._cancel_resync_retry()  # the next login resyncs anyway
         self.on_link(False)
+
+    def _cancel_resync_retry(self) -> None:
+        if self._resync_retry is not None:
+            self._resync_retry.cancel()
+            self._resync_retry = None
+
+    def _resync_failed(self, manager: Manager, snap: Snapshot, what: str) -> None:
+        """Retry a failed resync after ``resync_retry`` s while the link stays up (a new login resyncs anyway)."""
+        self._restarted = self._restarted or snap.restarted  # the retry must still close every old call
+        self._resync_failures += 1
+        if self._resync_failures == 1:
+            log.exception("AMI resync %s; retrying every %g s", what, self.resync_retry)
+        else:
+            log.warning("AMI resync %s again (%d in a row)", what, self._resync_failures, exc_info=True)
+        self._set_error(f"AMI resync {what}")
+        if not self.connected:
+            return
+        loop = asyncio.get_running_loop()
+        self._cancel_resync_retry()
+        self._resync_retry = loop.call_later(self.resync_retry, self._retry_resync, manager)
+
+    def _retry_resync(self, manager: Manager) -> None:
+        self._resync_retry = None
+        if self.connected:
+            asyncio.ensure_future(self._resync(manager))
 
     def _note_boot(self, message: Any) -> None:
         """Asterisk sends FullyBooted right after each login; its Uptime tells whether Asterisk restarted."""
@@ -152,8 +229,8 @@ class AmiFollower:
             for msg in await self._list(manager, {"Action": "QueueStatus", "Queue": self.queue}):
                 if msg.get("Event") == "QueueEntry":
                     snap.queue_entries.append({str(k): str(v) for k, v in msg.items()})
-        except Exception:  # noqa: BLE001 - thread boundary: a failed resync is retried on the next login
-            log.exception("AMI resync failed")
+        except Exception:  # noqa: BLE001 - thread boundary: a failed resync is retried (_resync_failed)
+            self._resync_failed(manager, snap, "failed")
             return
         log.info("AMI resync: %s contacts, %s channels, %d waiting in queue %s%s",
                  "?" if snap.contacts is None else len(snap.contacts),
@@ -162,7 +239,11 @@ class AmiFollower:
         try:
             self.on_resync(snap)
         except Exception:  # noqa: BLE001 - thread boundary
-            log.exception("AMI resync could not be applied")
+            self._resync_failed(manager, snap, "could not be applied")
+            return
+        self._resync_failures = 0
+        self.resynced_at = time.time()
+        self._set_error(None)
 
     async def _device_states(self, manager: Manager) -> dict[str, str] | None:
         """Reachability from device states, for a user that may only run reporting actions.

@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +26,7 @@ from sip_refuge.sidecar.store import CameraStatus, PostStatus, Store
 log = logging.getLogger(__name__)
 
 SUBSCRIBER_BACKLOG = 200  # events kept for a slow page; beyond that it is dropped and reconnects
+SNAPSHOTS_KEPT = 200  # call snapshots kept in memory; an older incident's snapshot URL answers 404
 
 
 class Hub:
@@ -38,9 +40,17 @@ class Hub:
         self.lock = threading.RLock()
         self.ami_connected = False
         self.ami_last_change: str | None = None
+        self.ami_last_error: str | None = None  # why the last AMI login or resync failed; None once it works
+        self.ami_last_error_at: str | None = None
+        self.ami_resynced_at: str | None = None  # when live state was last read back from Asterisk
         self._subscribers: list[queue.Queue[Event | None]] = []
-        self._snapshots: dict[str, bytes] = {}
-        self._snapshot_done: dict[str, threading.Event] = {}
+        # The latest SNAPSHOTS_KEPT snapshots, oldest first; older incidents' snapshot URLs answer 404.
+        self._snapshots: OrderedDict[str, bytes] = OrderedDict()
+        self._snapshot_done: OrderedDict[str, threading.Event] = OrderedDict()
+        self._snapshot_lock = threading.Lock()
+        self._snapshot_jobs: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._snapshot_worker: threading.Thread | None = None
+        self._closed = False
         self.counters: dict[str, int] = {}
 
     # -- inputs ------------------------------------------------------------------------------------
@@ -54,11 +64,18 @@ class Hub:
             self._adopt_open_incidents()
             self._apply_all(self.tracker.resync(self.clock(), snap.contacts, snap.channels, snap.queue_entries,
                                                 restarted=snap.restarted, contact_uris=snap.contact_uris))
+            self.ami_resynced_at = _now_iso()
 
     def on_ami_link(self, up: bool) -> None:
         with self.lock:
             self.ami_connected = up
             self.ami_last_change = _now_iso()
+
+    def on_ami_error(self, error: str | None) -> None:
+        """The AMI follower's latest failure (a refused login, a failed resync); None once it works again."""
+        with self.lock:
+            self.ami_last_error = error
+            self.ami_last_error_at = None if error is None else _now_iso()
 
     def tick(self) -> float | None:
         """Fire timers (post offline after grace); return the next deadline on the hub's clock."""
@@ -83,6 +100,10 @@ class Hub:
             for key in ("registered", "last_self_test", "faults", "call", "mock_gpio"):
                 if key in body:
                     detail[key] = body[key]
+            if body.get("kind") == "selftest" and isinstance(body.get("passed"), bool) \
+                    and "last_self_test" not in body:
+                detail["last_self_test"] = {"at": iso_utc(now), "passed": body["passed"],
+                                            "detail": body.get("detail")}
             self.store.save_post_status(PostStatus(post_id, iso_utc(now), previous.online if previous else None,
                                                    str(body.get("state") or (previous.state if previous else "")),
                                                    previous.contact if previous else None, detail))
@@ -114,10 +135,12 @@ class Hub:
 
     def snapshot(self, incident: str, wait: float = 0.0) -> bytes | None:
         """The JPEG taken when ``incident`` was queued; waits up to ``wait`` s if it is still being taken."""
-        done = self._snapshot_done.get(incident)
+        with self._snapshot_lock:
+            done = self._snapshot_done.get(incident)
         if done is not None and wait > 0:
             done.wait(wait)
-        return self._snapshots.get(incident)
+        with self._snapshot_lock:
+            return self._snapshots.get(incident)
 
     # -- live subscribers (SSE) ------------------------------------------------------------------
     def subscribe(self) -> queue.Queue[Event | None]:
@@ -132,6 +155,7 @@ class Hub:
                 self._subscribers.remove(q)
 
     def close_subscribers(self) -> None:
+        """The sidecar is stopping: end live subscribers, and tell the snapshot worker to stop (no wait)."""
         with self.lock:
             for q in self._subscribers:
                 try:
@@ -139,6 +163,24 @@ class Hub:
                 except queue.Full:
                     pass
             self._subscribers.clear()
+        self._stop_snapshots()
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Like :meth:`close_subscribers`, then wait for the snapshot worker (a snapshot in progress ends
+        within its camera's timeouts)."""
+        self.close_subscribers()
+        worker = self._snapshot_worker
+        if worker is not None:
+            worker.join(timeout)
+
+    def _stop_snapshots(self) -> None:
+        with self._snapshot_lock:
+            if self._closed:
+                return
+            self._closed = True
+            running = self._snapshot_worker is not None
+        if running:
+            self._snapshot_jobs.put(None)
 
     # -- internals ---------------------------------------------------------------------------------
     def _apply_all(self, occurrences: list[Occurrence]) -> None:
@@ -208,23 +250,50 @@ class Hub:
                                                previous.detail if previous else None))
 
     def _take_snapshot(self, incident: str, post_id: str) -> None:
-        # A snapshot takes seconds (the next key frame): never hold up call.queued for it.
-        done = threading.Event()
-        self._snapshot_done[incident] = done
+        # A snapshot takes seconds (the next key frame): never hold up call.queued for it. One worker thread
+        # takes them in turn, so a burst of calls cannot start a burst of threads.
+        with self._snapshot_lock:
+            if self._closed:
+                return
+            self._snapshot_done[incident] = threading.Event()
+            self._forget_old_snapshots()
+            if self._snapshot_worker is None:
+                self._snapshot_worker = threading.Thread(target=self._snapshots_run, name="snapshots", daemon=True)
+                self._snapshot_worker.start()
+        self._snapshot_jobs.put((incident, post_id))
+
+    def _forget_old_snapshots(self) -> None:
+        """Keep the newest SNAPSHOTS_KEPT incidents' snapshots (called with the snapshot lock held)."""
+        while len(self._snapshot_done) > SNAPSHOTS_KEPT:
+            old, done = self._snapshot_done.popitem(last=False)
+            self._snapshots.pop(old, None)
+            done.set()  # nobody waits any longer for a snapshot that will not be kept
+        while len(self._snapshots) > SNAPSHOTS_KEPT:
+            self._snapshots.popitem(last=False)
+
+    def _snapshots_run(self) -> None:
         source = self.snapshot_source
         assert source is not None
-
-        def take() -> None:
+        while (job := self._snapshot_jobs.get()) is not None:
+            incident, post_id = job
+            with self._snapshot_lock:
+                done, closed = self._snapshot_done.get(incident), self._closed
+            if done is None:
+                continue  # already forgotten (more than SNAPSHOTS_KEPT newer calls queued meanwhile)
+            if closed:
+                done.set()  # stopping: skip the snapshots still queued
+                continue
             try:
                 image = source(post_id)
                 if image:
-                    self._snapshots[incident] = image
+                    with self._snapshot_lock:
+                        if incident in self._snapshot_done:
+                            self._snapshots[incident] = image
+                            self._forget_old_snapshots()
             except Exception:  # noqa: BLE001 - thread boundary: a failed snapshot leaves the call untouched
                 log.exception("post %s: snapshot for incident %s failed", post_id, incident)
             finally:
                 done.set()
-
-        threading.Thread(target=take, name=f"snapshot-{incident[:8]}", daemon=True).start()
 
     def _adopt_open_incidents(self, recent: int = 200) -> None:
         """Incidents still open in the store that this process does not follow (it was restarted, maybe

@@ -57,7 +57,8 @@ class SidecarRunner:
                      if v.ok is not None}
             self.monitor = CameraMonitor.for_site(site, on_change=self.hub.on_camera_change, initial=known)
         self.ami = AmiFollower(site.pbx.ami, site.queue.name, on_event=self.hub.on_ami_event,
-                               on_resync=self.hub.on_resync, on_link=self.hub.on_ami_link)
+                               on_resync=self.hub.on_resync, on_link=self.hub.on_ami_link,
+                               on_error=self.hub.on_ami_error)
         self.threads: list[threading.Thread] = []
         self.server: Any = None
 
@@ -127,7 +128,7 @@ class SidecarRunner:
 
     def stop(self) -> None:
         self.stop_event.set()
-        self.hub.close_subscribers()
+        self.hub.close()  # event streams, then the snapshot worker
         self.ami.stop()
         for thread in self.threads:
             thread.join(10)

@@ -81,6 +81,7 @@ class CameraStatus:
     detail: dict[str, Any] | None = None
 
 
+_IN_CHUNK = 500  # ids per IN (...) list; SQLite allows 999 bound variables in older builds
 _INCIDENT_FIELDS = ("state", "answered_by", "answered_at", "ended", "outcome", "snapshot")
 CSV_COLUMNS = ("id", "post_id", "state", "created", "answered_by", "answered_at", "ended", "outcome",
                "snapshot", "timeline")
@@ -308,10 +309,12 @@ class Store:
             rows = self._db.execute(sql, args).fetchall()
             ids = [r["id"] for r in rows]
             lines: dict[str, list[TimelineEntry]] = {i: [] for i in ids}
-            if ids:
-                marks = ",".join("?" * len(ids))
+            # In chunks: one IN list of every id would pass SQLite's limit on bound variables.
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start:start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
                 for t in self._db.execute(
-                        f"SELECT * FROM timeline WHERE incident IN ({marks}) ORDER BY seq", ids):
+                        f"SELECT * FROM timeline WHERE incident IN ({marks}) ORDER BY seq", chunk):
                     lines[t["incident"]].append(TimelineEntry(t["at"], t["kind"], json.loads(t["detail"])))
         return [Incident(r["id"], r["post_id"], r["state"], r["created"], r["answered_by"], r["answered_at"],
                          r["ended"], r["outcome"], r["snapshot"], tuple(lines[r["id"]])) for r in rows]
@@ -325,6 +328,24 @@ class Store:
         if post_id is None:
             return self._incidents("", (), limit)
         return self._incidents("WHERE post_id = ?", (post_id,), limit)
+
+    def outcome_counts(self) -> dict[str, int]:
+        """``{outcome: count}`` over every incident; a live one counts by its state (queued, answered)."""
+        rows = self._all("SELECT COALESCE(outcome, state), COUNT(*) FROM incidents GROUP BY COALESCE(outcome, state)")
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def answer_waits(self, buckets: Iterable[float]) -> tuple[dict[float, int], float, int]:
+        """The histogram of answer waits (seconds from queued to the first ``answered``) over every incident:
+        ``({bucket: count of waits <= bucket}, sum of waits, count of waits)``, aggregated in SQL."""
+        bounds = list(buckets)
+        # SQLite's bare-column rule: with MIN(seq), detail comes from each incident's first answered row.
+        first = ("SELECT json_extract(detail, '$.wait_seconds') AS w, json_type(detail, '$.wait_seconds') AS t,"
+                 " MIN(seq) FROM timeline WHERE kind = 'answered' GROUP BY incident")
+        counts = "".join(", SUM(CASE WHEN w <= ? THEN 1 ELSE 0 END)" for _ in bounds)
+        row = self._one(f"SELECT COUNT(w), TOTAL(w){counts} FROM ({first}) WHERE t IN ('integer', 'real')",
+                        bounds)
+        assert row is not None  # an aggregate always yields one row
+        return ({b: int(row[2 + i] or 0) for i, b in enumerate(bounds)}, float(row[1]), int(row[0]))
 
     def export_json(self, out: TextIO, limit: int | None = None) -> None:
         json.dump([i.to_dict() for i in self.incidents(limit)], out, indent=1)

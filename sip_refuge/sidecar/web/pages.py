@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, abort, render_template, request
 
 from sip_refuge.config.model import Site
-from sip_refuge.errors import RefugeError
+from sip_refuge.errors import RefugeError, SidecarError
 from sip_refuge.sidecar.web.context import cameras, hub, stopping
 
 bp = Blueprint("pages", __name__)
@@ -44,7 +44,10 @@ def operator() -> str:
 @bp.get("/cameras/<post_id>/thumbnail.jpg")
 def thumbnail(post_id: str) -> Response:
     monitor = cameras()
-    image = monitor.thumbnail(post_id) if monitor is not None else None
+    try:
+        image = monitor.thumbnail(post_id) if monitor is not None else None
+    except SidecarError:  # CameraError (no camera on this post); cameras.py needs OpenCV, so not imported here
+        image = None
     if image is None:
         abort(404, description="no picture from this camera yet")
     return Response(image, mimetype="image/jpeg", headers={"Cache-Control": "no-store"})
@@ -59,5 +62,8 @@ def live(post_id: str) -> Response:
         hub().site.post(post_id)
     except RefugeError:
         abort(404, description=f"no post {post_id!r}")
-    return Response(monitor.mjpeg(post_id, stopping()), mimetype="multipart/x-mixed-replace; boundary=frame",
-                    headers={"Cache-Control": "no-store"})
+    try:
+        parts = monitor.mjpeg(post_id, stopping())
+    except SidecarError:  # CameraError (no camera on this post); cameras.py needs OpenCV, so not imported here
+        abort(404, description=f"post {post_id!r} has no camera")
+    return Response(parts, mimetype="multipart/x-mixed-replace; boundary=frame", headers={"Cache-Control": "no-store"})

@@ -1,0 +1,327 @@
+"""Sidecar health: AMI login refusals and resync retries, /healthz problems, /metrics from SQL aggregates,
+post faults, camera routes and the snapshot cache."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from panoramisk.message import Message
+
+from sip_refuge.config import Site, load_site
+from sip_refuge.config.secrets import init_secrets
+from sip_refuge.sidecar import core
+from sip_refuge.sidecar.ami import AmiFollower, Snapshot
+from sip_refuge.sidecar.cameras import CameraError
+from sip_refuge.sidecar.core import Hub
+from sip_refuge.sidecar.outbox import Outbox, TargetStatus
+from sip_refuge.sidecar.store import Store
+from sip_refuge.sidecar.web import create_app
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
+TOKEN = "t0ken-for-the-health-tests-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
+    path = tmp_path_factory.mktemp("site") / "site.yaml"
+    shutil.copy(EXAMPLE, path)
+    init_secrets(load_site(path, check_secrets=False))
+    return load_site(path)
+
+
+@pytest.fixture()
+def hub(site: Site) -> Iterator[Hub]:
+    store = Store(":memory:")
+    hub = Hub(site, store, Outbox(store, []), base_url="http://127.0.0.1:8080")
+    yield hub
+    hub.close()
+    store.close()
+
+
+@pytest.fixture()
+def client(hub: Hub) -> FlaskClient:
+    return create_app(hub, token=TOKEN).test_client()
+
+
+def follower(site: Site, hub: Hub | None = None, **options: Any) -> AmiFollower:
+    return AmiFollower(site.pbx.ami, site.queue.name, on_event=lambda e: None,
+                       on_resync=hub.on_resync if hub else lambda s: None,
+                       on_link=hub.on_ami_link if hub else lambda up: None,
+                       on_error=hub.on_ami_error if hub else None, **options)
+
+
+# -- M1: a refused AMI login ----------------------------------------------------------------------------
+
+class FakeManager:
+    def __init__(self, fail: int = 0) -> None:
+        self.authenticated_future: asyncio.Future[Any] | None = None
+        self.fail = fail  # how many actions fail before they work
+        self.actions: list[str] = []
+
+    async def send_action(self, action: dict[str, str]) -> Message:
+        self.actions.append(action["Action"])
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("AMI went quiet")
+        return Message({"Response": "Success"})
+
+
+def test_refused_login_is_logged_once_per_reason_and_shown_in_healthz(
+        site: Site, hub: Hub, client: FlaskClient, caplog: pytest.LogCaptureFixture) -> None:
+    ami = follower(site, hub)
+    manager = FakeManager()
+    loop = asyncio.new_event_loop()
+
+    async def login(reason: str) -> None:
+        # What panoramisk does on connect: send Login, then call on_connect; its own callback drops a failure.
+        future = loop.create_future()
+        manager.authenticated_future = future
+        ami._connected(manager)  # type: ignore[arg-type]
+        future.set_result(Message({"Response": "Error", "Message": reason}))
+        await future
+        await asyncio.sleep(0)
+
+    try:
+        with caplog.at_level(logging.INFO, logger="sip_refuge.sidecar.ami"):
+            for reason in ("Authentication failed", "Authentication failed", "Too many sessions"):
+                loop.run_until_complete(login(reason))
+    finally:
+        loop.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    user = site.pbx.ami.username
+    assert errors == [f"AMI login as {user} refused: Authentication failed",
+                      f"AMI login as {user} refused: Too many sessions"]
+    assert ami.last_error == f"AMI login as {user} refused: Too many sessions"
+    health = client.get("/healthz")
+    body = health.get_json()
+    assert health.status_code == 503 and body["status"] == "degraded"
+    assert body["ami"]["last_error"] == ami.last_error and body["ami"]["last_error_at"]
+    assert any(p.startswith("ami: not connected") and "Too many sessions" in p for p in body["problems"])
+
+
+def test_a_successful_login_answer_is_no_error(site: Site) -> None:
+    ami = follower(site)
+    loop = asyncio.new_event_loop()
+    try:
+        future = loop.create_future()
+        future.set_result(Message({"Response": "Success", "Message": "Authentication accepted"}))
+        ami._login_answered(future)
+    finally:
+        loop.close()
+    assert ami.last_error is None
+
+
+# -- M2: a failed resync is retried while the link stays up ---------------------------------------------
+
+def test_failed_resync_is_retried_until_it_works(site: Site, hub: Hub, client: FlaskClient) -> None:
+    errors: list[str | None] = []
+    resynced = asyncio.Event()  # set on the follower's loop, where resyncs are applied
+
+    def on_resync(snap: Snapshot) -> None:
+        hub.on_resync(snap)
+        resynced.set()
+
+    def on_error(error: str | None) -> None:
+        errors.append(error)
+        hub.on_ami_error(error)
+
+    ami = AmiFollower(site.pbx.ami, site.queue.name, on_event=lambda e: None, on_resync=on_resync,
+                      on_link=hub.on_ami_link, on_error=on_error, resync_retry=0.01)
+    manager = FakeManager(fail=2)  # the first two attempts fail at their first action
+    loop = asyncio.new_event_loop()
+
+    async def scenario() -> None:
+        ami.connected = True
+        hub.on_ami_link(True)
+        await ami._resync(manager)  # type: ignore[arg-type]
+        await resynced.wait()  # the retries run on this loop's timers
+
+    try:
+        loop.run_until_complete(asyncio.wait_for(scenario(), timeout=10))
+    finally:
+        loop.close()
+    assert manager.actions.count("PJSIPShowContacts") == 3
+    assert errors == ["AMI resync failed", None] and ami.last_error is None
+    assert ami.resynced_at is not None
+    body = client.get("/healthz").get_json()
+    assert body["status"] == "ok" and body["ami"]["resynced_at"] and body["ami"]["last_error"] is None
+
+
+def test_no_resync_retry_once_the_link_is_down(site: Site) -> None:
+    ami = follower(site, resync_retry=0.01)
+    manager = FakeManager(fail=1)
+    loop = asyncio.new_event_loop()
+    try:
+        ami.connected = False
+        loop.run_until_complete(ami._resync(manager))  # type: ignore[arg-type]
+        assert ami._resync_retry is None  # the next login resyncs
+        ami.connected = True
+        manager.fail = 1
+        loop.run_until_complete(ami._resync(manager))  # type: ignore[arg-type]
+        assert ami._resync_retry is not None
+        ami._lost(manager, None)  # type: ignore[arg-type]
+        assert ami._resync_retry is None
+    finally:
+        loop.close()
+
+
+# -- M6: /healthz problems --------------------------------------------------------------------------------
+
+class FakeCameraState:
+    def __init__(self, ok: bool | None) -> None:
+        self.ok = ok
+
+
+class FakeMonitor:
+    def states(self) -> dict[str, FakeCameraState]:
+        return {"sutton-market": FakeCameraState(False), "idlewells": FakeCameraState(True),
+                "kirkby-bus-station": FakeCameraState(None)}
+
+    def thumbnail(self, post_id: str) -> bytes | None:
+        raise CameraError(f"post {post_id} has no camera")
+
+    def mjpeg(self, post_id: str, stop: threading.Event) -> Iterator[bytes]:
+        raise CameraError(f"post {post_id} has no camera")
+
+
+def test_healthz_is_degraded_by_a_failing_target_and_shows_cameras(
+        hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = create_app(hub, token=TOKEN, cameras=FakeMonitor()).test_client()
+    hub.on_ami_link(True)
+    statuses = [TargetStatus("vms-hook", consecutive_failures=2, last_error="HTTP 500"),
+                TargetStatus("xprotect", consecutive_failures=3, last_error="refused")]
+    monkeypatch.setattr(hub.outbox, "status", lambda: statuses)
+    reply = client.get("/healthz")
+    body = reply.get_json()
+    assert reply.status_code == 503 and body["status"] == "degraded"
+    assert body["problems"] == ["target xprotect: 3 failed attempts in a row (refused)"]
+    assert body["cameras"] == {"count": 3, "in_fault": 1, "faulty": ["sutton-market"], "unknown": 1}
+    statuses[1] = TargetStatus("xprotect", consecutive_failures=0)
+    reply = client.get("/healthz")
+    assert reply.status_code == 200 and reply.get_json()["problems"] == []
+
+
+def test_healthz_without_camera_checks_has_no_camera_summary(client: FlaskClient, hub: Hub) -> None:
+    hub.on_ami_link(True)
+    assert client.get("/healthz").get_json()["cameras"] is None
+
+
+# -- Low: camera routes for a post without a camera ---------------------------------------------------------
+
+def test_camera_routes_answer_404_for_a_post_without_a_camera(hub: Hub) -> None:
+    client = create_app(hub, token=TOKEN, cameras=FakeMonitor()).test_client()
+    assert client.get("/cameras/idlewells/live.mjpeg").status_code == 404
+    assert client.get("/cameras/idlewells/thumbnail.jpg").status_code == 404
+    assert client.get("/cameras/nope/live.mjpeg").status_code == 404
+
+
+# -- M3: post faults and self-tests in /metrics -------------------------------------------------------------
+
+def test_metrics_show_post_faults_and_the_last_self_test(client: FlaskClient) -> None:
+    url = "/api/v1/posts/{}/telemetry"
+    client.post(url.format("idlewells"), headers=AUTH,
+                json={"kind": "fault", "faults": ["tamper", "button_stuck", 3, None],
+                      "last_self_test": {"at": "2024-01-01T00:00:00Z", "passed": True}})
+    client.post(url.format("sutton-market"), headers=AUTH, json={"kind": "selftest", "passed": False,
+                                                                  "detail": "no echo"})
+    client.post(url.format("kirkby-bus-station"), headers=AUTH, json={"kind": "state", "faults": "tamper"})
+    text = client.get("/metrics").data.decode()
+    assert 'refuge_post_fault{post="idlewells",fault="button_stuck"} 1' in text
+    assert 'refuge_post_fault{post="idlewells",fault="tamper"} 1' in text
+    assert "kirkby-bus-station" not in "".join(line for line in text.splitlines() if "refuge_post_fault{" in line)
+    assert 'refuge_selftest_ok{post="idlewells"} 1' in text
+    assert 'refuge_selftest_ok{post="sutton-market"} 0' in text
+    assert 'refuge_selftest_ok{post="kirkby-bus-station"}' not in text  # unknown: absent
+    client.post(url.format("idlewells"), headers=AUTH, json={"kind": "fault", "faults": []})
+    assert "refuge_post_fault{" not in client.get("/metrics").data.decode()
+
+
+# -- M4: /metrics from SQL aggregates; no unbounded IN list ---------------------------------------------------
+
+def fill(store: Store, count: int) -> list[float]:
+    """``count`` incidents: every third still queued, the rest answered (a wait of i % 70 s) and ended."""
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    waits = []
+    with store.transaction():
+        for i in range(count):
+            at = start + timedelta(seconds=i)
+            incident = f"inc-{i:05d}"
+            store.open_incident(incident, "idlewells", at)
+            store.add_timeline(incident, "queued", at)
+            if i % 3 == 0:
+                continue
+            wait = float(i % 70)
+            waits.append(wait)
+            store.add_timeline(incident, "answered", at, {"wait_seconds": wait})
+            store.add_timeline(incident, "answered", at, {"wait_seconds": 999})  # only the first counts
+            store.update_incident(incident, state="ended", outcome="ended" if i % 2 else "abandoned")
+    return waits
+
+
+def test_store_aggregates_outcomes_and_answer_waits_in_sql() -> None:
+    with Store(":memory:") as store:
+        waits = fill(store, 1200)
+        store.open_incident("odd", "idlewells", datetime(2025, 1, 1, tzinfo=UTC))
+        store.add_timeline("odd", "answered", datetime(2025, 1, 1, tzinfo=UTC), {"wait_seconds": "soon"})
+        counts = store.outcome_counts()
+        assert counts == {"queued": 401, "ended": 400, "abandoned": 400}
+        within, total, count = store.answer_waits((5, 30, 120))
+        assert count == len(waits) and total == pytest.approx(sum(waits))
+        assert within == {b: sum(1 for w in waits if w <= b) for b in (5, 30, 120)}
+        # Every incident's timeline, across the chunks of the IN list.
+        incidents = store.incidents(limit=None)
+        assert len(incidents) == 1201
+        assert all(len(i.timeline) == (1 if int(i.id[4:]) % 3 == 0 else 3)
+                   for i in incidents if i.id.startswith("inc-"))
+
+
+def test_metrics_do_not_load_the_incident_history(client: FlaskClient, hub: Hub,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    waits = fill(hub.store, 30)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("/metrics must not load incidents")
+
+    monkeypatch.setattr(hub.store, "incidents", refuse)
+    text = client.get("/metrics").data.decode()
+    assert 'refuge_calls_total{outcome="queued"} 10' in text
+    assert f"refuge_answer_seconds_count {len(waits)}" in text
+    assert f'refuge_answer_seconds_bucket{{le="+Inf"}} {len(waits)}' in text
+    assert f'refuge_answer_seconds_bucket{{le="5"}} {sum(1 for w in waits if w <= 5)}' in text
+    assert f"refuge_answer_seconds_sum {sum(waits):g}" in text
+
+
+# -- M5: the snapshot cache and its single worker --------------------------------------------------------------
+
+def test_snapshots_are_bounded_and_taken_by_one_worker(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core, "SNAPSHOTS_KEPT", 5)
+    threads: set[str] = set()
+
+    def source(post_id: str) -> bytes:
+        threads.add(threading.current_thread().name)
+        return f"jpeg of {post_id}".encode()
+
+    with Store(":memory:") as store:
+        hub = Hub(site, store, Outbox(store, []), base_url="http://x", snapshot=source)
+        for i in range(8):
+            hub._take_snapshot(f"inc-{i}", "idlewells")
+        assert hub.snapshot("inc-7", wait=10) == b"jpeg of idlewells"  # jobs run in order: all done now
+        assert threads == {"snapshots"}
+        assert [hub.snapshot(f"inc-{i}") for i in range(3)] == [None, None, None]
+        assert all(hub.snapshot(f"inc-{i}") for i in range(3, 8))
+        worker = hub._snapshot_worker
+        assert worker is not None
+        hub.close()
+        assert not worker.is_alive()
+        hub._take_snapshot("late", "idlewells")  # after close: no snapshot, no new thread
+        assert hub.snapshot("late") is None and hub._snapshot_worker is worker
