@@ -39,6 +39,7 @@ Command = Callable[[], None]
 _STOP = object()  # the owner thread's last command
 POLL_MS = 100  # longest wait for packets; commands do not wait for it (doorbell)
 TICK = 0.2  # seconds between timer checks (self-test steps, media timeout, registration watchdog)
+DIAL_HANDOFF = 0.05  # longest wait of dial() for its INVITE to leave (pjsua busy, stopping): then it returns
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,23 @@ class Backend:
             raise SipError(f"{self._post}: pjsua2 failed to start: {self._start_error}") from self._start_error
 
     def dial(self, call_id: str, extension: str, host: str, selftest: bool) -> None:
-        self._submit(lambda: self._dial(call_id, extension, host, selftest), call_id)
+        """Enqueue the call, then wait (at most :data:`DIAL_HANDOFF`) until the owner thread has sent the INVITE.
+
+        The wait is the hand-over of the GIL: pjsua runs Python callbacks and the owner thread needs the GIL
+        to dequeue, so while the caller's thread goes on running Python (lights, status, telemetry after a
+        press) the INVITE waits for it, for up to the interpreter's switch interval (5 ms). Blocked here,
+        the caller leaves the GIL to the owner thread at once; it waits about as long as makeCall takes.
+        """
+        sent = threading.Event()
+
+        def command() -> None:
+            try:
+                self._dial(call_id, extension, host, selftest)
+            finally:
+                sent.set()
+
+        if self._submit(command, call_id) and threading.current_thread() is not self._thread:
+            sent.wait(DIAL_HANDOFF)
 
     def answer(self, call_id: str) -> None:
         self._submit(lambda: self._answer(call_id, 200))
@@ -215,14 +232,16 @@ class Backend:
             self._doorbell.close()
             self._doorbell = None
 
-    def _submit(self, command: Command, dial_id: str = "") -> None:
+    def _submit(self, command: Command, dial_id: str = "") -> bool:
+        """Enqueue ``command`` for the owner thread and wake it; False when the backend is not running."""
         if self._thread is None or not self._thread.is_alive():
             log.warning("%s: pjsua2 backend not running; command dropped", self._post)
             if dial_id:  # the machine waits for a verdict on every dial
                 self._emit(ev.CallFailed(dial_id, None, "SIP backend not running"))
-            return
+            return False
         self._queue.put(command)
         self._ring()
+        return True
 
     def _ring(self) -> None:
         """Wake the owner thread out of pjsip's wait for packets."""
