@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import deque
@@ -19,6 +20,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MAX_KEPT = 1000  # oldest reports are dropped (and counted) beyond this
+SETTLE = 0.05  # seconds a sender that was idle waits before sending: a call's SIP goes first
 
 
 class TelemetryOutbox:
@@ -71,8 +73,15 @@ class TelemetryOutbox:
         while True:
             self._save()
             with self._cond:
+                idle = not self._pending
                 while not self._pending and not self._stopping:
                     self._cond.wait()
+                if idle:
+                    # Reports come in bursts at the moments that matter (a press, an answer): let the
+                    # call's own SIP work have the CPU first, then send the burst.
+                    until = time.monotonic() + SETTLE
+                    while not self._stopping and (left := until - time.monotonic()) > 0:
+                        self._cond.wait(left)
                 if self._stopping:
                     return
                 report = self._pending[0]
