@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from sip_refuge.config import Desk, Post, Site, load_site
 from sip_refuge.config.secrets import init_secrets
 from sip_refuge.pbx.asterisk import Asterisk, free_port
 from tests.support.sipua import SipPeer
+from tests.support.waiting import wait_for as wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "site.example.yaml"
@@ -86,15 +86,6 @@ def peer(site: Site, phone_id: str, *, password: str | None = None, display: str
     return SipPeer(phone_id, secret, (site.pbx.host, site.pbx.sip_port), display=display)
 
 
-def wait_until(probe: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {timeout} s (last: {value!r})")
-        time.sleep(interval)
 
 
 def desks_ready(pbx: Asterisk, site: Site) -> bool:

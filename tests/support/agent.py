@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -35,22 +34,13 @@ from sip_refuge.post.control import ControlServer, ask, control_port
 from sip_refuge.post.events import Tick
 from sip_refuge.post.runner import PostRunner
 from sip_refuge.post.sip import SipBackend
+from tests.support.waiting import wait_for
 
 T = TypeVar("T")
 SIP_REFUGE = str(Path(sys.executable).with_name("sip-refuge"))
 Status = dict[str, Any]
 
 
-def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
-    """The first truthy value of ``probe()``; AssertionError naming ``what`` (and the last value) at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {timeout} s (last: {value!r})")
-        time.sleep(interval)
 
 
 def cli(site: Site, command: str, post_id: str, *, timeout: float = 30.0) -> str:
