@@ -7,6 +7,7 @@ One JSON line in, one JSON line out, on 127.0.0.1 only. ``press`` works only on 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import socketserver
 import threading
@@ -18,6 +19,8 @@ from sip_refuge.errors import RefugeError
 
 DEFAULT_BASE_PORT = 7400  # post N of the site listens on 7400 + N unless it sets control_port
 MAX_LINE = 4096
+
+log = logging.getLogger(__name__)
 
 
 def control_port(site: Site, post: Post) -> int:
@@ -45,6 +48,9 @@ class ControlServer:
                     reply = outer.handle(request)
                 except ValueError as exc:
                     reply = {"ok": False, "error": f"bad request: {exc}"}
+                except Exception as exc:  # noqa: BLE001 - thread boundary: answer, log, keep serving
+                    log.exception("control request %r failed", line[:200])
+                    reply = {"ok": False, "error": f"the agent could not do that: {exc}"}
                 self.wfile.write(json.dumps(reply).encode() + b"\n")
 
         class Server(socketserver.ThreadingTCPServer):
@@ -76,5 +82,10 @@ def ask(port: int, request: dict[str, Any], timeout: float = 5.0) -> dict[str, A
     except OSError as exc:
         raise RefugeError(f"no post agent answers on 127.0.0.1:{port} ({exc.strerror or exc}); "
                           "is `sip-refuge post` running?") from None
-    reply: dict[str, Any] = json.loads(data)
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise RefugeError(f"the agent on 127.0.0.1:{port} gave no usable answer ({data[:80]!r})")
     return reply

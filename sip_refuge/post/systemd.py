@@ -15,7 +15,7 @@ class Notifier:
         path = os.environ.get("NOTIFY_SOCKET")
         self.address = ("\0" + path[1:]) if path and path.startswith("@") else path
         usec = os.environ.get("WATCHDOG_USEC")
-        self.interval = int(usec) / 2e6 if usec and usec.isdigit() else None
+        self.interval = int(usec) / 2e6 if usec and usec.isascii() and usec.isdigit() else None
         self._last = 0.0
 
     def send(self, message: str) -> None:

@@ -57,7 +57,6 @@ class AmiFollower:
         self.reconnect = reconnect
         self.resync_retry = resync_retry
         self.connected = False
-        self.events_seen = 0
         self.last_error: str | None = None  # why the last login or resync failed; None once one succeeds
         self.resynced_at: float | None = None  # time.time() of the last resync applied
         self._login_refusals: set[str] = set()  # reasons already logged since the last good login
@@ -114,7 +113,6 @@ class AmiFollower:
         self._loop.stop()
 
     def _event(self, manager: Manager, message: Any) -> None:
-        self.events_seen += 1
         if message.get("Event") == "FullyBooted":
             self._note_boot(message)
         try:

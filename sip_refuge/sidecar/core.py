@@ -51,7 +51,6 @@ class Hub:
         self._snapshot_jobs: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._snapshot_worker: threading.Thread | None = None
         self._closed = False
-        self.counters: dict[str, int] = {}
 
     # -- inputs ------------------------------------------------------------------------------------
     def on_ami_event(self, event: Mapping[str, str]) -> None:
@@ -193,7 +192,6 @@ class Hub:
     def _apply(self, occ: Occurrence) -> None:
         now = datetime.now(UTC)
         post = occ.post.id
-        self.counters[occ.type] = self.counters.get(occ.type, 0) + 1
         if occ.type in ("post.offline", "post.online"):
             self._save_online(post, occ.type == "post.online", now)
             self._publish(build_event(occ.type, self.site, post_id=post, now=now, extra=occ.detail))

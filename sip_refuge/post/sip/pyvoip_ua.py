@@ -668,7 +668,7 @@ def _granted_expiry(resp: Message, host: str, port: int, asked: int) -> int:
                 if match:
                     return int(match.group(1))
     header = resp.header("expires")
-    return int(header) if header.isdigit() else asked
+    return int(header) if header.isascii() and header.isdigit() else asked
 
 
 def _local_ip_for(server: tuple[str, int]) -> str:

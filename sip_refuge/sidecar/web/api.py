@@ -36,7 +36,7 @@ def post(post_id: str) -> Response:
 @bp.get("/incidents")
 def incidents() -> Response:
     limit = request.args.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= 10000:
+    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 10000:  # "²".isdigit() is True
         abort(400, description="limit must be a whole number from 1 to 10000")
     store = hub().store
     if request.args.get("format") == "csv":
