@@ -13,7 +13,6 @@ import logging
 import multiprocessing
 import os
 import platform
-import random
 import re
 import subprocess
 import sys
@@ -27,55 +26,30 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import yaml  # noqa: E402 (after the path set-up above)
 
-from sip_refuge.config import Site, load_site  # noqa: E402
-from sip_refuge.config.secrets import init_secrets  # noqa: E402
-from sip_refuge.pbx.asterisk import Asterisk, free_port, on_free_ports  # noqa: E402
+from sip_refuge.config import Site  # noqa: E402
+from sip_refuge.pbx.asterisk import Asterisk  # noqa: E402
 from sip_refuge.post.agent import build_runner  # noqa: E402
 from sip_refuge.post.events import CallAnswered, Event  # noqa: E402
 from sip_refuge.post.runner import PostRunner  # noqa: E402
+from tests.support import waiting  # noqa: E402
+from tests.support.sites import agent_site  # noqa: E402
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config" / "site.example.yaml"
-POSTS = {"pjsua2": "sutton-market", "pyvoip": "idlewells"}  # the example site's post on each backend
 DESK = "desk-1"
 
 
 # -- the site and the PBX ---------------------------------------------------------------------------------
 
 def make_site(folder: Path, *, sidecar_port: int | None = None) -> Site:
-    """The example site on free loopback ports with fresh secrets; ``sidecar_port`` is where telemetry goes."""
-    example = load_site(EXAMPLE, check_secrets=False)
-    ports = on_free_ports(example).pbx
-    data = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
-    pbx = data["pbx"]
-    pbx.update(host=ports.host, bind=ports.bind, sip_port=ports.sip_port, transport="udp", qualify_frequency=5)
-    start = random.randrange(20000, 40000, 200)
-    pbx["rtp_start"], pbx["rtp_end"] = start, start + 198
-    pbx["ami"]["port"] = ports.ami.port
-    data["queue"].update(ring_timeout=5, max_wait=8)
-    data["sidecar"]["listen"] = f"127.0.0.1:{sidecar_port or free_port()}"
-    for post in data["posts"]:
-        post["control_port"] = free_port()
-        post["sip_backend"] = "pyvoip" if post["id"] == POSTS["pyvoip"] else "pjsua2"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "site.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    init_secrets(load_site(path, check_secrets=False))
-    return load_site(path)
+    return agent_site(folder, sidecar_port=sidecar_port)
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.005) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} within {timeout} s (last: {value!r})")
-        time.sleep(interval)
+    """The shared helper, polling tighter: benches time milliseconds."""
+    return waiting.wait_for(probe, timeout, what, interval)
 
 
 def desk_ready(pbx: Asterisk, site: Site, desk: str = DESK) -> bool:

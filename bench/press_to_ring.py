@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402 (after the path set-up above)
     DESK,
-    POSTS,
     InProcessPost,
     TelemetrySink,
     machine_lines,
@@ -48,6 +47,7 @@ from bench.common import (  # noqa: E402 (after the path set-up above)
 from sip_refuge.config import Site  # noqa: E402
 from sip_refuge.pbx.asterisk import Asterisk, free_port  # noqa: E402
 from tests.support.sipua import OutgoingCall, SipPeer  # noqa: E402
+from tests.support.sites import POSTS  # noqa: E402
 
 TARGET = 1.5  # the target: pjsua2 p95 within 1.5x of the baseline
 CALL_HOLD = 0.05  # seconds the answered call stays up before the desk hangs up

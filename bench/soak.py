@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402 (after the path set-up above)
     DESK,
-    POSTS,
     InProcessPost,
     TelemetrySink,
     machine_lines,
@@ -47,6 +46,7 @@ from bench.common import (  # noqa: E402 (after the path set-up above)
 )
 from sip_refuge.config import Site, load_site  # noqa: E402
 from sip_refuge.pbx.asterisk import Asterisk, free_port  # noqa: E402
+from tests.support.sites import POSTS  # noqa: E402
 
 RSS_LIMIT = 0.10  # RSS at the end within 10 % of the warm-up sample
 

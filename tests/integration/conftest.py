@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,24 +15,17 @@ from sip_refuge.config import Desk, Post, Site, load_site
 from sip_refuge.config.secrets import init_secrets
 from sip_refuge.pbx.asterisk import Asterisk, free_port
 from tests.support.sipua import SipPeer
+from tests.support.sites import rtp_range
 from tests.support.waiting import wait_for as wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "site.example.yaml"
-_used_rtp: set[int] = set()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "integration: needs a real Asterisk (and other real services)")
 
 
-def rtp_range() -> tuple[int, int]:
-    """A 200-port RTP range no other sandbox of this run uses (Asterisk skips ports in use anyway)."""
-    while True:
-        start = random.randrange(20000, 40000, 200)
-        if start not in _used_rtp:
-            _used_rtp.add(start)
-            return start, start + 198
 
 
 def write_site(folder: Path, **queue: Any) -> Site:

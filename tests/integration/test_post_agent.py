@@ -16,45 +16,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from sip_refuge.config import Site, load_site
-from sip_refuge.config.secrets import init_secrets
-from sip_refuge.pbx.asterisk import Asterisk, free_port, on_free_ports
-from tests.integration.conftest import EXAMPLE, LogMark, rtp_range
+from sip_refuge.config import Site
+from sip_refuge.pbx.asterisk import Asterisk
+from tests.integration.conftest import LogMark
 from tests.support.agent import AgentProcess, InProcessAgent, Status, cli, cli_status, wait_for
 from tests.support.sipua import IncomingCall, SipPeer
+from tests.support.sites import POSTS, agent_site
 
 pytestmark = pytest.mark.integration
 
-POSTS = {"pjsua2": "sutton-market", "pyvoip": "idlewells"}  # the example site's post on each backend
 DESK = "desk-1"
 OFF = {"yellow": "off", "green": "off", "red": "off"}
 
 
-def make_site(folder: Path) -> Site:
-    """The example site on free loopback ports with fresh secrets, short queue timings and a control port per post.
-
-    The sidecar is configured but nothing listens on its port: telemetry stays in each agent's outbox
-    (which the tests read), and no test call waits for it.
-    """
-    example = load_site(EXAMPLE, check_secrets=False)
-    ports = on_free_ports(example).pbx
-    data = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
-    pbx = data["pbx"]
-    pbx.update(host=ports.host, bind=ports.bind, sip_port=ports.sip_port, transport="udp", qualify_frequency=5)
-    pbx["rtp_start"], pbx["rtp_end"] = rtp_range()
-    pbx["ami"]["port"] = ports.ami.port
-    data["queue"].update(ring_timeout=5, max_wait=8)
-    data["sidecar"]["listen"] = f"127.0.0.1:{free_port()}"
-    for post in data["posts"]:
-        post["control_port"] = free_port()
-        post["sip_backend"] = "pyvoip" if post["id"] == POSTS["pyvoip"] else "pjsua2"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "site.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    init_secrets(load_site(path, check_secrets=False))
-    return load_site(path)
 
 
 def display_name(header: str | None) -> str:
@@ -92,7 +67,7 @@ def lights(status: Status, yellow: str = "off", green: str = "off", red: str = "
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
-    return make_site(tmp_path_factory.mktemp("agent-site"))
+    return agent_site(tmp_path_factory.mktemp("agent-site"))
 
 
 @pytest.fixture(scope="module")

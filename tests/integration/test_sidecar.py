@@ -31,11 +31,12 @@ import yaml
 from sip_refuge.config import Desk, Post, Site, load_site
 from sip_refuge.config.secrets import init_secrets
 from sip_refuge.pbx.asterisk import Asterisk, free_port
-from tests.integration.conftest import EXAMPLE, desks_ready, rtp_range
+from tests.integration.conftest import EXAMPLE, desks_ready
 from tests.support.receivers import WebhookReceiver, _WebhookHandler
 from tests.support.rtsp_camera import TestCamera
 from tests.support.sidecar import Sidecar, wait_until
 from tests.support.sipua import IncomingCall, OutgoingCall, SipPeer
+from tests.support.sites import rtp_range
 
 pytestmark = pytest.mark.integration
 

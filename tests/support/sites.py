@@ -1,0 +1,50 @@
+"""Site files for tests and benches: the example site moved onto free loopback ports, with fresh secrets."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import yaml
+
+from sip_refuge.config import Site, load_site
+from sip_refuge.config.secrets import init_secrets
+from sip_refuge.pbx.asterisk import free_port, on_free_ports
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "config" / "site.example.yaml"
+POSTS = {"pjsua2": "sutton-market", "pyvoip": "idlewells"}  # the example site's post on each backend
+
+_used_rtp: set[int] = set()
+
+
+def rtp_range() -> tuple[int, int]:
+    """A 200-port RTP range no other sandbox of this run uses (Asterisk skips ports in use anyway)."""
+    while True:
+        start = random.randrange(20000, 40000, 200)
+        if start not in _used_rtp:
+            _used_rtp.add(start)
+            return start, start + 198
+
+
+def agent_site(folder: Path, *, sidecar_port: int | None = None) -> Site:
+    """The example site for post agents: free ports, short queue timings, a control port per post, and the
+    pjsua2 and pyVoIP backends on the posts named in :data:`POSTS`. Telemetry goes to ``sidecar_port``
+    (by default a free port nothing listens on, so reports stay in each agent's outbox)."""
+    example = load_site(EXAMPLE, check_secrets=False)
+    ports = on_free_ports(example).pbx
+    data = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    pbx = data["pbx"]
+    pbx.update(host=ports.host, bind=ports.bind, sip_port=ports.sip_port, transport="udp", qualify_frequency=5)
+    pbx["rtp_start"], pbx["rtp_end"] = rtp_range()
+    pbx["ami"]["port"] = ports.ami.port
+    data["queue"].update(ring_timeout=5, max_wait=8)
+    data["sidecar"]["listen"] = f"127.0.0.1:{sidecar_port or free_port()}"
+    for post in data["posts"]:
+        post["control_port"] = free_port()
+        post["sip_backend"] = "pyvoip" if post["id"] == POSTS["pyvoip"] else "pjsua2"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "site.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    init_secrets(load_site(path, check_secrets=False))
+    return load_site(path)
