@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from sip_refuge.config.files import control_character, printable
 from sip_refuge.config.model import (
     Ami,
     Camera,
@@ -49,13 +51,32 @@ def load_site(path: str | Path, *, check_secrets: bool = True) -> Site:
 
     ``check_secrets=False`` skips reading secret values (``secrets init`` runs before they exist).
     """
-    src = load_yaml(Path(path))
+    path = Path(path)
+    _check_site_path(path)
+    src = load_yaml(path)
     problems: list[Problem] = []
     site = _Builder(src, problems, check_secrets).site()
     if problems or site is None:
         problems.sort(key=lambda p: p.line)
         raise ConfigError(problems)
     return site
+
+
+def _check_site_path(path: Path) -> None:
+    """Every generated file names the site file in its header: a path with a line break would write a line
+    of its own there (and into every message that names the file)."""
+    for name in (str(path), str(path.resolve())):
+        bad = control_character(name)
+        if bad:
+            raise ConfigError([Problem(printable(name), 1, "(file)", f"the site file's path holds a control character "
+                                       f"({bad}); rename the file or its folder")])
+
+
+def _mode(path: Path) -> int:
+    try:
+        return path.lstat().st_mode
+    except OSError:  # gone since it was read: reading it again will say so
+        return 0
 
 
 class _Builder:
@@ -152,10 +173,11 @@ class _Builder:
         try:
             value = secret.read()
         except RefugeError as exc:
-            hint = "; run: sip-refuge secrets init SITE" if secret.file is not None else ""
+            missing = secret.file is not None and not os.path.lexists(secret.file)
+            hint = "; run: sip-refuge secrets init SITE" if missing else ""
             r.fail(key, f"{exc}{hint}")
             return
-        if secret.file is not None and secret.file.exists() and secret.file.stat().st_mode & 0o077:
+        if secret.file is not None and _mode(secret.file) & 0o077:
             r.fail(key, f"{secret.file} is readable by other users: chmod 600 it")
         bare = value.removeprefix("whsec_")
         if len(bare) < MIN_SECRET:
@@ -194,6 +216,10 @@ class _Builder:
             t = r.child("tls", required=transport == "tls")
             cert, key = t.path_value("cert_file", required=True), t.path_value("key_file", required=True)
             ca = t.path_value("ca_file")
+            for name, file in (("cert_file", cert), ("key_file", key), ("ca_file", ca)):
+                if file is not None and ";" in str(file):
+                    t.fail(name, f"{file}: Asterisk reads ';' as the start of a comment; rename the file")
+                    cert = key = None
             tls_port = t.integer("port", 5061, low=1, high=65535)
             t.done()
             if cert and key and tls_port:
@@ -321,9 +347,8 @@ class _Builder:
             options["url"] = self.url(r, "url", ("http", "https"))
             secret = self.secret(r, kind="webhook")
             headers = r.child("headers")
-            options["headers"] = {k: str(v) for k, v in headers.value.items()}
-            headers.known.update(headers.value)
-            body_template = options["body_template"] = r.text("body_template")
+            options["headers"] = self.plain_mapping(headers)
+            body_template = options["body_template"] = r.text("body_template", multiline=True)
             self.check_webhook(r, body_template, secret)
         elif kind == "milestone":
             options["host"] = r.text("host", required=True, pattern=HOST, hint="is not a host name or address")
@@ -340,10 +365,11 @@ class _Builder:
             verify = r.raw("verify", False)
             if verify is not None and not isinstance(verify, bool | str):
                 r.fail("verify", "must be true, false or the path of a CA certificate")
+            elif isinstance(verify, str) and not r.clean("verify", verify):
+                verify = None
             options["verify"] = True if verify is None else verify
             cams = r.child("cameras")
-            options["cameras"] = {k: str(v) for k, v in cams.value.items()}
-            cams.known.update(cams.value)
+            options["cameras"] = self.plain_mapping(cams)
         elif kind == "vlc":
             options["url"] = self.url(r, "url", ("http",))
             secret = self.secret(r, "password")
@@ -353,6 +379,11 @@ class _Builder:
         if kind is None or name is None:
             return None
         return CctvTarget(kind, name, options, secret)
+
+    def plain_mapping(self, r: Reader) -> dict[str, str]:
+        """A mapping of free names to one-line values (webhook headers, Nx camera ids)."""
+        r.known.update(r.value)
+        return {k: str(v) for k, v in r.value.items() if r.clean(k, str(v))}
 
     # The targets' own checks, run here so ``config check`` finds what would otherwise stop the sidecar's
     # start. Imported when needed: the webhook target pulls in Jinja, requests and standardwebhooks.

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sip_refuge.config.files import checked_secret, read_secret_file
 from sip_refuge.errors import RefugeError
 
 
@@ -22,15 +23,12 @@ class Secret:
 
     def read(self) -> str:
         if self.file is not None:
-            try:
-                return self.file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise RefugeError(f"cannot read secret file {self.file}: {exc.strerror}") from None
+            return read_secret_file(self.file)
         if self.env is not None:
             value = os.environ.get(self.env)
             if value is None:
                 raise RefugeError(f"environment variable {self.env} (a secret) is not set")
-            return value.strip()
+            return checked_secret(value, f"environment variable {self.env}")
         raise RefugeError("no secret configured")
 
     def describe(self) -> str:

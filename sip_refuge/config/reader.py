@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sip_refuge.config.files import control_character
 from sip_refuge.config.source import Source, join
 from sip_refuge.errors import Problem
 
@@ -59,8 +60,16 @@ class Reader:
         self.known.add(key)
         return self.value.get(key) is not None
 
+    def clean(self, key: str | int, value: str, *, multiline: bool = False) -> bool:
+        """Whether ``value`` is free of control characters; a newline in a value that reaches a
+        generated file would start a line of the attacker's choosing there."""
+        bad = control_character(value, "\n\r\t" if multiline else "")
+        if bad:
+            self.fail(key, f"holds a control character ({bad}); it must be one line of plain text")
+        return bad is None
+
     def text(self, key: str, default: str | None = None, *, required: bool = False,
-             pattern: str | None = None, hint: str = "") -> str | None:
+             pattern: str | None = None, hint: str = "", multiline: bool = False) -> str | None:
         value = self.raw(key, required)
         if value is None:
             return default
@@ -68,6 +77,8 @@ class Reader:
             self.fail(key, f"must be text, not {_kind(value)}")
             return default
         value = str(value)
+        if not self.clean(key, value, multiline=multiline):
+            return default
         if pattern and not re.fullmatch(pattern, value):
             self.fail(key, f"{value!r} {hint or f'must match {pattern}'}")
             return default
@@ -150,8 +161,12 @@ class Reader:
         value = self.text(key, default, required=required)
         if value is None:
             return None
-        base = Path(self.src.file).resolve().parent
-        return (base / value).resolve() if not Path(value).is_absolute() else Path(value)
+        # The folder is resolved, the last part is not: a secret file that is a link must stay a link,
+        # so that reading it can refuse it instead of reading whatever it points at.
+        if Path(value).is_absolute():
+            return Path(value)
+        path = Path(self.src.file).resolve().parent / value
+        return path.resolve() if path.name in ("", "..") else path.parent.resolve() / path.name
 
     def child(self, key: str, *, required: bool = False) -> Reader:
         return Reader(self.src, self.at(key), self.raw(key, required), self.problems)
@@ -170,7 +185,7 @@ class Reader:
         for i, item in self.items(key):
             if not isinstance(item, str):
                 self.fail(join(key, i), f"must be text, not {_kind(item)}")
-            else:
+            elif self.clean(join(key, i), item):
                 out.append(item)
         return tuple(out)
 

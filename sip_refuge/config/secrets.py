@@ -26,13 +26,21 @@ def new_value(kind: str) -> str:
 
 
 def init_secrets(site: Site) -> list[Path]:
-    """Write every missing secret file with mode 0600; return the files created."""
+    """Write every missing secret file with mode 0600; return the files created.
+
+    Anything already at a secret's path is left alone, a symbolic link too, dangling or not: a link
+    there is never written through (``O_NOFOLLOW``, ``O_EXCL``), and validating the site afterwards
+    reports it, since a secret must be a regular file.
+    """
     created = []
     for _, secret in site.secrets():
-        if secret.file is None or secret.file.exists():
+        if secret.file is None or os.path.lexists(secret.file):
             continue
-        secret.file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(secret.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            secret.file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(secret.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:  # something appeared there meanwhile, or the folder is not writable
+            raise RefugeError(f"cannot create secret file {secret.file}: {exc.strerror or exc}") from None
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(new_value(secret.kind) + "\n")
         created.append(secret.file)

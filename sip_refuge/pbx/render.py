@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from markupsafe import Markup
 
+from sip_refuge.config.files import control_character, printable
 from sip_refuge.config.model import Desk, Post, Site
 from sip_refuge.errors import PbxError, RefugeError
 
@@ -188,9 +190,15 @@ def _phone(item: Post | Desk, role: str, has_acl: bool) -> Phone:
 
 
 def _secret_value(owner: str, read: Callable[[], str]) -> str:
-    value = read()
-    # A newline would end the config line and let the rest of the secret be read as config.
-    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+    try:
+        value = read()
+    except PbxError:
+        raise
+    except RefugeError as exc:
+        raise PbxError(f"the secret of {owner}: {exc}") from None
+    # A newline would end the config line and let the rest of the secret be read as config. Reading
+    # refuses it already; this holds for a Site built in code, too. The value itself is never shown.
+    if control_character(value):
         raise PbxError(f"the secret of {owner} holds control characters; Asterisk cannot take it")
     return value
 
@@ -230,11 +238,35 @@ def _environment(templates: Path | None) -> jinja2.Environment:
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
-        autoescape=False,  # Asterisk config, not HTML
+        # Not HTML: autoescape only marks what was checked. Every printed value goes through
+        # _one_line, which returns it as Markup (so nothing is escaped) or refuses it; a macro's
+        # output (a banner, a header) is Markup already and was checked value by value inside.
+        # Markup joined with plain text escapes the text: concatenate values, not macro calls.
+        autoescape=True,
+        finalize=_one_line,
     )
     env.filters["text"] = _text
     env.filters["conf_secret"] = _conf_secret
     return env
+
+
+@jinja2.pass_context
+def _one_line(context: jinja2.runtime.Context, value: object) -> Markup:
+    """Every value printed into a generated file, refused when it holds a control character.
+
+    The site file's reader already refuses them in every value; this is the last gate for the rest
+    (the site file's own path, --out, the sandbox folders, a Site built in code): a line break in a
+    value would let it write config lines of its own choosing, such as a hidden desk account.
+    """
+    if isinstance(value, Markup):
+        return value
+    text = str(value)
+    bad = control_character(text)
+    if bad:
+        shown = printable(text if len(text) <= 80 else text[:77] + "...")
+        raise PbxError(f"{context.get('file', context.name)}: refusing to write '{shown}': it holds a control "
+                       f"character ({bad}) that would start a new line of config")
+    return Markup(text)
 
 
 def _render_one(env: jinja2.Environment, name: str, context: dict[str, Any]) -> str:
