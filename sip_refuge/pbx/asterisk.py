@@ -10,8 +10,10 @@ from __future__ import annotations
 import atexit
 import configparser
 import fcntl
+import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from sip_refuge.config.model import Site
 from sip_refuge.errors import PbxError
@@ -36,10 +39,35 @@ APT_OPTION = 'Acquire::Check-Valid-Until "false"'
 LIBDIRS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu")
 LOADER = "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
 MODULES = "usr/lib/x86_64-linux-gnu/asterisk/modules"
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the closing NUL
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SIP_REFUGE_CACHE") or Path.home() / ".cache" / "sip-refuge")
+
+
+def site_workdir(site_file: Path) -> Path:
+    """The fixed work folder of ``sip-refuge pbx`` for one site file (config, secrets, logs, control socket).
+
+    Named by the stem, for the reader, and a hash of the full resolved path, so two ``site.yaml`` files in
+    different folders never share rendered secrets or a control socket.
+    """
+    resolved = str(Path(site_file).resolve())
+    digest = hashlib.sha256(os.fsencode(resolved)).hexdigest()[:12]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(resolved).stem)[:24] or "site"
+    return cache_dir() / "pbx" / f"{stem}-{digest}"
+
+
+def lock_workdir(workdir: Path) -> IO[bytes]:
+    """Hold ``workdir`` for this process (until the returned file is closed); refuse a second user."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    handle = open(workdir / "pbx.lock", "wb")  # held open for as long as Asterisk runs
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise PbxError(f"another `sip-refuge pbx` is running this site already (work folder {workdir})") from None
+    return handle
 
 
 @dataclass(frozen=True)
@@ -235,6 +263,10 @@ class Asterisk:
         d = self.dir
         dirs = SandboxDirs(etc=d / "etc", modules=self.install.modules, data=self.install.data, run=d / "run",
                            log=d / "log", spool=d / "spool", lib=d / "lib", db=d / "db", keys=d / "keys")
+        socket_path = os.fsencode(dirs.run / "asterisk.ctl")
+        if len(socket_path) > MAX_SOCKET_PATH:
+            raise PbxError(f"the work folder {d} is too deep: Asterisk's control socket path would be "
+                           f"{len(socket_path)} bytes (at most {MAX_SOCKET_PATH}); set SIP_REFUGE_CACHE to a shorter folder")
         for path in (dirs.etc, dirs.run, dirs.log, dirs.spool, dirs.lib, dirs.db, dirs.keys):
             path.mkdir(parents=True, exist_ok=True)
         self.files = render_sandbox(self.site, dirs, command=self.command, templates=self.templates)

@@ -15,7 +15,7 @@ from sip_refuge.config.loader import load_site
 from sip_refuge.config.model import Site
 from sip_refuge.config.secrets import stand_in_secrets
 from sip_refuge.errors import PbxError
-from sip_refuge.pbx.asterisk import Asterisk, cache_dir, on_free_ports
+from sip_refuge.pbx.asterisk import Asterisk, lock_workdir, on_free_ports, site_workdir
 from sip_refuge.pbx.lint import lint
 
 TEMPLATES_ENV = "SIP_REFUGE_TEMPLATES"
@@ -146,11 +146,16 @@ def log_problems(pbx: Asterisk) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Run Asterisk with the site until Ctrl-C (or SIGTERM); its console output goes to our stdout."""
     site = load_site(args.site)
-    # A fixed work dir per site file, so the logs are still there to read after Ctrl-C.
-    workdir = cache_dir() / "pbx" / Path(args.site).stem
-    pbx = Asterisk(site, command=_command_line("pbx", args), templates=templates_dir(args), console=True,
-                   workdir=workdir)
+    # A fixed work dir per site file, so the logs are still there to read after Ctrl-C; held by a lock,
+    # so a second `sip-refuge pbx` of the same site cannot render over it or use its control socket.
+    workdir = site_workdir(site.path)
+    with lock_workdir(workdir):
+        pbx = Asterisk(site, command=_command_line("pbx", args), templates=templates_dir(args), console=True,
+                       workdir=workdir)
+        return _run_until_stopped(pbx, site, args)
 
+
+def _run_until_stopped(pbx: Asterisk, site: Site, args: argparse.Namespace) -> int:
     def stop(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
