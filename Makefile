@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Debian packages the tests and the demo need. mmdebstrap builds the Asterisk root folder.
 DEB_PACKAGES := mmdebstrap vlc-bin vlc-plugin-base util-linux \
 	gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly python3-gi \
-	chromium
+	chromium fail2ban
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv deps asterisk lint test unit integration demo clean
