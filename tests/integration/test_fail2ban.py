@@ -154,7 +154,8 @@ class Fail2ban:
     def start(self) -> None:
         conf = self.folder / "conf"
         shutil.copytree("/etc/fail2ban", conf)
-        for path in (conf / "jail.d").iterdir():  # Debian enables sshd here: never run the host's jails
+        # Debian enables sshd in jail.d, an admin may enable more in jail.local: never run the host's jails.
+        for path in [*(conf / "jail.d").iterdir(), *conf.glob("jail.local")]:
             path.unlink()
         shutil.copy(FILTER, conf / "filter.d")
         shutil.copy(JAIL, conf / "jail.d")
