@@ -21,6 +21,7 @@ from sip_refuge.config.model import (
     Pbx,
     Post,
     Queue,
+    Retention,
     Secret,
     SelfTest,
     Sidecar,
@@ -329,6 +330,7 @@ class _Builder:
         public = self.url(r, "public_url", ("http", "https"), required=False)
         grace = r.duration("offline_grace", 30, low=0, high=3600)
         interval = r.duration("camera_interval", 60, low=5, high=3600)
+        retention = self.retention(r.child("retention"))
         r.done()
         if listen is None or token is None or database is None:
             return None
@@ -336,7 +338,17 @@ class _Builder:
         if not 1 <= int(port) <= 65535:
             r.fail("listen", f"port {port} is out of range")
             return None
-        return Sidecar(host, int(port), token, database, public, grace or 0, interval or 60)
+        return Sidecar(host, int(port), token, database, public, grace or 0, interval or 60, retention)
+
+    def retention(self, r: Reader) -> Retention:
+        years, d = 100 * 365 * 86400, Retention()
+        events = r.duration("events", d.events, low=86400, high=years)
+        telemetry = r.duration("telemetry", d.telemetry, low=3600, high=years)
+        per_post = r.size("telemetry_per_post", d.telemetry_per_post, low=64 * 1024, high=1 << 30)
+        forever = r.has("incidents") and r.value["incidents"] == "forever"
+        incidents = None if forever else r.duration("incidents", None, low=30 * 86400, high=years)
+        r.done()
+        return Retention(events or d.events, telemetry or d.telemetry, per_post or d.telemetry_per_post, incidents)
 
     def target(self, r: Reader) -> CctvTarget | None:
         kind = r.choice("type", CCTV_TYPES, required=True)

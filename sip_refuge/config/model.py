@@ -141,6 +141,17 @@ class Post:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """How long the sidecar's database keeps things (seconds). Incidents, the legal record, are kept for ever
+    unless ``incidents`` is set."""
+
+    events: int = 400 * 86400  # events sent to CCTV targets, with their delivery records
+    telemetry: int = 30 * 86400  # post agents' reports
+    telemetry_per_post: int = 16 * 1024 * 1024  # bytes of the newest reports kept per post
+    incidents: int | None = None  # ended incidents and their timelines; None: kept for ever
+
+
+@dataclass(frozen=True)
 class Sidecar:
     host: str
     port: int
@@ -149,6 +160,7 @@ class Sidecar:
     public_url: str | None = None
     offline_grace: int = 30
     camera_interval: int = 60
+    retention: Retention = Retention()
 
 
 @dataclass(frozen=True)

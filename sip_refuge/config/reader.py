@@ -18,6 +18,9 @@ from sip_refuge.errors import Problem
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
 _UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "KIB": 1 << 10, "MB": 1 << 20, "MIB": 1 << 20, "GB": 1 << 30,
+               "GIB": 1 << 30}
 
 
 class Reader:
@@ -137,6 +140,21 @@ class Reader:
             self.fail(key, f"{value!r} is out of range ({low} s to {high} s)")
             return default
         return seconds
+
+    def size(self, key: str, default: int, *, low: int, high: int) -> int:
+        """Bytes, from ``65536``, ``512KB``, ``16MB`` or ``1GB`` (K, M, G are powers of 1024)."""
+        value = self.raw(key, False)
+        if value is None:
+            return default
+        match = _SIZE.match(str(value)) if not isinstance(value, bool) else None
+        if not match:
+            self.fail(key, f"{value!r} is not a size (examples: 65536, 512KB, 16MB, 1GB)")
+            return default
+        size = int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()]
+        if not low <= size <= high:
+            self.fail(key, f"{value!r} is out of range ({low} to {high} bytes)")
+            return default
+        return size
 
     def choice(self, key: str, choices: tuple[str, ...], default: str | None = None, *,
                required: bool = False) -> str | None:

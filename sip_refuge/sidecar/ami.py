@@ -3,6 +3,12 @@
 The follower knows nothing about incidents: it hands every AMI event, and after each (re)login a
 snapshot of live state (resync), to callbacks that the sidecar's runner provides. panoramisk
 reconnects by itself; we log in read-only with the site's AMI user on loopback.
+
+Right after Asterisk starts, the sidecar may log in before every module is loaded ("Invalid/unknown
+command: QueueStatus"). A failed resync is retried quickly (RESYNC_FIRST, doubling up to RESYNC_RETRY) and
+at once when Asterisk says FullyBooted; live events keep flowing to the hub meanwhile. A resync reads its
+lists while events go on: the snapshot names the calls events showed during the reading (``fresh``: never
+closed by it) and the channels that hung up meanwhile (``gone``: never opened by it).
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ from sip_refuge.errors import SidecarError
 log = logging.getLogger(__name__)
 
 # Only the events the sidecar uses; Asterisk still sends the rest of the read classes, we drop them early.
+# Newstate and DialBegin show an alarm call that never joined the queue (no desk could take it at that
+# moment: it went straight to the overflow route), so it still gets its incident.
 FOLLOWED = ("QueueCallerJoin", "QueueCallerLeave", "QueueCallerAbandon", "AgentCalled", "AgentConnect",
-            "AgentComplete", "AgentRingNoAnswer", "DialEnd", "Hangup", "ContactStatus", "FullyBooted", "Shutdown")
+            "AgentComplete", "AgentRingNoAnswer", "DialBegin", "DialEnd", "Newstate", "Hangup", "ContactStatus",
+            "FullyBooted", "Shutdown")
 
 
 @dataclass
@@ -36,15 +45,40 @@ class Snapshot:
     contact_uris: dict[str, dict[str, str]] = field(default_factory=dict)  # endpoint -> contact URI -> status
     channels: set[str] | None = field(default_factory=set)  # Uniqueid of every live channel
     queue_entries: list[dict[str, str]] = field(default_factory=list)  # QueueEntry events of our queue
+    # Live alarm calls of posts (CoreShowChannel, flattened), each with "Desk" when bridged to a desk.
+    alarm_channels: list[dict[str, str]] = field(default_factory=list)
     # Asterisk restarted since the last login (from FullyBooted's Uptime): every channel we knew is gone.
     restarted: bool = False
+    fresh: set[str] = field(default_factory=set)  # Uniqueids live events named while the lists were read
+    gone: set[str] = field(default_factory=set)  # Uniqueids that hung up while the lists were read
 
 
-RESYNC_RETRY = 5.0  # seconds between attempts at a resync that failed while the link stayed up
+RESYNC_FIRST = 0.25  # seconds before retrying a failed resync; doubles each time, up to RESYNC_RETRY
+RESYNC_RETRY = 5.0
 
 
 class AmiRefused(SidecarError):
-    """Asterisk answered an action with ``Response: Error`` (typically: the AMI user lacks the permission)."""
+    """Asterisk answered an action with ``Response: Error``: the AMI user lacks the permission, or
+    (``unknown``) the module that provides the action is not loaded (yet)."""
+
+    @property
+    def unknown(self) -> bool:
+        return "unknown command" in str(self).lower()
+
+
+def flatten(message: Mapping[str, Any]) -> dict[str, str]:
+    """An AMI message as text fields. Repeated ``ChanVariable: NAME=value`` lines become
+    ``ChanVariable(NAME)`` keys (also ``DestChanVariable``), which is how Asterisk's docs name them."""
+    out: dict[str, str] = {}
+    for key, value in message.items():
+        key = str(key)
+        if key in ("ChanVariable", "DestChanVariable"):
+            for item in value if isinstance(value, list) else [value]:
+                name, _, var = str(item).partition("=")
+                out[f"{key}({name})"] = var
+        else:
+            out[key] = str(value)
+    return out
 
 
 class AmiFollower:
@@ -62,6 +96,7 @@ class AmiFollower:
         self._login_refusals: set[str] = set()  # reasons already logged since the last good login
         self._resync_failures = 0  # failed resyncs in a row on this link
         self._resync_retry: asyncio.TimerHandle | None = None
+        self._reading: Snapshot | None = None  # the resync whose lists are being read
         self._loop: asyncio.AbstractEventLoop | None = None
         self._manager: Manager | None = None
         self._thread: threading.Thread | None = None
@@ -113,12 +148,19 @@ class AmiFollower:
         self._loop.stop()
 
     def _event(self, manager: Manager, message: Any) -> None:
-        if message.get("Event") == "FullyBooted":
+        event = flatten(message)
+        name, uid = event.get("Event"), event.get("Uniqueid")
+        if name == "FullyBooted":
             self._note_boot(message)
+            if self._resync_retry is not None:  # every module is loaded now: retry the failed resync at once
+                self._cancel_resync_retry()
+                asyncio.ensure_future(self._resync(manager))
+        if self._reading is not None and uid:
+            (self._reading.gone if name == "Hangup" else self._reading.fresh).add(uid)
         try:
-            self.on_event({str(k): str(v) for k, v in message.items()})
+            self.on_event(event)
         except Exception:  # noqa: BLE001 - thread boundary: one bad event must not stop following calls
-            log.exception("AMI event %s could not be handled", message.get("Event"))
+            log.exception("AMI event %s could not be handled", name)
 
     def _connected(self, manager: Manager) -> None:
         """TCP is up and panoramisk has sent Login: watch its answer, which panoramisk drops when it fails."""
@@ -179,20 +221,23 @@ class AmiFollower:
             self._resync_retry.cancel()
             self._resync_retry = None
 
-    def _resync_failed(self, manager: Manager, snap: Snapshot, what: str) -> None:
-        """Retry a failed resync after ``resync_retry`` s while the link stays up (a new login resyncs anyway)."""
+    def _resync_failed(self, manager: Manager, snap: Snapshot, what: str, trace: bool = True) -> None:
+        """Retry a failed resync soon, then less often, while the link stays up (a new login resyncs anyway)."""
         self._restarted = self._restarted or snap.restarted  # the retry must still close every old call
         self._resync_failures += 1
+        delay = min(self.resync_retry, RESYNC_FIRST * 2 ** (self._resync_failures - 1))
         if self._resync_failures == 1:
-            log.exception("AMI resync %s; retrying every %g s", what, self.resync_retry)
+            log.warning("AMI resync %s; retrying in %g s, then up to every %g s (live events are followed "
+                        "meanwhile)", what, delay, self.resync_retry, exc_info=trace)
         else:
-            log.warning("AMI resync %s again (%d in a row)", what, self._resync_failures, exc_info=True)
+            log.warning("AMI resync %s again (%d in a row); retrying in %g s", what, self._resync_failures, delay,
+                        exc_info=trace)
         self._set_error(f"AMI resync {what}")
         if not self.connected:
             return
         loop = asyncio.get_running_loop()
         self._cancel_resync_retry()
-        self._resync_retry = loop.call_later(self.resync_retry, self._retry_resync, manager)
+        self._resync_retry = loop.call_later(delay, self._retry_resync, manager)
 
     def _retry_resync(self, manager: Manager) -> None:
         self._resync_retry = None
@@ -213,6 +258,7 @@ class AmiFollower:
     async def _resync(self, manager: Manager) -> None:
         snap = Snapshot(restarted=self._restarted)
         self._restarted = False
+        self._reading = snap
         try:
             contacts = await self._optional(manager, {"Action": "PJSIPShowContacts"}, "ContactList")
             if contacts is None:
@@ -223,17 +269,25 @@ class AmiFollower:
                 if snap.contacts is not None and snap.contacts.get(endpoint) != "Reachable":
                     snap.contacts[endpoint] = status  # a post with any reachable contact is reachable
             channels = await self._optional(manager, {"Action": "CoreShowChannels"}, "CoreShowChannel")
-            snap.channels = None if channels is None else {str(m.get("Uniqueid")) for m in channels}
-            for msg in await self._list(manager, {"Action": "QueueStatus", "Queue": self.queue}):
-                if msg.get("Event") == "QueueEntry":
-                    snap.queue_entries.append({str(k): str(v) for k, v in msg.items()})
-        except Exception:  # noqa: BLE001 - thread boundary: a failed resync is retried (_resync_failed)
-            self._resync_failed(manager, snap, "failed")
+            if channels is None:
+                # Without the channel list, the queue's own list is the only way to find waiting callers.
+                for msg in await self._list(manager, {"Action": "QueueStatus", "Queue": self.queue}):
+                    if msg.get("Event") == "QueueEntry":
+                        snap.queue_entries.append(flatten(msg))
+            else:
+                listed = [flatten(m) for m in channels]
+                snap.channels = {c.get("Uniqueid", "") for c in listed}
+                snap.alarm_channels = alarm_calls(listed, self.queue)
+        except Exception as exc:  # noqa: BLE001 - thread boundary: a failed resync is retried (_resync_failed)
+            self._stop_reading(snap)
+            refused = isinstance(exc, AmiRefused)  # Asterisk's own answer says it all: no traceback
+            self._resync_failed(manager, snap, f"failed ({exc})" if refused else "failed", trace=not refused)
             return
-        log.info("AMI resync: %s contacts, %s channels, %d waiting in queue %s%s",
+        self._stop_reading(snap)
+        log.info("AMI resync: %s contacts, %s channels, %d alarm calls%s",
                  "?" if snap.contacts is None else len(snap.contacts),
-                 "?" if snap.channels is None else len(snap.channels), len(snap.queue_entries), self.queue,
-                 " (Asterisk restarted)" if snap.restarted else "")
+                 "?" if snap.channels is None else len(snap.channels),
+                 len(snap.alarm_channels) + len(snap.queue_entries), " (Asterisk restarted)" if snap.restarted else "")
         try:
             self.on_resync(snap)
         except Exception:  # noqa: BLE001 - thread boundary
@@ -242,6 +296,10 @@ class AmiFollower:
         self._resync_failures = 0
         self.resynced_at = time.time()
         self._set_error(None)
+
+    def _stop_reading(self, snap: Snapshot) -> None:
+        if self._reading is snap:  # a resync of a newer login may have started meanwhile
+            self._reading = None
 
     async def _device_states(self, manager: Manager) -> dict[str, str] | None:
         """Reachability from device states, for a user that may only run reporting actions.
@@ -264,6 +322,8 @@ class AmiFollower:
         try:
             return [m for m in await self._list(manager, action) if m.get("Event") == event]
         except AmiRefused as exc:
+            if exc.unknown:
+                raise  # its module is not loaded yet (Asterisk is booting): the resync is retried
             if action["Action"] not in self._refused:
                 self._refused.add(action["Action"])
                 log.info("AMI user %s may not run %s (%s); using what write=reporting allows",
@@ -278,3 +338,21 @@ class AmiFollower:
         if messages and str(messages[0].get("Response", "")).lower() == "error":
             raise AmiRefused(str(messages[0].get("Message") or "error"))
         return messages
+
+
+def alarm_calls(channels: list[dict[str, str]], queue: str) -> list[dict[str, str]]:
+    """The channels (CoreShowChannel, flattened) of refuge alarm calls: in our queue, or marked by the dialplan
+    (``REFUGE_KIND`` alarm or overflow). A desk in the same bridge is added as ``Desk``: that call is answered.
+    Desk channels inherit the variables too; the tracker keeps only posts' channels."""
+    bridged: dict[str, list[str]] = {}
+    for c in channels:
+        if c.get("BridgeId"):
+            bridged.setdefault(c["BridgeId"], []).append(c.get("Channel", ""))
+    out = []
+    for c in channels:
+        in_queue = c.get("Application") == "Queue" and c.get("ApplicationData", "").split(",")[0] == queue
+        if not in_queue and c.get("ChanVariable(REFUGE_KIND)") not in ("alarm", "overflow"):
+            continue
+        others = [ch for ch in bridged.get(c.get("BridgeId", ""), []) if ch != c.get("Channel")]
+        out.append({**c, **({"Desk": others[0]} if others else {})})
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
 from sip_refuge.config.model import Desk, Post, Site
@@ -18,6 +18,7 @@ from sip_refuge.config.model import Desk, Post, Site
 log = logging.getLogger(__name__)
 
 REACHABLE = ("Reachable", "Created", "Updated", "NonQualified")  # ContactStatus values of a usable contact
+ALARM_KINDS = ("alarm", "overflow")  # REFUGE_KIND of a post's alarm call (the dialplan sets it)
 _ENDPOINT = re.compile(r"^PJSIP/(?P<name>[a-z0-9][a-z0-9-]*?)(?:-[0-9a-f]{8})?$")
 
 
@@ -80,10 +81,33 @@ class CallTracker:
     # -- AMI events ------------------------------------------------------------------------------
     def handle(self, event: Mapping[str, str], now: float) -> list[Occurrence]:
         name = event.get("Event", "")
+        out = self.discover(event, now) if name != "QueueCallerJoin" else []
         handler = getattr(self, f"_on_{name}", None)
-        if handler is None:
+        if handler is not None:
+            out += handler(event, now)
+        return out
+
+    def discover(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
+        """Open the incident of a post's alarm call this tracker has not seen join the queue: the sidecar was
+        not logged in to AMI then (Asterisk was booting), or it never joined (no desk could take it at that
+        moment, so it went straight to the overflow route). ``e`` is any event or CoreShowChannel entry of
+        the caller's channel; with ``Desk`` (a resync found it bridged to that desk) the call is answered."""
+        uid = e.get("Uniqueid", "")
+        post = self.posts.get(endpoint_of(e.get("Channel", "")) or "")
+        kind = e.get("ChanVariable(REFUGE_KIND)")
+        in_queue = e.get("Application") == "Queue" and e.get("ApplicationData", "").split(",")[0] == self.site.queue.name
+        if post is None or not uid or uid in self.calls or not (in_queue or kind in ALARM_KINDS):
             return []
-        out: list[Occurrence] = handler(event, now)
+        out = self._on_QueueCallerJoin({**e, "Queue": self.site.queue.name}, now)
+        out[0].detail["late"] = True  # found after it began: the "queued" time is when it was found
+        call = self.calls[uid]
+        desk = self.desks.get(endpoint_of(e.get("Desk", "")) or "")
+        if desk is not None:
+            call.answered_by, call.answered_at = desk, now
+            log.info("post %s: found answered by %s", post.id, desk.id)
+            out.append(Occurrence("call.answered", post, call.incident, desk, {"resync": True}))
+        elif kind == "overflow" and not in_queue:
+            out += self._end(uid, now, "overflowed", {})
         return out
 
     def _on_QueueCallerJoin(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
@@ -217,23 +241,34 @@ class CallTracker:
 
     def resync(self, now: float, contacts: Mapping[str, str] | None, channels: set[str] | None,
                queue_entries: Sequence[Mapping[str, str]], *, restarted: bool = False,
-               contact_uris: Mapping[str, Mapping[str, str]] | None = None) -> list[Occurrence]:
+               contact_uris: Mapping[str, Mapping[str, str]] | None = None,
+               alarm_channels: Sequence[Mapping[str, str]] = (), fresh: Set[str] = frozenset(),
+               gone: Set[str] = frozenset()) -> list[Occurrence]:
         """Correct everything an AMI outage may have left wrong.
 
         Calls whose caller channel is gone are closed; callers waiting in the queue that we never saw
         join become incidents; every post's reachability is taken from the contact list. ``contacts`` or
         ``channels`` is None when Asterisk would not list them (AMI permissions); then only a ``restarted``
         Asterisk, which has no channel from before, closes calls. ``contact_uris`` (endpoint -> URI -> status)
-        lets later ContactStatus events of single contacts be weighed against the others.
+        lets later ContactStatus events of single contacts be weighed against the others. ``alarm_channels``
+        are the live alarm calls (see ``discover``). The lists were read while events went on: a call that
+        events named meanwhile (``fresh``) is not closed, and one that hung up meanwhile (``gone``) not opened.
         """
         out: list[Occurrence] = []
         for call in list(self.calls.values()):
+            if call.uniqueid in fresh:
+                continue
             if (call.uniqueid not in channels) if channels is not None else restarted:
                 out += self._end(call.uniqueid, now, "ended" if call.answered_by else "abandoned",
                                  {"resync": True})
                 del self.calls[call.uniqueid]
         for entry in queue_entries:
-            out += self._on_QueueCallerJoin({**entry, "Event": "QueueCallerJoin", "Queue": self.site.queue.name}, now)
+            if entry.get("Uniqueid") not in gone:
+                out += self._on_QueueCallerJoin({**entry, "Event": "QueueCallerJoin", "Queue": self.site.queue.name},
+                                                now)
+        for channel in alarm_channels:
+            if channel.get("Uniqueid") not in gone:
+                out += self.discover(channel, now)
         if contacts is not None:
             for post_id in self.posts:
                 uris = (contact_uris or {}).get(post_id, {"": contacts.get(post_id, "Removed")})

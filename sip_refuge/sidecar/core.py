@@ -1,12 +1,17 @@
 """The sidecar's hub: turns what it learns (AMI, telemetry, cameras) into incidents and events.
 
 Every input arrives on some worker thread (AMI, camera monitor, HTTP request); the hub serialises
-them behind one lock, commits the incident change and its event in one transaction, hands the event
-to the outbox (CCTV targets) and to live page subscribers (server-sent events).
+them behind one lock and hands each change with its events to the outbox, which commits them in one
+transaction (or, while the store cannot write, holds them in memory). Only then do live page subscribers
+(server-sent events) get the events: a page never shows an event that was neither stored nor held.
+
+Post and camera status live in memory too (loaded from the store at start, written through), so pages
+show a post's latest state even while the store cannot write.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -16,12 +21,14 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sip_refuge.config.model import Site
+from sip_refuge.config.model import Retention, Site
 from sip_refuge.sidecar.ami import Snapshot
+from sip_refuge.sidecar.backlog import CALL, TELEMETRY
 from sip_refuge.sidecar.calls import CallTracker, Occurrence
 from sip_refuge.sidecar.events import Event, build_event, iso_utc
-from sip_refuge.sidecar.outbox import Outbox
-from sip_refuge.sidecar.store import CameraStatus, PostStatus, Store
+from sip_refuge.sidecar.outbox import STORED, Outbox
+from sip_refuge.sidecar.retention import Pruner, TelemetryBudget
+from sip_refuge.sidecar.store import CameraStatus, PostStatus, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,12 @@ class Hub:
         self._snapshot_jobs: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._snapshot_worker: threading.Thread | None = None
         self._closed = False
+        self._snapshot_urls: dict[str, str] = {}  # live incident -> its snapshot URL
+        self._post_status: dict[str, PostStatus] = store.post_statuses()
+        self._camera_status: dict[str, CameraStatus] = store.camera_statuses()
+        self.retention = site.sidecar.retention if site.sidecar else Retention()
+        self._telemetry_budget = TelemetryBudget(self.retention.telemetry_per_post)
+        self.pruner: Pruner | None = None  # set by the runner, which runs it; /healthz and /metrics show it
 
     # -- inputs ------------------------------------------------------------------------------------
     def on_ami_event(self, event: Mapping[str, str]) -> None:
@@ -62,7 +75,9 @@ class Hub:
         with self.lock:
             self._adopt_open_incidents()
             self._apply_all(self.tracker.resync(self.clock(), snap.contacts, snap.channels, snap.queue_entries,
-                                                restarted=snap.restarted, contact_uris=snap.contact_uris))
+                                                restarted=snap.restarted, contact_uris=snap.contact_uris,
+                                                alarm_channels=snap.alarm_channels, fresh=snap.fresh,
+                                                gone=snap.gone))
             self.ami_resynced_at = _now_iso()
 
     def on_ami_link(self, up: bool) -> None:
@@ -77,24 +92,26 @@ class Hub:
             self.ami_last_error_at = None if error is None else _now_iso()
 
     def tick(self) -> float | None:
-        """Fire timers (post offline after grace); return the next deadline on the hub's clock."""
+        """Fire timers (post offline after grace) and store writes held in memory; return the next deadline
+        on the hub's clock."""
         with self.lock:
+            self.outbox.flush()
             self._apply_all(self.tracker.tick(self.clock()))
             return self.tracker.next_deadline()
 
     def on_camera_change(self, post_id: str, ok: bool, reason: str) -> None:
         with self.lock:
             now = datetime.now(UTC)
-            self.store.save_camera_status(CameraStatus(post_id, iso_utc(now), ok, reason))
-            self._publish(build_event("camera.ok" if ok else "camera.fault", self.site, post_id=post_id,
-                                      now=now, reason=reason))
+            status = self._camera_status[post_id] = CameraStatus(post_id, iso_utc(now), ok, reason)
+            self._record(lambda store: store.save_camera_status(status),
+                         [build_event("camera.ok" if ok else "camera.fault", self.site, post_id=post_id, now=now,
+                                      reason=reason)])
 
     def on_telemetry(self, post_id: str, body: dict[str, Any]) -> None:
         """A post agent's report: remember it, show its state, and raise selftest.failed."""
         with self.lock:
             now = datetime.now(UTC)
-            self.store.add_telemetry(post_id, now, body)
-            previous = self.store.post_statuses().get(post_id)
+            previous = self._post_status.get(post_id)
             detail = dict(previous.detail or {}) if previous else {}
             for key in ("registered", "last_self_test", "faults", "call", "mock_gpio"):
                 if key in body:
@@ -103,27 +120,39 @@ class Hub:
                     and "last_self_test" not in body:
                 detail["last_self_test"] = {"at": iso_utc(now), "passed": body["passed"],
                                             "detail": body.get("detail")}
-            self.store.save_post_status(PostStatus(post_id, iso_utc(now), previous.online if previous else None,
-                                                   str(body.get("state") or (previous.state if previous else "")),
-                                                   previous.contact if previous else None, detail))
+            status = self._post_status[post_id] = PostStatus(
+                post_id, iso_utc(now), previous.online if previous else None,
+                str(body.get("state") or (previous.state if previous else "")),
+                previous.contact if previous else None, detail)
+            events = []
             if body.get("kind") == "selftest" and body.get("passed") is False:
-                self._publish(build_event("selftest.failed", self.site, post_id=post_id, now=now,
+                events.append(build_event("selftest.failed", self.site, post_id=post_id, now=now,
                                           reason=str(body.get("detail") or "self-test failed")))
-            if body.get("kind") == "call" and body.get("event") == "pressed":
-                self._note_press(post_id, now)
+            pressed = [c.incident for c in self.tracker.live_calls() if c.post.id == post_id] \
+                if body.get("kind") == "call" and body.get("event") == "pressed" else []
+            size = len(json.dumps(body, separators=(",", ":")))
+
+            def changes(store: Store) -> None:
+                store.add_telemetry(post_id, now, body)
+                store.save_post_status(status)
+                for incident in pressed:
+                    store.add_timeline(incident, "pressed", now, {"source": "telemetry"})
+
+            stored = self._record(changes, events, kind=CALL if events or pressed else TELEMETRY, size=size)
+            if stored == STORED:
+                self._telemetry_budget.added(self.store, post_id, size)
             self._broadcast_status(post_id)
 
     # -- queries for the web app -------------------------------------------------------------------
     def posts(self) -> list[dict[str, Any]]:
         with self.lock:
-            statuses, cameras = self.store.post_statuses(), self.store.camera_statuses()
             live = {c.post.id: c for c in self.tracker.live_calls()}
-            return [self._post_view(p.id, statuses, cameras, live) for p in self.site.posts]
+            return [self._post_view(p.id, self._post_status, self._camera_status, live) for p in self.site.posts]
 
     def post(self, post_id: str) -> dict[str, Any]:
         with self.lock:
             live = {c.post.id: c for c in self.tracker.live_calls()}
-            return self._post_view(post_id, self.store.post_statuses(), self.store.camera_statuses(), live)
+            return self._post_view(post_id, self._post_status, self._camera_status, live)
 
     def live_calls(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -193,35 +222,54 @@ class Hub:
         now = datetime.now(UTC)
         post = occ.post.id
         if occ.type in ("post.offline", "post.online"):
-            self._save_online(post, occ.type == "post.online", now)
-            self._publish(build_event(occ.type, self.site, post_id=post, now=now, extra=occ.detail))
+            previous = self._post_status.get(post)
+            status = self._post_status[post] = PostStatus(
+                post, iso_utc(now), occ.type == "post.online", previous.state if previous else None,
+                previous.contact if previous else None, previous.detail if previous else None)
+            self._record(lambda store: store.save_post_status(status),
+                         [build_event(occ.type, self.site, post_id=post, now=now, extra=occ.detail)])
             return
         incident = occ.incident or ""
         desk = occ.desk.id if occ.desk else None
-        with self.store.transaction():
-            snapshot_url = None
-            if occ.type == "call.queued":
-                self.store.open_incident(incident, post, now)
-                if self.snapshot_source is not None and occ.post.camera is not None:
-                    snapshot_url = f"{self.base_url}/api/v1/incidents/{incident}/snapshot.jpg"
-                    self.store.update_incident(incident, snapshot=snapshot_url)
-                    self._take_snapshot(incident, post)
-            elif occ.type == "call.answered":
-                self.store.update_incident(incident, state="answered", answered_by=desk, answered_at=iso_utc(now))
-            else:
-                self.store.update_incident(incident, state="ended", ended=iso_utc(now),
-                                           outcome=str(occ.detail.get("outcome")))
-            self.store.add_timeline(incident, occ.type.split(".")[1], now,
-                                    {k: v for k, v in {**occ.detail, "desk": desk}.items() if v is not None})
-            existing = self.store.incident(incident)
-            snapshot_url = snapshot_url or (existing.snapshot if existing else None)
-            reason = str(occ.detail["outcome"]) if occ.type == "call.unanswered" else None
-            self._publish(build_event(occ.type, self.site, post_id=post, now=now, incident=incident,
-                                      desk_id=desk, snapshot_url=snapshot_url, reason=reason,
-                                      extra={k: v for k, v in occ.detail.items() if k != "outcome"}))
+        queued = occ.type == "call.queued"
+        if queued and self.snapshot_source is not None and occ.post.camera is not None:
+            self._snapshot_urls[incident] = f"{self.base_url}/api/v1/incidents/{incident}/snapshot.jpg"
+        snapshot_url = self._snapshot_urls.get(incident)
+        step = {k: v for k, v in {**occ.detail, "desk": desk}.items() if v is not None}
 
-    def _publish(self, event: Event) -> None:
-        self.outbox.publish(event)
+        def changes(store: Store) -> None:
+            if queued:
+                store.open_incident(incident, post, now)
+                if snapshot_url is not None:
+                    store.update_incident(incident, snapshot=snapshot_url)
+            elif occ.type == "call.answered":
+                store.update_incident(incident, state="answered", answered_by=desk, answered_at=iso_utc(now))
+            else:
+                store.update_incident(incident, state="ended", ended=iso_utc(now),
+                                      outcome=str(occ.detail.get("outcome")))
+            store.add_timeline(incident, occ.type.split(".")[1], now, step)
+
+        reason = str(occ.detail["outcome"]) if occ.type == "call.unanswered" else None
+        self._record(changes, [build_event(occ.type, self.site, post_id=post, now=now, incident=incident,
+                                           desk_id=desk, snapshot_url=snapshot_url, reason=reason,
+                                           extra={k: v for k, v in occ.detail.items() if k != "outcome"})])
+        if queued and snapshot_url is not None:
+            self._take_snapshot(incident, post)
+        if occ.type in ("call.ended", "call.unanswered"):
+            self._snapshot_urls.pop(incident, None)
+
+    def _record(self, changes: Callable[[Store], None], events: list[Event], *, kind: str = CALL,
+                size: int = 0) -> str:
+        """Store ``changes`` with ``events`` (or hold them in memory while the store cannot write), then
+        hand the events to live pages. A write that fails for any other reason raises: pages see nothing."""
+        result = self.outbox.record(changes, events, kind=kind, size=size)
+        # Even a write lost to full memory goes to pages: it costs nothing, and an operator watching the
+        # dashboard must see a live call. /healthz, /metrics and the log report the loss.
+        for event in events:
+            self._to_pages(event)
+        return result
+
+    def _to_pages(self, event: Event) -> None:
         for q in list(self._subscribers):
             try:
                 q.put_nowait(event)
@@ -240,12 +288,6 @@ class Hub:
                 q.put_nowait(status)
             except queue.Full:
                 pass
-
-    def _save_online(self, post_id: str, online: bool, now: datetime) -> None:
-        previous = self.store.post_statuses().get(post_id)
-        self.store.save_post_status(PostStatus(post_id, iso_utc(now), online, previous.state if previous else None,
-                                               previous.contact if previous else None,
-                                               previous.detail if previous else None))
 
     def _take_snapshot(self, incident: str, post_id: str) -> None:
         # A snapshot takes seconds (the next key frame): never hold up call.queued for it. One worker thread
@@ -297,24 +339,28 @@ class Hub:
         """Incidents still open in the store that this process does not follow (it was restarted, maybe
         SIGKILLed, while they were live) go back to the tracker, so the resync closes the ones whose call is gone.
         """
-        for inc in self.store.incidents(recent):
+        try:
+            incidents = self.store.incidents(recent)
+        except StoreError as exc:
+            # Calls of this process are followed anyway; a store that cannot be read must not stop the resync.
+            log.error("open incidents could not be read back for the resync: %s", exc)
+            return
+        for inc in incidents:
             if inc.state == "ended":
                 continue
             queued = next((t for t in inc.timeline if t.kind == "queued"), None)
             uniqueid = str(queued.detail.get("uniqueid") or "") if queued else ""
             self.tracker.adopt(inc.id, inc.post_id, uniqueid, self.clock(), inc.answered_by)
-
-    def _note_press(self, post_id: str, now: datetime) -> None:
-        for call in self.tracker.live_calls():
-            if call.post.id == post_id:
-                self.store.add_timeline(call.incident, "pressed", now, {"source": "telemetry"})
+            if inc.snapshot:
+                self._snapshot_urls.setdefault(inc.id, inc.snapshot)
 
     def _timeline_from_ami(self, event: Mapping[str, str]) -> None:
         if event.get("Event") == "AgentCalled":
             call = self.tracker.calls.get(event.get("Uniqueid", ""))
             if call is not None and call.outcome is None:
-                self.store.add_timeline(call.incident, "desk_rung", datetime.now(UTC),
-                                        {"desk": event.get("Interface", "").removeprefix("PJSIP/")})
+                incident, now = call.incident, datetime.now(UTC)
+                step = {"desk": event.get("Interface", "").removeprefix("PJSIP/")}
+                self._record(lambda store: store.add_timeline(incident, "desk_rung", now, step), [])
 
     def _post_view(self, post_id: str, statuses: Mapping[str, PostStatus], cameras: Mapping[str, CameraStatus],
                    live: Mapping[str, Any]) -> dict[str, Any]:

@@ -76,4 +76,9 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX telemetry_post ON telemetry(post_id, seq);
     """,
+    # 2: retention prunes events and telemetry by age.
+    """
+    CREATE INDEX events_timestamp ON events(timestamp);
+    CREATE INDEX telemetry_received ON telemetry(received);
+    """,
 )

@@ -1,7 +1,8 @@
 """``sip-refuge sidecar SITE``: build the hub and own every background thread of the sidecar.
 
 Threads: the AMI follower (its own asyncio loop), one outbox worker per CCTV target, the camera
-monitor, a ticker for timers (post offline after grace), and waitress's request threads.
+monitor, a ticker for timers (post offline after grace; storing writes held while the database failed),
+the retention pruner, and waitress's request threads.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sip_refuge.sidecar.ami import AmiFollower
 from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.events import Revealer
 from sip_refuge.sidecar.outbox import Outbox
+from sip_refuge.sidecar.retention import Pruner
 from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.targets import make_target
 
@@ -40,7 +42,7 @@ class SidecarRunner:
             raise SidecarError(f"{site.path}: the site has no sidecar section")
         self.site, self.conf = site, site.sidecar
         self.stop_event = threading.Event()
-        self.conf.database.parent.mkdir(parents=True, exist_ok=True)
+        # Refuses (SidecarError, with the recovery) a database file that is empty, not SQLite or damaged.
         self.store = Store(self.conf.database)
         targets = [make_target(t) for t in site.cctv]
         self.outbox = Outbox(self.store, targets, reveal=Revealer(site), mask=Masker.for_site(site))
@@ -49,6 +51,7 @@ class SidecarRunner:
         watch = cameras and any(p.camera for p in site.posts)
         self.hub = Hub(site, self.store, self.outbox, base_url=base,
                        snapshot=(lambda post_id: self.monitor.snapshot(post_id)) if watch else None)
+        self.hub.pruner = Pruner(self.store, self.conf.retention)
         if watch:
             from sip_refuge.sidecar.cameras import CameraMonitor  # opencv only when cameras are checked
 
@@ -66,6 +69,9 @@ class SidecarRunner:
         self.ami.start()
         self._thread("outbox", lambda: self.outbox.run(self.stop_event))
         self._thread("ticker", self._tick)
+        pruner = self.hub.pruner
+        if pruner is not None:
+            self._thread("retention", lambda: pruner.run(self.stop_event))
         if self.monitor is not None:
             self._thread("cameras", lambda: self.monitor.run(self.stop_event))
 

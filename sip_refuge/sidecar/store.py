@@ -4,83 +4,41 @@ SQLite in WAL mode. One connection guarded by a re-entrant lock: the sidecar wri
 call, far below what one connection serves, and a single writer can never meet ``database is locked``.
 WAL still matters: readers in other processes (exports, ``sqlite3`` by hand) never block the sidecar, and a
 killed process leaves a file that opens cleanly with every committed transaction in it.
+
+A file that cannot be trusted is refused at start (see ``storefile``). At run time every SQLite error becomes
+a :class:`StoreError` and the latest storage failure is kept in ``fault`` for ``/healthz``: a full disk or an
+I/O error clears with the next write that commits, a corrupt page stays until the file is recovered.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from sip_refuge.errors import SidecarError
+from sip_refuge.sidecar import storefile
 from sip_refuge.sidecar.events import Event, event_from_json, iso_utc
 from sip_refuge.sidecar.migrations import MIGRATIONS
+from sip_refuge.sidecar.records import CameraStatus, Delivery, Incident, PostStatus, StoreFault, TimelineEntry
+from sip_refuge.sidecar.storefile import CORRUPT, StoreError
+
+__all__ = ["CameraStatus", "Delivery", "Incident", "PostStatus", "Store", "StoreError", "StoreFault",
+           "TimelineEntry"]
+
+log = logging.getLogger(__name__)
 
 PENDING = "pending"
 DELIVERED = "delivered"
 
-
-@dataclass(frozen=True)
-class Delivery:
-    """One event still owed to one target."""
-
-    seq: int
-    target: str
-    attempts: int
-    next_attempt_at: float
-    event: Event
-
-
-@dataclass(frozen=True)
-class TimelineEntry:
-    at: str
-    kind: str
-    detail: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Incident:
-    id: str
-    post_id: str
-    state: str
-    created: str
-    answered_by: str | None
-    answered_at: str | None
-    ended: str | None
-    outcome: str | None
-    snapshot: str | None
-    timeline: tuple[TimelineEntry, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class PostStatus:
-    post_id: str
-    updated: str
-    online: bool | None = None
-    state: str | None = None
-    contact: str | None = None
-    detail: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class CameraStatus:
-    post_id: str
-    updated: str
-    ok: bool | None = None
-    reason: str | None = None
-    detail: dict[str, Any] | None = None
-
-
+TABLES = {"incidents", "timeline", "events", "deliveries", "post_status", "camera_status", "telemetry"}
 _IN_CHUNK = 500  # ids per IN (...) list; SQLite allows 999 bound variables in older builds
 _INCIDENT_FIELDS = ("state", "answered_by", "answered_at", "ended", "outcome", "snapshot")
 CSV_COLUMNS = ("id", "post_id", "state", "created", "answered_by", "answered_at", "ended", "outcome",
@@ -91,26 +49,51 @@ def _opt_bool(value: object) -> bool | None:
     return None if value is None else bool(value)
 
 
+def _ids(values: Iterable[str]) -> str:
+    """A JSON array for ``json_each(?)``: any number of ids in one bound variable."""
+    return json.dumps(sorted(values))
+
+
 class Store:
-    """Open (creating and migrating as needed) the database at ``path``; ``":memory:"`` works for tests."""
+    """Open (creating and migrating as needed) the database at ``path``; ``":memory:"`` works for tests.
+
+    An existing file must be an SQLite database that passes ``PRAGMA quick_check``, else SidecarError
+    says which file and how to recover it. A missing file is created, atomically.
+    """
 
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._depth = 0
+        self.fault: StoreFault | None = None
+        self.errors = 0  # failed operations since start (/metrics)
+        if self.path != ":memory:":
+            file = Path(self.path)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if not storefile.check_file(file):
+                    storefile.create(file, self._build)
+            except sqlite3.Error as exc:
+                raise SidecarError(f"cannot create the database {self.path}: {exc}") from None
         try:
             # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE) so none is ever left open.
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
             self._db.row_factory = sqlite3.Row
+            if self.path != ":memory:":
+                storefile.check_integrity(self._db, self.path)
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL, not NORMAL: NORMAL in WAL mode survives a killed process but can lose the last commits on
             # power loss. An emergency-call log must keep them, and a few commits per call cost nothing.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
-        except sqlite3.Error as exc:
+            self._migrate(self._db)
+        except (sqlite3.Error, SidecarError) as exc:
+            if hasattr(self, "_db"):
+                self._db.close()
+            if isinstance(exc, SidecarError):
+                raise
+            if storefile.kind_of(exc) == CORRUPT:
+                raise storefile.refuse(self.path, f"is damaged ({exc})") from None
             raise SidecarError(f"cannot open the database {self.path}: {exc}") from None
 
     def close(self) -> None:
@@ -125,27 +108,61 @@ class Store:
 
     # -- schema -----------------------------------------------------------------------------------------
 
-    def _migrate(self) -> None:
-        version = self.schema_version()
+    def _build(self, db: sqlite3.Connection) -> None:
+        self._migrate(db)
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
         if version > len(MIGRATIONS):
             raise SidecarError(f"{self.path} has schema version {version}, newer than this sip-refuge "
                                f"({len(MIGRATIONS)}); upgrade sip-refuge or use another database")
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             try:
                 # One script, one transaction: the tables and the version bump commit together or not at all.
-                self._db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+                db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
             except sqlite3.Error:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
+        tables = {str(r[0]) for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if missing := sorted(TABLES - tables):
+            # A version number without its tables: a recovery that could not read the schema, or a stranger's file.
+            raise storefile.refuse(self.path, f"has schema version {version} but lacks the tables {', '.join(missing)}")
 
     def schema_version(self) -> int:
-        with self._lock:
-            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        return int(self._scalar("PRAGMA user_version"))
 
     def journal_mode(self) -> str:
-        with self._lock:
-            return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
+        return str(self._scalar("PRAGMA journal_mode"))
+
+    # -- failures -----------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Turn SQLite's errors into StoreError, remembering a storage failure in ``fault``."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: sqlite3.Error) -> StoreError:
+        kind = storefile.kind_of(exc)
+        self.errors += 1
+        error = StoreError(f"database {self.path}: {exc}", kind)
+        if error.storage and (self.fault is None or (self.fault.kind, self.fault.error) != (kind, str(exc))):
+            if self.fault is None or self.fault.kind != CORRUPT:  # corruption is not hidden by a later error
+                self.fault = StoreFault(kind, str(exc), iso_utc(datetime.now(UTC)))
+            log.error("database %s: %s (%s)", self.path, exc,
+                      "the file is damaged; see docs/admin-guide.md, Recovery" if kind == CORRUPT
+                      else "writes are kept in memory and stored once it works again")
+        return error
+
+    def _committed(self, changes: int) -> None:
+        """A write committed: it clears a passing fault only when it changed rows (a write that changed
+        nothing needs no space, so it proves nothing about a full disk)."""
+        if changes and self.fault is not None and self.fault.kind != CORRUPT:
+            log.warning("database %s takes writes again (after: %s)", self.path, self.fault.error)
+            self.fault = None
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -159,39 +176,52 @@ class Store:
                 finally:
                     self._depth -= 1
                 return
-            self._db.execute("BEGIN IMMEDIATE")
+            with self._guard():
+                self._db.execute("BEGIN IMMEDIATE")
+            before = self._db.total_changes
             self._depth = 1
             try:
                 yield
+                with self._guard():
+                    self._db.execute("COMMIT")
             except BaseException:
+                self._rollback()
+                raise
+            finally:
                 self._depth = 0
-                self._db.execute("ROLLBACK")
-                raise
-            self._depth = 0
-            try:
-                self._db.execute("COMMIT")
-            except sqlite3.Error:
-                self._db.execute("ROLLBACK")  # a failed COMMIT (disk full) leaves the transaction open
-                raise
+            self._committed(self._db.total_changes - before)
 
-    def _exec(self, sql: str, args: Iterable[object] = ()) -> sqlite3.Cursor:
+    def _rollback(self) -> None:
+        # SQLite has already rolled back after some failures (a full disk at COMMIT): ROLLBACK would then fail.
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.error("database %s: rollback failed: %s", self.path, exc)
+
+    def _exec(self, sql: str, args: Iterable[object] | dict[str, object] = ()) -> sqlite3.Cursor:
+        """One write; outside a transaction it commits at once."""
         with self._lock:
-            return self._db.execute(sql, tuple(args))
+            with self._guard():
+                cur = self._db.execute(sql, args if isinstance(args, dict) else tuple(args))
+            if not self._depth:
+                self._committed(cur.rowcount)
+            return cur
 
     # Rows are fetched under the lock: a half-read cursor must not interleave with another thread's
     # transaction on the shared connection.
-    def _all(self, sql: str, args: Iterable[object] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, tuple(args)).fetchall()
+    def _all(self, sql: str, args: Iterable[object] | dict[str, object] = ()) -> list[sqlite3.Row]:
+        with self._lock, self._guard():
+            return self._db.execute(sql, args if isinstance(args, dict) else tuple(args)).fetchall()
 
     def _one(self, sql: str, args: Iterable[object] = ()) -> sqlite3.Row | None:
-        with self._lock:
+        with self._lock, self._guard():
             row: sqlite3.Row | None = self._db.execute(sql, tuple(args)).fetchone()
             return row
 
     def _scalar(self, sql: str, args: Iterable[object] = ()) -> Any:
         """The single value of an aggregate query (which always yields one row)."""
-        with self._lock:
+        with self._lock, self._guard():
             return self._db.execute(sql, tuple(args)).fetchone()[0]
 
     # -- events and deliveries --------------------------------------------------------------------------
@@ -207,10 +237,11 @@ class Store:
             if cur.rowcount == 0:
                 return False
             seq = cur.lastrowid
-            self._db.executemany(
-                "INSERT INTO deliveries (event_seq, event_id, target, stream, status, next_attempt_at)"
-                " VALUES (?, ?, ?, ?, 'pending', ?)",
-                [(seq, event.id, target, event.stream, now) for target in targets])
+            with self._guard():
+                self._db.executemany(
+                    "INSERT INTO deliveries (event_seq, event_id, target, stream, status, next_attempt_at)"
+                    " VALUES (?, ?, ?, ?, 'pending', ?)",
+                    [(seq, event.id, target, event.stream, now) for target in targets])
             return True
 
     def _event(self, row: sqlite3.Row) -> Event:
@@ -226,45 +257,54 @@ class Store:
         return [(int(r["seq"]), self._event(r)) for r in rows]
 
     # The head of a stream is its oldest pending delivery; only heads may be attempted, which keeps each
-    # incident's events in order at each target while other incidents (and other targets) go on.
-    _HEADS = """
+    # incident's events in order at each target while other incidents (and other targets) go on. ``:sent``
+    # lists events a worker delivered but could not yet record (the store was failing): they count as done.
+    _PENDING = "status = 'pending' AND event_id NOT IN (SELECT value FROM json_each(:sent))"
+    _HEADS = f"""
         SELECT d.event_seq, d.attempts, d.next_attempt_at, e.id, e.incident, e.post_id, e.body
         FROM deliveries d JOIN events e ON e.seq = d.event_seq
-        WHERE d.target = :target AND d.status = 'pending'
+        WHERE d.target = :target AND d.{_PENDING}
           AND d.event_seq = (SELECT MIN(d2.event_seq) FROM deliveries d2
-                             WHERE d2.target = d.target AND d2.status = 'pending' AND d2.stream = d.stream)
+                             WHERE d2.target = d.target AND d2.{_PENDING} AND d2.stream = d.stream)
     """
 
-    def due(self, target: str, now: float, limit: int = 50) -> list[Delivery]:
+    def due(self, target: str, now: float, limit: int = 50, sent: Iterable[str] = ()) -> list[Delivery]:
         """Stream heads for ``target`` whose next attempt is due at ``now``, oldest first."""
-        return self._heads(target, now, limit)
-
-    def _heads(self, target: str, now: float | None, limit: int) -> list[Delivery]:
-        sql = self._HEADS + (" AND d.next_attempt_at <= :now" if now is not None else "")
-        with self._lock:
-            rows = self._db.execute(sql + " ORDER BY d.event_seq LIMIT :limit",
-                                    {"target": target, "now": now, "limit": limit}).fetchall()
+        rows = self._all(self._HEADS + " AND d.next_attempt_at <= :now ORDER BY d.event_seq LIMIT :limit",
+                         {"target": target, "now": now, "limit": limit, "sent": _ids(sent)})
         return [Delivery(int(r["event_seq"]), target, int(r["attempts"]), float(r["next_attempt_at"]),
                          self._event(r)) for r in rows]
 
-    def next_attempt(self, target: str) -> float | None:
+    def next_attempt(self, target: str, sent: Iterable[str] = ()) -> float | None:
         """When the earliest stream head of ``target`` is due; None when nothing is pending."""
-        with self._lock:
-            row = self._db.execute(f"SELECT MIN(next_attempt_at) FROM ({self._HEADS})",
-                                   {"target": target}).fetchone()
-        return None if row[0] is None else float(row[0])
+        value = self._all(f"SELECT MIN(next_attempt_at) FROM ({self._HEADS})",
+                          {"target": target, "sent": _ids(sent)})[0][0]
+        return None if value is None else float(value)
+
+    def pending_streams(self, target: str, sent: Iterable[str] = ()) -> set[str]:
+        """Streams with a delivery to ``target`` still pending: events held in memory wait behind them."""
+        rows = self._all(f"SELECT DISTINCT stream FROM deliveries WHERE target = :target AND {self._PENDING}",
+                         {"target": target, "sent": _ids(sent)})
+        return {str(r[0]) for r in rows}
 
     def mark_delivered(self, seq: int, target: str, at: datetime) -> None:
         self._exec("UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = ?,"
                    " last_error = NULL WHERE event_seq = ? AND target = ?", (iso_utc(at), seq, target))
 
+    def mark_sent(self, event_id: str, target: str, at: str) -> bool:
+        """Record a delivery made while the store could not write; False when the event is not stored (yet)."""
+        cur = self._exec("UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = ?,"
+                         " last_error = NULL WHERE event_seq = (SELECT seq FROM events WHERE id = ?)"
+                         " AND target = ? AND status = 'pending'", (at, event_id, target))
+        return cur.rowcount == 1
+
     def mark_failed(self, seq: int, target: str, error: str, next_attempt_at: float) -> None:
         self._exec("UPDATE deliveries SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?"
                    " WHERE event_seq = ? AND target = ?", (error, next_attempt_at, seq, target))
 
-    def pending_count(self, target: str) -> int:
-        return int(self._scalar("SELECT COUNT(*) FROM deliveries WHERE target = ? AND status = 'pending'",
-                                (target,)))
+    def pending_count(self, target: str, sent: Iterable[str] = ()) -> int:
+        return int(self._all(f"SELECT COUNT(*) FROM deliveries WHERE target = :target AND {self._PENDING}",
+                             {"target": target, "sent": _ids(sent)})[0][0])
 
     def delivery_counts(self) -> dict[str, dict[str, int]]:
         """``{target: {status: count}}`` over the whole database, for /metrics."""
@@ -305,7 +345,7 @@ class Store:
         sql = f"SELECT * FROM incidents {where} ORDER BY created DESC, id"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        with self._lock:
+        with self._lock, self._guard():
             rows = self._db.execute(sql, args).fetchall()
             ids = [r["id"] for r in rows]
             lines: dict[str, list[TimelineEntry]] = {i: [] for i in ids}
@@ -394,3 +434,44 @@ class Store:
         rows = self._all("SELECT received, body FROM telemetry WHERE post_id = ? ORDER BY seq DESC LIMIT ?",
                           (post_id, limit))
         return [(str(r[0]), json.loads(r[1])) for r in rows]
+
+    # -- retention ----------------------------------------------------------------------------------------
+    # Each call deletes at most ``batch`` rows in one short transaction, so the hub's writes are never held
+    # up for long behind a large prune.
+
+    def prune_events(self, before: str, batch: int = 1000) -> tuple[int, int]:
+        """Delete up to ``batch`` events stamped before ``before`` (ISO UTC) with their deliveries. Returns
+        (events deleted, of their deliveries how many were still pending)."""
+        with self.transaction():
+            seqs = json.dumps([r[0] for r in self._all(
+                "SELECT seq FROM events WHERE timestamp < ? ORDER BY timestamp, seq LIMIT ?", (before, batch))])
+            pending = int(self._scalar("SELECT COUNT(*) FROM deliveries WHERE status = 'pending' AND event_seq IN"
+                                       " (SELECT value FROM json_each(?))", (seqs,)))
+            self._exec("DELETE FROM deliveries WHERE event_seq IN (SELECT value FROM json_each(?))", (seqs,))
+            return self._exec("DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))",
+                              (seqs,)).rowcount, pending
+
+    def prune_telemetry(self, before: str, batch: int = 1000) -> int:
+        """Delete up to ``batch`` telemetry reports received before ``before`` (ISO UTC)."""
+        return self._exec("DELETE FROM telemetry WHERE seq IN (SELECT seq FROM telemetry WHERE received < ?"
+                          " ORDER BY received LIMIT ?)", (before, batch)).rowcount
+
+    def trim_telemetry(self, post_id: str, keep_bytes: int) -> int:
+        """Keep only the newest reports of ``post_id`` that fit in ``keep_bytes`` (of JSON); the rest go."""
+        return self._exec(
+            "DELETE FROM telemetry WHERE post_id = :post AND seq <= (SELECT seq FROM (SELECT seq, SUM(length(body))"
+            " OVER (ORDER BY seq DESC) AS kept FROM telemetry WHERE post_id = :post) WHERE kept > :keep"
+            " ORDER BY seq DESC LIMIT 1)", {"post": post_id, "keep": keep_bytes}).rowcount
+
+    def telemetry_posts(self) -> list[str]:
+        return [str(r[0]) for r in self._all("SELECT DISTINCT post_id FROM telemetry")]
+
+    def prune_incidents(self, before: str, batch: int = 500) -> int:
+        """Delete up to ``batch`` ended incidents created before ``before`` (ISO UTC), with their timelines.
+        Only when the site asks for it: incidents are the legal record of the service."""
+        with self.transaction():
+            ids = json.dumps([r[0] for r in self._all(
+                "SELECT id FROM incidents WHERE created < ? AND state = 'ended' ORDER BY created LIMIT ?",
+                (before, batch))])
+            self._exec("DELETE FROM timeline WHERE incident IN (SELECT value FROM json_each(?))", (ids,))
+            return self._exec("DELETE FROM incidents WHERE id IN (SELECT value FROM json_each(?))", (ids,)).rowcount

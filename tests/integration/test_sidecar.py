@@ -3,7 +3,8 @@
 A real Asterisk 22 on loopback; posts and desks are real SIP peers (tests/support/sipua.py); every post's
 camera is a mount of a real RTSP test camera behind a login; the CCTV target is a real Standard Webhooks
 receiver that verifies signatures and de-duplicates by webhook-id. The sidecar runs as a subprocess, so it
-can be SIGKILLed and restarted, and everything it prints is searched for the camera password at the end.
+can be SIGKILLed and restarted, and everything it prints is searched for the camera password at the end. Its
+database lives on a small tmpfs mounted for this module (tests run as root), which one test fills up.
 
 The tests of this module share one set-up and run in file order; each leaves the parts as it found them.
 """
@@ -32,6 +33,7 @@ from sip_refuge.config import Desk, Post, Site, load_site
 from sip_refuge.config.secrets import init_secrets
 from sip_refuge.pbx.asterisk import Asterisk, free_port
 from tests.integration.conftest import EXAMPLE, desks_ready
+from tests.support.disk import SmallDisk
 from tests.support.receivers import WebhookReceiver, _WebhookHandler
 from tests.support.rtsp_camera import TestCamera
 from tests.support.sidecar import Sidecar, wait_until
@@ -50,7 +52,7 @@ OUTAGE = 60.0  # seconds the webhook receiver is down: the outbox's backoff cap
 # -- the set-up ---------------------------------------------------------------------------------------
 
 
-def write_site(folder: Path, camera: Any, camera_password: str, hook_port: int) -> Path:
+def write_site(folder: Path, camera: Any, camera_password: str, hook_port: int, database: Path) -> Path:
     """The example site on free loopback ports, short timers, cameras on the test camera, one webhook target."""
     data = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
     pbx = data["pbx"]
@@ -60,7 +62,7 @@ def write_site(folder: Path, camera: Any, camera_password: str, hook_port: int) 
     pbx["ami"]["port"] = free_port()
     data["queue"].update(ring_timeout=5, max_wait=8)
     data["sidecar"].update(listen=f"127.0.0.1:{free_port()}", offline_grace=f"{GRACE}s",
-                           camera_interval=f"{CAMERA_INTERVAL}s")
+                           camera_interval=f"{CAMERA_INTERVAL}s", database=str(database))
     data["cctv"] = [{"type": "webhook", "name": TARGET, "url": f"http://127.0.0.1:{hook_port}/hook",
                      "secret_file": "secrets/webhook.secret"}]
     secret = folder / "secrets" / "camera.secret"
@@ -129,6 +131,7 @@ class World:
     receiver: WebhookReceiver
     sidecar: Sidecar
     feed: EventFeed
+    disk: SmallDisk
     posts: dict[str, SipPeer] = field(default_factory=dict)
     desks: dict[str, SipPeer] = field(default_factory=dict)
 
@@ -192,9 +195,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     folder = tmp_path_factory.mktemp("sidecar")
     password = "cam-" + secrets.token_hex(10)
     hook_port = free_port()
-    with TestCamera(["sutton-market", "idlewells", "kirkby-bus-station"], user=CAMERA_USER,
-                    password=password) as camera:
-        site_file = write_site(folder, camera, password, hook_port)
+    with SmallDisk(folder / "db", "16m") as disk, \
+            TestCamera(["sutton-market", "idlewells", "kirkby-bus-station"], user=CAMERA_USER,
+                       password=password) as camera:
+        site_file = write_site(folder, camera, password, hook_port, disk.path / "sidecar.sqlite3")
         site = load_site(site_file)
         receiver = OutageReceiver((folder / "secrets" / "webhook.secret").read_text().strip())
         receiver.port = hook_port
@@ -203,7 +207,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                           verbose=True)
         with Asterisk(site, command="pytest tests/integration/test_sidecar.py", boot_timeout=60,
                       ) as pbx:
-            world = World(site, site_file, pbx, camera, password, receiver, sidecar, EventFeed(""))
+            world = World(site, site_file, pbx, camera, password, receiver, sidecar, EventFeed(""), disk)
             try:
                 world.posts = {p.id: world.phone(p.id) for p in site.posts}
                 world.desks = {d.id: world.phone(d.id) for d in site.desks}
@@ -371,6 +375,78 @@ def test_asterisk_restart_reconnects_and_puts_state_right(world: World) -> None:
     world.wait_event(lambda e: e["type"] == "call.ended" and e["data"]["incident"] == done, 20, "next call.ended")
 
 
+def press_while_booting(world: World, post_id: str, within: float) -> tuple[OutgoingCall, float]:
+    """Restart Asterisk and place an alarm from ``post_id`` as soon as it takes one: an INVITE every 50 ms from
+    the moment the process starts, so the press is the first call it answers. Returns the call and how long
+    after the start Asterisk took it."""
+    peer = world.posts[post_id]
+    world.pbx.stop()
+    booting = threading.Thread(target=world.pbx.start, name="asterisk-boot")
+    started = time.monotonic()
+    booting.start()
+    try:
+        tries: list[OutgoingCall] = []
+        while time.monotonic() - started < within + 30:
+            tries.append(peer.call(world.site.queue.extension))
+            time.sleep(0.05)
+            answered = next((c for c in tries if c.responses), None)
+            if answered is not None:
+                took = time.monotonic() - started
+                break
+        else:
+            raise AssertionError("the restarted Asterisk answered no INVITE")
+    finally:
+        booting.join(60)
+    with peer.lock:  # the tries Asterisk never got (its port was still closed) are no calls to hang up
+        peer.calls[:] = [c for c in peer.calls if c not in tries or c is answered]
+    return answered, took
+
+
+def test_alarm_pressed_as_the_pbx_restarts_gets_its_incident(world: World) -> None:
+    """An alarm pressed while Asterisk is still booting (sidecar attached throughout) gets its incident and events."""
+    post = world.site.posts[1]
+    known = world.incident_ids()
+    mark = len(world.received())
+    rung = len(world.desks["desk-1"].incoming)
+    call, took = press_while_booting(world, post.id, within=1.0)
+    world.register_all()
+    queued = world.wait_event(lambda e: e["type"] == "call.queued" and e["data"]["post"]["id"] == post.id, 30,
+                              "call.queued of the alarm pressed at boot", since=mark)
+    incident = queued["data"]["incident"]
+    assert incident not in known
+    # Right after a start Asterisk does not yet know the desks can take calls (their first qualify is still
+    # to come): it may send the alarm straight to the overflow route. Either way the incident must be there.
+    desk = world.desks["desk-1"]
+
+    def ringing() -> IncomingCall | None:  # the queue rings again after each ring timeout: take a live ring
+        with desk.lock:
+            return next((c for c in reversed(desk.incoming[rung:]) if c.state == "ringing"), None)
+
+    overflowed = wait_until(lambda: "unanswered" if "call.unanswered" in world.of_incident(incident) else
+                            "rang" if ringing() else None, 30, "a desk ringing or the overflow")
+    print(f"Asterisk took the press {took:.2f} s after its process started; the call {overflowed}")
+    if overflowed == "rang":
+        ring = ringing()
+        assert ring is not None
+        ring.answer()
+        assert call.wait_final(15).code == 200
+        world.wait_event(lambda e: e["type"] == "call.answered" and e["data"]["incident"] == incident, 15,
+                         "call.answered")
+    call.hangup()
+    if overflowed == "rang":
+        world.wait_event(lambda e: e["type"] == "call.ended" and e["data"]["incident"] == incident, 15,
+                         "call.ended")
+        assert world.of_incident(incident) == ["call.queued", "call.answered", "call.ended"]
+    else:
+        assert world.of_incident(incident) == ["call.queued", "call.unanswered"]
+        unanswered = world.received()[[e["type"] for e in world.received()].index("call.unanswered", mark)]
+        assert unanswered["data"]["reason"] == "overflowed"
+    found = wait_until(lambda: (i := world.sidecar.incident(incident)) and i["state"] == "ended" and i, 15,
+                       "the incident ended in the API")
+    assert found["post_id"] == post.id
+    assert wait_until(lambda: world.sidecar.health()["status"] == "ok", 30, "healthy sidecar")
+
+
 def test_sigkill_mid_delivery_loses_nothing(world: World) -> None:
     """Events stored but not yet delivered when the sidecar is SIGKILLed are delivered once it is restarted."""
     world.receiver.stop()  # deliveries now fail and wait in the outbox
@@ -433,6 +509,57 @@ def test_webhook_down_for_a_minute_gets_all_nine_events_in_order(world: World) -
     assert len(set(world.receiver.ids)) == len(world.receiver.ids)
     print(f"duplicates the receiver dropped: {world.receiver.duplicates - duplicates}")
     wait_until(lambda: world.sidecar.health()["targets"][0]["healthy"], 10, "target healthy again")
+
+
+def call_through_webhook(world: World, post_id: str, desk_id: str = "desk-1") -> str:
+    """Place, answer and hang up one call, following it at the webhook only (not the API: the store may not
+    have it); return its incident id."""
+    mark, rung = len(world.received()), len(world.desks[desk_id].incoming)
+    call = world.call(post_id)
+    queued = world.wait_event(lambda e: e["type"] == "call.queued" and e["data"]["post"]["id"] == post_id, 15,
+                              f"call.queued of {post_id}", since=mark)
+    incident: str = queued["data"]["incident"]
+    world.answer(desk_id, rung)
+    assert call.wait_final(10).code == 200
+    world.wait_event(lambda e: e["type"] == "call.answered" and e["data"]["incident"] == incident, 15,
+                     "call.answered", since=mark)
+    call.hangup()
+    world.wait_event(lambda e: e["type"] == "call.ended" and e["data"]["incident"] == incident, 15, "call.ended",
+                     since=mark)
+    return incident
+
+
+def test_full_disk_loses_no_call(world: World) -> None:
+    """With the database's disk full, three calls still reach the webhook and the pages, /healthz is degraded at once, and all is stored once space returns."""
+    database = world.site.sidecar.database if world.site.sidecar else None
+    assert database is not None and database.parent == world.disk.path
+    with sqlite3.connect(database) as admin:  # no WAL space left over: the next write needs new blocks
+        admin.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    duplicates = world.receiver.duplicates
+    filled = world.disk.fill()
+    try:
+        first = call_through_webhook(world, world.site.posts[0].id)
+        health = world.sidecar.health()
+        assert health["status"] == "degraded" and health["database"]["error_kind"] == "full", health
+        assert any("database or disk is full" in p for p in health["problems"])
+        incidents = [first] + [call_through_webhook(world, post.id) for post in world.site.posts[1:]]
+        health = world.sidecar.health()
+        assert health["database"]["held"]["events"] >= 9 and health["database"]["lost"]["writes"] == 0
+        assert "refuge_store_up 0" in world.sidecar.metrics()
+        assert all(world.sidecar.incident(i) is None for i in incidents)  # not in the database yet
+        for incident in incidents:
+            assert world.of_incident(incident) == ["call.queued", "call.answered", "call.ended"]
+            wait_until(lambda i=incident: world.feed.all().count(i) >= 3, 10, "the pages' events")  # type: ignore[misc]
+        print(f"disk filled with {filled} bytes; {health['database']['held']['writes']} writes held in memory")
+    finally:
+        world.disk.free()
+    for incident in incidents:
+        found = wait_until(lambda i=incident: (x := world.sidecar.incident(i)) and x["state"] == "ended" and x,  # type: ignore[misc]
+                           15, "the incident stored once space returned")
+        assert found["answered_by"] == "desk-1" and [t["kind"] for t in found["timeline"]][0] == "queued"
+    health = wait_until(lambda: (h := world.sidecar.health())["status"] == "ok" and h, 30, "healthy again")
+    assert health["database"]["held"]["writes"] == 0 and health["targets"][0]["pending"] == 0
+    assert world.receiver.duplicates == duplicates  # delivered from memory, then recorded: never sent twice
 
 
 # -- what the sidecar shows -----------------------------------------------------------------------------
