@@ -172,12 +172,19 @@ class Streams:
     def wait(self, what: str, test: Callable[[_Open], bool], timeout: float) -> list[_Open]:
         """Wait until ``test(stream)`` holds for every stream (``what`` names it in the failure)."""
 
+        failing: list[_Open] = []
+
         def every() -> list[_Open] | None:
             streams = self.snapshot()
-            failing = [s for s in streams if not test(s)]
+            failing[:] = [s for s in streams if not test(s)]
             return streams if not failing else None
 
-        return wait_for(every, timeout, what, 0.1)
+        try:
+            return wait_for(every, timeout, what, 0.1)
+        except AssertionError:
+            shown = [(s.path, s.status, s.bytes_total, s.parts, len(s.seen), s.ended) for s in failing[:5]]
+            raise AssertionError(f"no {what} within {timeout} s: {len(failing)} streams not there, such as "
+                                 f"(path, status, bytes, parts, events, ended) {shown}") from None
 
     def close(self) -> None:
         self._stop.set()

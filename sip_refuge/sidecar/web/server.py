@@ -139,8 +139,7 @@ class HttpServer:
         """Wait (at most :data:`QUEUE_WAIT`) for a request thread; False: answer 503."""
         if self.admission.take_worker(priority):
             return True
-        if len(self._waiting) >= 8 * self.limits.workers:
-            return False
+        # No cap on how many wait: each waiter is a connection, and connections are capped already.
         assert self._loop is not None
         entry = (priority, self._loop.create_future())
         self._waiting.append(entry)
@@ -304,8 +303,9 @@ class _Exchange:
                 data = await self.reader.read(READ_SIZE)
         except TimeoutError:
             self.admission.timed_out(phase)
-            if phase != "idle":
-                self.writer.write(_raw(408, f"the request did not arrive within {self.limits.header_timeout} s"))
+            if phase != "idle":  # still counted against the caps while it lingers
+                detail = f"the request did not arrive within {self.limits.header_timeout} s"
+                await self.server.linger(self.reader, self.writer, _raw(408, detail))
             raise _Closed from None
         self.conn.receive_data(data)
 
@@ -403,8 +403,11 @@ class _Exchange:
                 for task in (pump, gone):
                     task.cancel()
                 await asyncio.gather(pump, gone, return_exceptions=True)
-            if pump in done and pump.exception() is None:
+            failure = pump.exception() if pump in done else None
+            if pump in done and failure is None:
                 await self._send(h11.EndOfMessage())  # the stream ended (the sidecar stops): end the body well
+            elif failure is not None and not isinstance(failure, _Closed | ConnectionError):
+                log.warning("%s stream to %s failed: %r", body.kind, self.client[0], failure)
         finally:
             self.admission.close_stream(body.kind)
         return False
@@ -435,8 +438,8 @@ class _Exchange:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if retry:
             headers.append((b"retry-after", str(RETRY_AFTER).encode()))
-        await self._send(h11.Response(status_code=status, headers=_server(headers)), h11.Data(data=body),
-                         h11.EndOfMessage())
+        await self._send(h11.Response(status_code=status, reason=HTTPStatus(status).phrase.encode(),
+                                      headers=_server(headers)), h11.Data(data=body), h11.EndOfMessage())
 
 
 def _server(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
