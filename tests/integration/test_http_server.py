@@ -8,15 +8,23 @@ strangers; 127.0.0.1 is the sidecar's own host (monitoring). Every limit is smal
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import threading
 from collections.abc import AsyncGenerator, Iterator
+from pathlib import Path
 
 import pytest
 from flask import Flask, Response, jsonify, request
 
-from sip_refuge.config import HttpLimits
+from sip_refuge.config import HttpLimits, load_site
+from sip_refuge.config.secrets import init_secrets
+from sip_refuge.sidecar.core import Hub
+from sip_refuge.sidecar.outbox import Outbox
+from sip_refuge.sidecar.store import Store
+from sip_refuge.sidecar.web import create_app
 from sip_refuge.sidecar.web import server as server_module
+from sip_refuge.sidecar.web import stream as stream_module
 from sip_refuge.sidecar.web.admission import Admission
 from sip_refuge.sidecar.web.server import HttpServer
 from sip_refuge.sidecar.web.stream import Stream
@@ -24,6 +32,8 @@ from tests.support.http_load import Streams, closed_by_server, connect, head, re
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
 
 MAX_BODY = 1024
 LIMITS = HttpLimits(connections=40, reserve=8, per_client=10, workers=4, streams=12, live_views=2,
@@ -231,3 +241,33 @@ def test_stop_ends_streams_and_joins_the_request_threads(app: App) -> None:
         ended = streams.wait("every stream ended by the server", lambda s: s.ended, 15)
     assert all(s.status == 200 for s in ended)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("http-")]
+
+
+def test_the_event_stream_runs_in_the_loop_with_keepalives_and_ends_when_the_hub_closes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sidecar app's /api/v1/events: each event once, a keep-alive comment when idle, a clean end on stop."""
+    monkeypatch.setattr(stream_module, "KEEPALIVE", 0.3)
+    path = tmp_path / "site.yaml"
+    shutil.copy(EXAMPLE, path)
+    init_secrets(load_site(path, check_secrets=False))
+    site = load_site(path)
+    store = Store(tmp_path / "sidecar.sqlite3")
+    hub = Hub(site, store, Outbox(store, []), base_url="http://127.0.0.1")
+    app = create_app(hub, token="t0ken-for-the-server-tests-0123456789")
+    http = HttpServer(app, Admission(LIMITS), host="127.0.0.1", port=0, max_body=MAX_BODY).start()
+    try:
+        with Streams(http.port) as streams:
+            streams.open("/api/v1/events", 3, ["127.0.0.2"])
+            streams.wait("three subscribers", lambda s: s.status == 200, 10)
+            wait_for(lambda: len(hub._subscribers) == 3, 10, "three hub subscribers")
+            for state in ("idle", "ringing"):
+                hub.on_telemetry("idlewells", {"kind": "state", "state": state})
+            streams.wait("both events on each stream", lambda s: s.seen == ["post.status", "post.status"], 10)
+            streams.wait("keep-alive comments", lambda s: s.comments >= 2, 10)
+            assert all(s.seen == ["post.status", "post.status"] for s in streams.snapshot())
+            hub.close_subscribers()  # what the runner does first when the sidecar stops
+            streams.wait("every stream ended", lambda s: s.ended, 10)
+        assert hub._subscribers == []
+    finally:
+        http.stop()
+        store.close()

@@ -98,6 +98,7 @@ class _Open:
     parts: int = 0  # MJPEG parts
     ended: bool = False
     seen: list[str] = field(default_factory=list)  # SSE event types, in order
+    comments: int = 0  # SSE comment lines (keep-alives)
 
     def count(self, chunk: bytes) -> None:
         self.bytes_total += len(chunk)
@@ -114,6 +115,7 @@ class _Open:
         else:
             *lines, self.tail = data.split(b"\n")
             self.seen += [line[7:].decode() for line in lines if line.startswith(b"event: ")]
+            self.comments += sum(1 for line in lines if line.startswith(b":"))
 
 
 class Streams:
@@ -166,8 +168,8 @@ class Streams:
 
     def snapshot(self) -> list[_Open]:
         with self._lock:
-            return [_Open(s.sock, s.path, s.status, b"", b"", s.bytes_total, s.parts, s.ended, list(s.seen))
-                    for s in self.streams]
+            return [_Open(s.sock, s.path, s.status, b"", b"", s.bytes_total, s.parts, s.ended, list(s.seen),
+                          s.comments) for s in self.streams]
 
     def wait(self, what: str, test: Callable[[_Open], bool], timeout: float) -> list[_Open]:
         """Wait until ``test(stream)`` holds for every stream (``what`` names it in the failure)."""

@@ -425,7 +425,12 @@ class _Exchange:
 
     async def _send(self, *events: h11.Event) -> None:
         """Write ``events``; a client that reads nothing for idle_timeout is dropped."""
-        self.writer.write(b"".join(self.conn.send(e) or b"" for e in events))
+        transport = self.writer.transport
+        transport.write(b"".join(self.conn.send(e) or b"" for e in events))
+        if transport.is_closing():
+            raise ConnectionResetError("the client has gone")
+        if not transport.get_write_buffer_size():
+            return  # all went out: nothing to wait for (the common case, and the cheap one)
         try:
             async with asyncio.timeout(self.limits.idle_timeout):
                 await self.writer.drain()

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import threading
+import weakref
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Protocol
 
@@ -45,21 +48,82 @@ class Stream(ABC):
         """WSGI's close(), also for a body never iterated (refused at a cap, or the client left)."""
 
 
+class _Nudges:
+    """Sets asyncio events from other threads with one loop call per burst rather than one per event.
+
+    One published event wakes every open stream, and each ``call_soon_threadsafe`` is a system call made
+    by the publishing thread (with the hub's lock held): 200 streams would cost it 200.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: set[asyncio.Event] = set()
+
+    def waker(self, event: asyncio.Event) -> Callable[[], None]:
+        def wake() -> None:
+            with self._lock:
+                first = not self._pending
+                self._pending.add(event)
+            if first:
+                try:
+                    self.loop.call_soon_threadsafe(self._flush)
+                except RuntimeError:  # the loop closed under the stream: nobody is waiting any more
+                    pass
+
+        return wake
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, set()
+        for event in pending:
+            event.set()
+
+
+_nudges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Nudges] = weakref.WeakKeyDictionary()
+
+
 def waker(event: asyncio.Event) -> Callable[[], None]:
-    """A nudge for ``event`` that any thread may call; it does nothing once the running loop has closed."""
+    """A nudge for ``event`` (in the running loop) that any thread may call, even after the loop closed."""
     loop = asyncio.get_running_loop()
+    nudges = _nudges.get(loop)
+    if nudges is None:
+        nudges = _nudges[loop] = _Nudges(loop)
+    return nudges.waker(event)
 
-    def wake() -> None:
-        try:
-            loop.call_soon_threadsafe(event.set)
-        except RuntimeError:  # the loop closed under the stream: nobody is waiting any more
-            pass
 
-    return wake
+class _Frames:
+    """Each event's SSE frame, encoded once for all the streams it goes to (used in the loop's thread only)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._recent: OrderedDict[int, tuple[Event, bytes]] = OrderedDict()
+
+    def __call__(self, event: Event) -> bytes:
+        hit = self._recent.get(id(event))
+        if hit is not None and hit[0] is event:
+            return hit[1]
+        frame = _frame(event)
+        self._recent[id(event)] = (event, frame)
+        if len(self._recent) > self.size:
+            self._recent.popitem(last=False)
+        return frame
+
+
+_loop_frames = _Frames()
 
 
 def _frame(event: Event) -> bytes:
     return f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.body)}\n\n".encode()
+
+
+def _take_all(subscription: queue.Queue[Event | None]) -> list[Event | None]:
+    """Everything queued, under one lock (Queue.get_nowait would take it, and raise Empty, once more)."""
+    with subscription.mutex:
+        items = list(subscription.queue)
+        subscription.queue.clear()
+        subscription.not_full.notify_all()
+    return items
 
 
 class EventStream(Stream):
@@ -92,31 +156,41 @@ class EventStream(Stream):
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         ready = asyncio.Event()
         subscription = self.hub.subscribe(wake=waker(ready))
+        beat = _Beat(ready)
         try:
             yield RETRY
             while True:
-                try:
-                    async with asyncio.timeout(KEEPALIVE):
-                        await ready.wait()
-                except TimeoutError:
-                    yield b": keep-alive\n\n"
-                    continue
+                await ready.wait()
                 ready.clear()
-                frames, ended = [], False
-                while not ended:
-                    try:
-                        event = subscription.get_nowait()
-                    except queue.Empty:
-                        break
-                    ended = event is None
-                    if event is not None:
-                        frames.append(_frame(event))
+                items = _take_all(subscription)
+                frames = [_loop_frames(event) for event in items if event is not None]
+                if beat.due and not frames:
+                    frames.append(b": keep-alive\n\n")
+                beat.due = False
                 if frames:
                     yield b"".join(frames)  # a burst of events in one write
-                if ended:
+                if None in items:  # the sidecar is stopping, or this reader fell too far behind
                     return
         finally:
+            beat.cancel()
             self.hub.unsubscribe(subscription)
+
+
+class _Beat:
+    """Sets ``ready`` and ``due`` every :data:`KEEPALIVE` seconds: one timer per stream, not one per event."""
+
+    def __init__(self, ready: asyncio.Event) -> None:
+        self.ready, self.due = ready, False
+        self.loop = asyncio.get_running_loop()
+        self._timer = self.loop.call_later(KEEPALIVE, self._fire)
+
+    def _fire(self) -> None:
+        self.due = True
+        self.ready.set()
+        self._timer = self.loop.call_later(KEEPALIVE, self._fire)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 class Feed(Protocol):
