@@ -5,8 +5,9 @@ stream only once per interval costs far less CPU than keeping 20 streams open an
 ``bench/camera_probe.py``). :func:`analyse` judges one frame, shrunk first, against the previous probe's
 picture and the camera's own learned sharpness; it is pure, so the rules are unit-tested on synthetic frames.
 
-Only :class:`CameraMonitor` owns a thread. It reports transitions through ``on_change(post_id, ok, reason)``;
-the sidecar turns them into ``camera.fault`` / ``camera.ok`` events. The capture URL holds the camera
+Only :class:`CameraMonitor` owns threads: its probe thread, and one live-view decoder per camera while anyone
+watches it (:meth:`CameraMonitor.feed`, shared by all its viewers). It reports transitions through
+``on_change(post_id, ok, reason)``; the sidecar turns them into ``camera.fault`` / ``camera.ok`` events. The capture URL holds the camera
 password; logs and every string a page can show use the masked URL.
 """
 

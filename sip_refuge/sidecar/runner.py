@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import threading
 import time
 from typing import Any
@@ -95,6 +96,8 @@ class SidecarRunner:
         try:
             self.server.run(on_signal=self._signal)
         finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean stop
             self._close_server()
             self.stop()
 

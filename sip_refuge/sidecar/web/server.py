@@ -107,11 +107,11 @@ class HttpServer:
             if not self._stop_asked.is_set():
                 await self._stopping.wait()
         finally:
-            for sig in signals:
-                self._loop.remove_signal_handler(sig)
             server.close()  # no new connections
             await self._drain()
             self.workers.stop(timeout=5)
+            for sig in signals:  # only now: a second Ctrl-C while draining goes to _signalled, which ignores it
+                self._loop.remove_signal_handler(sig)
 
     def _signalled(self, signum: int, on_signal: Callable[[int], None] | None) -> None:
         assert self._stopping is not None
