@@ -30,6 +30,7 @@ import socket
 import threading
 from collections import deque
 from collections.abc import Callable
+from email.utils import formatdate
 from http import HTTPStatus
 
 import h11
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 MAX_HEADER = 16 * 1024  # request line and headers; h11's own default
 RETRY_AFTER = 5  # seconds, in every 503
 QUEUE_WAIT = 10.0  # seconds a read request may wait for a request thread before its 503
-LINGER, LINGER_BYTES, MAX_LINGERING = 2.0, 256 * 1024, 256  # see _linger()
+LINGER, LINGER_BYTES, MAX_LINGERING = 2.0, 256 * 1024, 256  # see HttpServer.linger()
 DRAIN = 10.0  # seconds requests in flight get to finish when the sidecar stops
 READ_SIZE = 64 * 1024
 SERVER = b"sip-refuge"
@@ -258,7 +259,8 @@ def _raw(status: int, detail: str) -> bytes:
     """A whole answer written before (or instead of) reading a request: h11 only answers a parsed one."""
     body = _json(status, detail)
     retry = f"Retry-After: {RETRY_AFTER}\r\n" if status == 503 else ""
-    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nServer: sip-refuge\r\n{retry}"
+    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nServer: sip-refuge\r\n"
+            f"Date: {formatdate(usegmt=True)}\r\n{retry}"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
     return head.encode("latin-1") + body
 
@@ -448,4 +450,4 @@ class _Exchange:
 
 
 def _server(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(b"server", SERVER), *headers]
+    return [(b"server", SERVER), (b"date", formatdate(usegmt=True).encode()), *headers]
