@@ -7,6 +7,7 @@ from sip_refuge.config.model import (
     CctvTarget,
     Desk,
     Gpio,
+    HttpLimits,
     Location,
     Networks,
     Pbx,
@@ -20,6 +21,6 @@ from sip_refuge.config.model import (
 )
 
 __all__ = [
-    "Ami", "Camera", "CctvTarget", "Desk", "Gpio", "Location", "Networks", "Pbx", "Post", "Queue",
+    "Ami", "Camera", "CctvTarget", "Desk", "Gpio", "HttpLimits", "Location", "Networks", "Pbx", "Post", "Queue",
     "Secret", "SelfTest", "Sidecar", "Site", "Tls", "load_site",
 ]

@@ -16,6 +16,7 @@ from sip_refuge.config.model import (
     CctvTarget,
     Desk,
     Gpio,
+    HttpLimits,
     Location,
     Networks,
     Pbx,
@@ -331,6 +332,7 @@ class _Builder:
         grace = r.duration("offline_grace", 30, low=0, high=3600)
         interval = r.duration("camera_interval", 60, low=5, high=3600)
         retention = self.retention(r.child("retention"))
+        limits = self.http_limits(r.child("limits"))
         r.done()
         if listen is None or token is None or database is None:
             return None
@@ -338,7 +340,8 @@ class _Builder:
         if not 1 <= int(port) <= 65535:
             r.fail("listen", f"port {port} is out of range")
             return None
-        return Sidecar(host, int(port), token, database, public, grace or 0, interval or 60, retention)
+        return Sidecar(host, int(port), token, database, public, grace or 0, interval or 60, retention,
+                       limits)
 
     def retention(self, r: Reader) -> Retention:
         years, d = 100 * 365 * 86400, Retention()
@@ -349,6 +352,25 @@ class _Builder:
         incidents = None if forever else r.duration("incidents", None, low=30 * 86400, high=years)
         r.done()
         return Retention(events or d.events, telemetry or d.telemetry, per_post or d.telemetry_per_post, incidents)
+
+    def http_limits(self, r: Reader) -> HttpLimits:
+        d = HttpLimits()
+        connections = r.integer("connections", d.connections, low=16, high=60000) or d.connections
+        values = {
+            "connections": connections,
+            "per_client": r.integer("per_client", d.per_client, low=1, high=connections),
+            "reserve": r.integer("reserve", min(d.reserve, connections // 2), low=0, high=connections // 2),
+            "workers": r.integer("workers", d.workers, low=2, high=256),
+            "streams": r.integer("streams", min(d.streams, connections), low=0, high=connections),
+            "live_views": r.integer("live_views", d.live_views, low=0, high=1000),
+            "header_timeout": r.duration("header_timeout", d.header_timeout, low=1, high=300),
+            "idle_timeout": r.duration("idle_timeout", d.idle_timeout, low=1, high=3600),
+        }
+        r.done()
+        limits = HttpLimits(**{k: v for k, v in values.items() if v is not None})
+        if limits.live_views > limits.streams:
+            r.fail("live_views", f"{limits.live_views} is above streams ({limits.streams}): live views are streams")
+        return limits
 
     def target(self, r: Reader) -> CctvTarget | None:
         kind = r.choice("type", CCTV_TYPES, required=True)

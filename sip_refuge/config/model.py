@@ -152,6 +152,20 @@ class Retention:
 
 
 @dataclass(frozen=True)
+class HttpLimits:
+    """The sidecar's HTTP caps and deadlines (``sidecar.limits``): no client may exhaust the server."""
+
+    connections: int = 1000  # open connections in all
+    per_client: int = 32  # open connections from one address
+    reserve: int = 64  # of ``connections``: only posts' networks and loopback may use these
+    workers: int = 16  # request threads for the app; a quarter of them only for telemetry and health checks
+    streams: int = 500  # open event streams and live views together
+    live_views: int = 50  # open live camera views
+    header_timeout: int = 10  # seconds for a request's headers to arrive, and again for its body
+    idle_timeout: int = 30  # seconds a kept-alive connection may wait for its next request
+
+
+@dataclass(frozen=True)
 class Sidecar:
     host: str
     port: int
@@ -161,6 +175,7 @@ class Sidecar:
     offline_grace: int = 30
     camera_interval: int = 60
     retention: Retention = Retention()
+    limits: HttpLimits = field(default_factory=HttpLimits)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ stream only once per interval costs far less CPU than keeping 20 streams open an
 ``bench/camera_probe.py``). :func:`analyse` judges one frame, shrunk first, against the previous probe's
 picture and the camera's own learned sharpness; it is pure, so the rules are unit-tested on synthetic frames.
 
-Only :class:`CameraMonitor` owns a thread. It reports transitions through ``on_change(post_id, ok, reason)``;
-the sidecar turns them into ``camera.fault`` / ``camera.ok`` events. The capture URL holds the camera
+Only :class:`CameraMonitor` owns threads: its probe thread, and one live-view decoder per camera while anyone
+watches it (:meth:`CameraMonitor.feed`, shared by all its viewers). It reports transitions through
+``on_change(post_id, ok, reason)``; the sidecar turns them into ``camera.fault`` / ``camera.ok`` events. The capture URL holds the camera
 password; logs and every string a page can show use the masked URL.
 """
 
@@ -27,6 +28,7 @@ import numpy as np
 from sip_refuge.config.model import Camera, Site
 from sip_refuge.errors import SidecarError
 from sip_refuge.sidecar.events import camera_url
+from sip_refuge.sidecar.live import LiveFeed
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +238,7 @@ class CameraMonitor:
         self._states = {p: CameraState(p, probe.safe_url) for p, probe in self.probes.items()}
         self._reported = dict(initial or {})
         self._thumbs: dict[str, bytes] = {}
+        self._feeds: dict[str, LiveFeed] = {}
         self._lock = threading.Lock()
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
@@ -339,6 +342,27 @@ class CameraMonitor:
         if post_id not in self.probes:
             raise CameraError(f"post {post_id} has no camera")
         return self._live(self.probes[post_id], stop, width)
+
+    def feed(self, post_id: str) -> LiveFeed:
+        """The camera's live view shared by all its viewers (:class:`LiveFeed`). Raises :class:`CameraError`."""
+        if post_id not in self.probes:
+            raise CameraError(f"post {post_id} has no camera")
+        with self._lock:
+            feed = self._feeds.get(post_id)
+            if feed is None:
+                feed = self._feeds[post_id] = LiveFeed(post_id, lambda stop: self.mjpeg(post_id, stop))
+            return feed
+
+    def close_feeds(self, timeout: float = 15.0) -> None:
+        """Stop every live feed's decoder and join them (a decoder waiting on its camera ends within the read
+        timeout); later viewers are refused."""
+        with self._lock:
+            feeds = list(self._feeds.values())
+        for feed in feeds:
+            feed.close()
+        deadline = time.monotonic() + timeout
+        for feed in feeds:
+            feed.join(max(0.0, deadline - time.monotonic()))
 
     def _live(self, probe: CameraProbe, stop: threading.Event, width: int) -> Iterator[bytes]:
         period = 1.0 / self.mjpeg_fps

@@ -36,6 +36,18 @@ SUBSCRIBER_BACKLOG = 200  # events kept for a slow page; beyond that it is dropp
 SNAPSHOTS_KEPT = 200  # call snapshots kept in memory; an older incident's snapshot URL answers 404
 
 
+class _Waking(queue.Queue["Event | None"]):
+    """A subscriber's queue that calls ``wake()`` after each put (with the queue's lock held)."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__(SUBSCRIBER_BACKLOG)
+        self._wake = wake
+
+    def _put(self, item: Event | None) -> None:
+        super()._put(item)
+        self._wake()
+
+
 class Hub:
     def __init__(self, site: Site, store: Store, outbox: Outbox, *, base_url: str,
                  snapshot: Callable[[str], bytes | None] | None = None,
@@ -171,8 +183,10 @@ class Hub:
             return self._snapshots.get(incident)
 
     # -- live subscribers (SSE) ------------------------------------------------------------------
-    def subscribe(self) -> queue.Queue[Event | None]:
-        q: queue.Queue[Event | None] = queue.Queue(SUBSCRIBER_BACKLOG)
+    def subscribe(self, wake: Callable[[], None] | None = None) -> queue.Queue[Event | None]:
+        """A live page's events (None: its stream ends). ``wake``, if given, runs in the publishing thread
+        after each put, so an asyncio reader needs no thread of its own; it must not block."""
+        q: queue.Queue[Event | None] = queue.Queue(SUBSCRIBER_BACKLOG) if wake is None else _Waking(wake)
         with self.lock:
             self._subscribers.append(q)
         return q

@@ -2,7 +2,9 @@
 
 Threads: the AMI follower (its own asyncio loop), one outbox worker per CCTV target, the camera
 monitor, a ticker for timers (post offline after grace; storing writes held while the database failed),
-the retention pruner, and waitress's request threads.
+the retention pruner, the HTTP server's event loop (this, the main thread: every connection, event
+stream and live view) with its request threads for the Flask app, and one decoder per camera while
+anyone watches it live.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import logging
 import signal
 import threading
 import time
-from types import FrameType
 from typing import Any
 
 from sip_refuge.config import Site, load_site
@@ -28,12 +29,6 @@ from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.targets import make_target
 
 log = logging.getLogger(__name__)
-
-REQUEST_THREADS = 32  # each open dashboard/operator page holds one for its event stream
-
-
-class _Stopping(Exception):
-    """Raised by the signal handler to leave the HTTP server's loop."""
 
 
 class SidecarRunner:
@@ -92,45 +87,39 @@ class SidecarRunner:
 
     def serve(self) -> None:
         """Serve HTTP until SIGINT/SIGTERM, then stop every thread."""
-        from waitress import create_server
+        from sip_refuge.sidecar.web import MAX_BODY, create_app
+        from sip_refuge.sidecar.web.admission import Admission
+        from sip_refuge.sidecar.web.server import HttpServer
 
-        from sip_refuge.sidecar.web import create_app
-
-        app = create_app(self.hub, token=self.conf.token.read(), cameras=self.monitor, stop=self.stop_event)
-        self.server = create_server(app, host=self.conf.host, port=self.conf.port, threads=REQUEST_THREADS,
-                                    channel_timeout=60, ident="sip-refuge")
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._signal)
+        admission = Admission(self.conf.limits, trusted=self.site.pbx.networks.posts)
+        app = create_app(self.hub, token=self.conf.token.read(), cameras=self.monitor, stop=self.stop_event,
+                         http=admission.status)
+        # Bound before any thread starts: a port in use is a clear error, not a half-started sidecar.
+        self.server = HttpServer(app, admission, host=self.conf.host, port=self.conf.port, max_body=MAX_BODY)
         self.start()
         log.info("sidecar for %s on http://%s:%s/ (dashboard), /operator?desk=ID, /metrics",
-                 self.site.name, self.conf.host, self.conf.port)
+                 self.site.name, self.conf.host, self.server.port)
         try:
-            self.server.run()
-        except _Stopping:
-            pass
+            self.server.run(on_signal=self._signal)
         finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean stop
             self._close_server()
             self.stop()
 
-    def _signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.stop_event.is_set():
-            return  # already stopping: a second Ctrl-C must not interrupt the clean stop
+    def _signal(self, signum: int) -> None:
+        """SIGINT/SIGTERM, in the server's loop; the server stops once this returns (a second one is ignored)."""
         log.info("sidecar stopping (signal %d)", signum)
         self.stop_event.set()
-        # Leave waitress's loop by an exception: closing its sockets from inside a signal handler would
-        # pull them from under the select() the handler interrupted.
-        raise _Stopping
+        self.hub.close_subscribers()  # event streams end cleanly, with the end of their body
 
     def _close_server(self) -> None:
-        from waitress import wasyncore
-
-        # End event streams and live views first: they hold request threads and connections open.
+        # The server has stopped (its streams ended, its request threads joined); the live views' decoders
+        # stop with their last viewer, and are joined here.
         self.stop_event.set()
         self.hub.close_subscribers()
-        if self.server is not None:
-            self.server.close()
-            wasyncore.close_all(self.server._map)
-            self.server.task_dispatcher.shutdown(timeout=5)
+        if self.monitor is not None:
+            self.monitor.close_feeds()
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -1,6 +1,6 @@
 """The dashboard and the operator pop-up in a real headless Chromium, against the real sidecar app.
 
-The app is served by waitress (as in production) around a hub built in-process, with a real camera monitor
+The app is served by the sidecar's own HTTP server (as in production) around a hub built in-process, with a real camera monitor
 reading a real RTSP test camera. AMI is the only part played by the test: it feeds the hub the events
 Asterisk's queue sends (QueueCallerJoin, AgentCalled, AgentConnect, AgentComplete, ContactStatus).
 """
@@ -17,20 +17,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from playwright.sync_api import Page, expect
-from waitress import create_server, wasyncore
 
-from sip_refuge.config import Site, load_site
+from sip_refuge.config import HttpLimits, Site, load_site
 from sip_refuge.config.secrets import init_secrets
 from sip_refuge.sidecar.cameras import CameraMonitor
 from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.outbox import Outbox
 from sip_refuge.sidecar.store import Store
-from sip_refuge.sidecar.web import create_app
+from sip_refuge.sidecar.web import MAX_BODY, create_app
+from sip_refuge.sidecar.web.admission import Admission
+from sip_refuge.sidecar.web.server import HttpServer
 from tests.support.browser import Browser
 from tests.support.rtsp_camera import TestCamera
 
@@ -92,21 +92,17 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
         for post in site.posts:
             monitor.probe(post.id)
         stop = threading.Event()
-        app = create_app(hub, token=TOKEN, cameras=monitor, stop=stop)
-        server: Any = create_server(app, host="127.0.0.1", port=0, threads=16, ident="sip-refuge")
-        thread = threading.Thread(target=server.run, name="waitress", daemon=True)
-        thread.start()
+        admission = Admission(HttpLimits(), trusted=site.pbx.networks.posts)
+        app = create_app(hub, token=TOKEN, cameras=monitor, stop=stop, http=admission.status)
+        server = HttpServer(app, admission, host="127.0.0.1", port=0, max_body=MAX_BODY).start()
         try:
-            yield Sidecar(f"http://127.0.0.1:{server.effective_port}", hub, monitor, camera, password)
+            yield Sidecar(f"http://127.0.0.1:{server.port}", hub, monitor, camera, password)
         finally:
-            # Ends the event streams and live views first, so no request thread is left holding the server.
+            # As the runner stops: streams end, the server joins its threads, then the live views' decoders.
             stop.set()
             hub.close_subscribers()
-            server.task_dispatcher.shutdown()
-            # server.close() alone closes only the listening socket; the loop runs while any channel is open.
-            # Close them from inside the loop's own thread (its trigger), never under a running select().
-            server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
-            thread.join(10)
+            server.stop()
+            monitor.close_feeds()
             store.close()
 
 

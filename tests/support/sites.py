@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -44,6 +45,34 @@ def agent_site(folder: Path, *, sidecar_port: int | None = None) -> Site:
         post["control_port"] = free_port()
         post["sip_backend"] = "pyvoip" if post["id"] == POSTS["pyvoip"] else "pjsua2"
     folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "site.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    init_secrets(load_site(path, check_secrets=False))
+    return load_site(path)
+
+
+def sidecar_site(folder: Path, *, camera: Any = None, camera_user: str = "viewer", camera_password: str = "",
+                 limits: dict[str, Any] | None = None) -> Site:
+    """The example site for a sidecar alone (no Asterisk is started: AMI stays unconnected): a free port,
+    posts reporting from 127.0.0.1 only (so 127.0.0.2 and up are strangers), no CCTV target, each post's
+    camera on ``camera`` (a :class:`TestCamera`) behind a login, and ``limits`` as ``sidecar.limits``."""
+    data = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    data["pbx"]["networks"]["posts"] = ["127.0.0.1/32"]
+    data["pbx"]["ami"]["port"] = free_port()
+    data["sidecar"].update(listen=f"127.0.0.1:{free_port()}", camera_interval="1h", limits=limits or {})
+    data["cctv"] = []
+    folder.mkdir(parents=True, exist_ok=True)
+    if camera is not None:
+        secret = folder / "secrets" / "camera.secret"
+        secret.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        secret.write_text(camera_password + "\n", encoding="utf-8")
+        secret.chmod(0o600)
+        for post in data["posts"]:
+            post["camera"] = {"rtsp_url": camera.url(post["id"], user=camera_user),
+                              "password_file": "secrets/camera.secret"}
+    else:
+        for post in data["posts"]:
+            post.pop("camera", None)
     path = folder / "site.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     init_secrets(load_site(path, check_secrets=False))

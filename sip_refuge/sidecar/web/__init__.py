@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, jsonify
@@ -20,13 +21,16 @@ MAX_BODY = 64 * 1024  # telemetry reports are a few hundred bytes; anything bigg
 
 
 def create_app(hub: Hub, *, token: str, cameras: Any = None, stop: threading.Event | None = None,
-               test_config: dict[str, Any] | None = None) -> Flask:
+               http: Callable[[], dict[str, Any]] | None = None, test_config: dict[str, Any] | None = None) -> Flask:
+    """``http`` reports the HTTP server's caps and refusals for /healthz and /metrics (the runner's server)."""
     app = Flask(__name__, template_folder="templates", static_folder="static")
+    # The sidecar's server refuses a larger body before reading it; this covers any other WSGI server.
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, JSON_SORT_KEYS=False)
     if test_config:
         app.config.update(test_config)
     # ``stop`` ends long-lived responses (event streams, live camera views) when the sidecar stops.
-    app.extensions["refuge"] = {"hub": hub, "token": token, "cameras": cameras, "stop": stop or threading.Event()}
+    app.extensions["refuge"] = {"hub": hub, "token": token, "cameras": cameras, "stop": stop or threading.Event(),
+                                "http": http}
 
     from sip_refuge.sidecar.web import api, health, pages, stream
 

@@ -25,6 +25,12 @@ def cameras() -> Any:
     return current_app.extensions["refuge"]["cameras"]
 
 
+def http_status() -> dict[str, Any] | None:
+    """The HTTP server's caps and refusals; None under another server (Flask's test client)."""
+    report = current_app.extensions["refuge"].get("http")
+    return cast("dict[str, Any]", report()) if report is not None else None
+
+
 def stopping() -> threading.Event:
     return cast(threading.Event, current_app.extensions["refuge"]["stop"])
 

@@ -14,7 +14,8 @@ from flask import Blueprint, Response, jsonify
 from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.store import StoreError
 from sip_refuge.sidecar.storefile import CORRUPT
-from sip_refuge.sidecar.web.context import cameras, hub
+from sip_refuge.sidecar.web import admission
+from sip_refuge.sidecar.web.context import cameras, http_status, hub
 
 bp = Blueprint("health", __name__)
 
@@ -37,12 +38,15 @@ def healthz() -> tuple[Response, int]:
     problems += [f"target {t.name}: {t.consecutive_failures} failed attempts in a row"
                  + (f" ({t.last_error})" if t.last_error else "")
                  for t in status if t.consecutive_failures >= FAILING_TARGET]
+    http = http_status()
+    problems += admission.problems(http)
     body: dict[str, Any] = {
         "ami": {"connected": h.ami_connected, "since": h.ami_last_change, "last_error": h.ami_last_error,
                 "last_error_at": h.ami_last_error_at, "resynced_at": h.ami_resynced_at},
         "database": database,
         "targets": targets,
         "cameras": _camera_summary(cameras()),
+        "http": http,
         "problems": problems,
     }
     ok = not problems
@@ -149,6 +153,8 @@ def metrics() -> Response:
            [({}, float(sum(1 for p in posts if p["camera"] and p["camera"]["ok"] is False)))])
     metric("refuge_ami_connected", "gauge", "1 while the sidecar is connected to Asterisk's AMI.",
            [({}, 1.0 if h.ami_connected else 0.0)])
+    for family in admission.metrics(http_status()):
+        metric(*family)
     return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
 
 

@@ -7,6 +7,7 @@ from flask import Blueprint, Response, abort, render_template, request
 from sip_refuge.config.model import Site
 from sip_refuge.errors import RefugeError, SidecarError
 from sip_refuge.sidecar.web.context import cameras, hub, stopping
+from sip_refuge.sidecar.web.stream import LiveView
 
 bp = Blueprint("pages", __name__)
 
@@ -66,4 +67,6 @@ def live(post_id: str) -> Response:
         parts = monitor.mjpeg(post_id, stopping())
     except SidecarError:  # CameraError (no camera on this post); cameras.py needs OpenCV, so not imported here
         abort(404, description=f"post {post_id!r} has no camera")
-    return Response(parts, mimetype="multipart/x-mixed-replace; boundary=frame", headers={"Cache-Control": "no-store"})
+    # The sidecar's server runs the view in its loop from the camera's shared feed; ``parts`` is the fallback.
+    return Response(LiveView(parts, lambda: monitor.feed(post_id)), direct_passthrough=True,
+                    mimetype="multipart/x-mixed-replace; boundary=frame", headers={"Cache-Control": "no-store"})
