@@ -41,6 +41,7 @@ from sip_refuge.post.machine import PostMachine, Settings
 from sip_refuge.post.panel import MockPanel, Panel
 from sip_refuge.post.sip import Account, SipBackend
 from sip_refuge.post.telemetry import TelemetryOutbox
+from sip_refuge.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -181,19 +182,13 @@ class PostRunner:
             case Report():
                 self.telemetry.put(self._report(command))
 
-    def _report(self, report: Report) -> dict[str, Any]:
+    def _report(self, report: Report) -> Telemetry:
         wall = datetime.now(UTC).timestamp() - (self.clock() - report.at)
-        body: dict[str, Any] = dict(report.detail)
-        body.update(kind=report.kind, post=self.post.id, at=datetime.fromtimestamp(wall, UTC).isoformat(),
-                    state=str(self.machine.state), registered=self.machine.registered,
-                    faults=self.machine.faults(), mock_gpio=self.mock)
-        if report.kind == "selftest":
-            # Only a finished test passes or fails: one aborted by a press or a call-back is neither.
-            passed = {"pass": True, "fail": False}.get(str(body.get("result")))
-            if passed is not None:
-                body["passed"] = passed
-            body["last_self_test"] = self.machine.status(self._wall_offset()).get("last_self_test")
-        return body
+        last = self.machine.status(self._wall_offset()).get("last_self_test") if report.kind == "selftest" else None
+        return Telemetry.build(report.kind, report.detail, post=self.post.id, at=datetime.fromtimestamp(wall, UTC),
+                               state=str(self.machine.state), registered=self.machine.registered,
+                               faults=self.machine.faults(), mock_gpio=self.mock,
+                               last_self_test=last if isinstance(last, dict) else None)
 
     def _wall_offset(self) -> float:
         return time.time() - self.clock()

@@ -3,11 +3,11 @@
 A down or slow sidecar must never delay a call: ``put`` only appends to memory, and one sender thread
 (owned by the runner) keeps the spool file up to date and posts in order, retrying with backoff. The
 spool keeps reports across a restart of the agent; it is bounded so a long outage cannot fill the disk.
+Reports are :class:`~sip_refuge.telemetry.Telemetry` messages, kept and sent as their JSON.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -15,7 +15,8 @@ import urllib.error
 import urllib.request
 from collections import deque
 from pathlib import Path
-from typing import Any
+
+from sip_refuge.telemetry import Telemetry, TelemetryError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class TelemetryOutbox:
     def __init__(self, post_id: str, url: str | None, token: str | None, spool: Path | None = None,
                  *, timeout: float = 3.0) -> None:
         self.post_id, self.url, self.token, self.spool, self.timeout = post_id, url, token, spool, timeout
-        self._pending: deque[dict[str, Any]] = deque()
+        self._pending: deque[str] = deque()  # each report's JSON
         self._cond = threading.Condition()
         self._stopping = False
         self._dirty = False  # the spool file is behind the pending reports
@@ -38,10 +39,11 @@ class TelemetryOutbox:
         self._load_spool()
 
     # -- producer side (the runner's thread) ---------------------------------------------------------
-    def put(self, report: dict[str, Any]) -> None:
+    def put(self, report: Telemetry) -> None:
         """Queue ``report``; no I/O here (it runs on the post's one loop, between call events)."""
+        text = report.to_json()
         with self._cond:
-            self._pending.append(report)
+            self._pending.append(text)
             while len(self._pending) > MAX_KEPT:
                 self._pending.popleft()
                 self.dropped += 1
@@ -105,9 +107,9 @@ class TelemetryOutbox:
                 self.sent += 1
                 self._dirty = True
 
-    def _send(self, report: dict[str, Any]) -> None:
+    def _send(self, report: str) -> None:
         assert self.url is not None
-        request = urllib.request.Request(self.url, data=json.dumps(report).encode(), method="POST",
+        request = urllib.request.Request(self.url, data=report.encode(), method="POST",
                                          headers={"Content-Type": "application/json",
                                                   "Authorization": f"Bearer {self.token or ''}"})
         try:
@@ -116,7 +118,8 @@ class TelemetryOutbox:
         except urllib.error.HTTPError as exc:
             if 400 <= exc.code < 500 and exc.code not in (401, 403, 408, 429):
                 # The sidecar refused this report for good (e.g. malformed): retrying would block the rest.
-                log.error("post %s: sidecar refused telemetry (%s); dropping it", self.post_id, exc.code)
+                log.error("post %s: sidecar refused telemetry (%s %s); dropping it", self.post_id, exc.code,
+                          exc.read(2000).decode("utf-8", "replace").strip())
                 return
             raise
 
@@ -124,11 +127,17 @@ class TelemetryOutbox:
     def _load_spool(self) -> None:
         if self.spool is None or not self.spool.exists():
             return
-        for line in self.spool.read_text(encoding="utf-8").splitlines():
+        for number, line in enumerate(self.spool.read_bytes().splitlines(), 1):
+            # Read as the sidecar reads it: a spool of an earlier version is sent in today's form, and a damaged
+            # line is dropped here rather than refused by the sidecar.
             try:
-                self._pending.append(json.loads(line))
-            except ValueError:
-                log.warning("post %s: skipping a damaged telemetry spool line", self.post_id)
+                self._pending.append(Telemetry.from_json(line).to_json())
+            except TelemetryError as exc:
+                log.warning("post %s: %s:%d: skipping a telemetry report that cannot be sent: %s", self.post_id,
+                            self.spool, number, exc)
+        while len(self._pending) > MAX_KEPT:
+            self._pending.popleft()
+            self.dropped += 1
 
     def _save(self) -> None:
         """Rewrite the spool from the pending reports when they changed (sender thread, or at stop)."""
@@ -137,7 +146,7 @@ class TelemetryOutbox:
                 return
             pending = list(self._pending)  # a cheap copy: put() waits for this lock, not for the JSON below
             self._dirty = False
-        lines = "".join(json.dumps(r) + "\n" for r in pending)
+        lines = "".join(r + "\n" for r in pending)
         tmp = self.spool.with_suffix(".tmp")
         try:
             self.spool.parent.mkdir(parents=True, exist_ok=True)

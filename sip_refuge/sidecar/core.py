@@ -18,6 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +30,7 @@ from sip_refuge.sidecar.events import Event, build_event, iso_utc
 from sip_refuge.sidecar.outbox import STORED, Outbox
 from sip_refuge.sidecar.retention import Pruner, TelemetryBudget
 from sip_refuge.sidecar.store import CameraStatus, PostStatus, Store, StoreError
+from sip_refuge.telemetry import SelfTestReport, SelfTestResult, Telemetry, shown_status
 
 log = logging.getLogger(__name__)
 
@@ -119,38 +121,34 @@ class Hub:
                          [build_event("camera.ok" if ok else "camera.fault", self.site, post_id=post_id, now=now,
                                       reason=reason)])
 
-    def on_telemetry(self, post_id: str, body: dict[str, Any]) -> None:
-        """A post agent's report: remember it, show its state, and raise selftest.failed."""
+    def on_telemetry(self, post_id: str, message: Telemetry) -> None:
+        """A post agent's report (already validated): remember it, show its state, and raise selftest.failed."""
         with self.lock:
             now = datetime.now(UTC)
             previous = self._post_status.get(post_id)
-            detail = dict(previous.detail or {}) if previous else {}
-            for key in ("registered", "last_self_test", "faults", "call", "mock_gpio"):
-                if key in body:
-                    detail[key] = body[key]
-            if body.get("kind") == "selftest" and isinstance(body.get("passed"), bool) \
-                    and "last_self_test" not in body:
-                detail["last_self_test"] = {"at": iso_utc(now), "passed": body["passed"],
-                                            "detail": body.get("detail")}
+            last = message.last_self_test
+            detail: dict[str, Any] = {"registered": message.registered, "faults": list(message.faults),
+                                      "mock_gpio": message.mock_gpio}
+            if last is not None:
+                detail["last_self_test"] = asdict(last)
+            elif previous is not None and previous.detail and "last_self_test" in previous.detail:
+                detail["last_self_test"] = previous.detail["last_self_test"]
             status = self._post_status[post_id] = PostStatus(
-                post_id, iso_utc(now), previous.online if previous else None,
-                str(body.get("state") or (previous.state if previous else "")),
+                post_id, iso_utc(now), previous.online if previous else None, message.state,
                 previous.contact if previous else None, detail)
             events = []
-            if body.get("kind") == "selftest" and body.get("passed") is False:
+            report = message.detail
+            if isinstance(report, SelfTestReport) and report.result is SelfTestResult.FAIL:
                 events.append(build_event("selftest.failed", self.site, post_id=post_id, now=now,
-                                          reason=str(body.get("detail") or "self-test failed")))
-            pressed = [c.incident for c in self.tracker.live_calls() if c.post.id == post_id] \
-                if body.get("kind") == "call" and body.get("event") == "pressed" else []
+                                          reason=report.detail or "self-test failed"))
+            body = message.to_wire()
             size = len(json.dumps(body, separators=(",", ":")))
 
             def changes(store: Store) -> None:
                 store.add_telemetry(post_id, now, body)
                 store.save_post_status(status)
-                for incident in pressed:
-                    store.add_timeline(incident, "pressed", now, {"source": "telemetry"})
 
-            stored = self._record(changes, events, kind=CALL if events or pressed else TELEMETRY, size=size)
+            stored = self._record(changes, events, kind=CALL if events else TELEMETRY, size=size)
             if stored == STORED:
                 self._telemetry_budget.added(self.store, post_id, size)
             self._broadcast_status(post_id)
@@ -380,14 +378,13 @@ class Hub:
                    live: Mapping[str, Any]) -> dict[str, Any]:
         post = self.site.post(post_id)
         status, camera, call = statuses.get(post_id), cameras.get(post_id), live.get(post_id)
-        detail = status.detail or {} if status else {}
+        shown = shown_status(status.state, status.detail) if status else shown_status(None, None)
         return {
             "id": post.id, "name": post.name, "extension": post.extension,
             "location": {"address": post.location.address, "lat": post.location.lat, "lon": post.location.lon},
-            "online": self.tracker.is_online(post.id), "state": status.state if status else None,
-            "registered": detail.get("registered"), "last_self_test": detail.get("last_self_test"),
-            "faults": detail.get("faults", []), "sip_backend": post.sip_backend,
-            "mock_gpio": bool(detail.get("mock_gpio")),
+            "online": self.tracker.is_online(post.id), "state": shown["state"],
+            "registered": shown["registered"], "last_self_test": shown["last_self_test"],
+            "faults": shown["faults"], "sip_backend": post.sip_backend, "mock_gpio": shown["mock_gpio"],
             "camera": None if post.camera is None else {
                 "ok": camera.ok if camera else None, "reason": camera.reason if camera else None},
             "call": None if call is None else {

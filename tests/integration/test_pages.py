@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import itertools
+import json
 import re
 import secrets
 import threading
@@ -17,13 +18,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, Route, expect
 
 from sip_refuge.config import HttpLimits, Site, load_site
-from sip_refuge.config.secrets import init_secrets
+from sip_refuge.config.secrets import init_secrets, telemetry_token
 from sip_refuge.sidecar.cameras import CameraMonitor
 from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.outbox import Outbox
@@ -33,6 +35,7 @@ from sip_refuge.sidecar.web.admission import Admission
 from sip_refuge.sidecar.web.server import HttpServer
 from tests.support.browser import Browser
 from tests.support.rtsp_camera import TestCamera
+from tests.support.telemetry import message, report
 
 pytestmark = pytest.mark.integration
 
@@ -224,9 +227,9 @@ def test_dashboard_lists_every_post_and_follows_calls_live(sidecar: Sidecar, bro
         ["Queued", "Rang: Operator Desk 1", "Rang: Operator Desk 2", "Answered by: Operator Desk 1", "Ended"])
 
     # Post telemetry and camera probes reach the page the same way.
-    hub.on_telemetry("sutton-market", {"kind": "selftest", "passed": True, "state": "idle", "registered": True,
-                                       "last_self_test": {"at": datetime.now(UTC).isoformat(), "passed": True,
-                                                          "detail": "echo heard"}})
+    hub.on_telemetry("sutton-market", message("sutton-market", "selftest",
+                                              last_self_test={"at": datetime.now(UTC).isoformat(), "passed": True,
+                                                              "detail": "echo heard"}))
     expect(page.locator("#post-sutton-market")).to_contain_text("Passed", timeout=WAIT_MS)
     sidecar.camera.set_mode("kirkby-bus-station", "black")
     try:
@@ -330,3 +333,88 @@ def test_operator_page_for_an_unknown_desk_is_a_404(sidecar: Sidecar) -> None:
         assert connection.getresponse().status == 404
     finally:
         connection.close()
+
+
+# -- hostile telemetry (issue 8, finding 10) -------------------------------------------------------------
+
+def hostile_reports(post_id: str) -> list[bytes]:
+    """What one post's token could send: every one broke a page or the JSON API before telemetry was typed."""
+    duration = json.dumps(report(post_id, "call", duration=1.5))
+    return [json.dumps(body).encode() for body in (
+        report(post_id, faults=5), report(post_id, faults="abc"), report(post_id, faults=[3, None]),
+        report(post_id, registered="yes"), report(post_id, last_self_test={"at": "junk", "passed": "x"}),
+        report(post_id, state="<img src=x onerror=alert(1)>"), report(post_id, reason="x" * 10_000),
+        report(post_id, kind="heartbeat"))] + [
+        duration.replace("1.5", "NaN").encode(), duration.replace("1.5", "Infinity").encode(),
+        b"[" * 30_000 + b"]" * 30_000, b'{"a":' * 10_000 + b"1" + b"}" * 10_000]
+
+
+def tamper_with(field_values: dict[str, Any], post_id: str) -> Any:
+    """A route handler that hands dashboard.js and operator.js a /api/v1/posts whose ``post_id`` has
+    ``field_values``: what an earlier sidecar, which passed telemetry through unchecked, served."""
+
+    def handle(route: Route) -> None:
+        body = route.fetch().json()
+        for post in body["posts"]:
+            if post["id"] == post_id:
+                post.update(field_values)
+        body["posts"].append(None)  # and a post that is not even an object
+        route.fulfill(json=body)
+
+    return handle
+
+
+HOSTILE_VIEW = {"faults": "abc", "registered": "yes", "last_self_test": "junk", "camera": 5, "location": None,
+                "state": {"not": "text"}, "call": [], "mock_gpio": "yes", "online": "maybe"}
+
+
+def test_hostile_telemetry_from_one_post_never_breaks_the_pages(sidecar: Sidecar, browser: Browser) -> None:
+    """One post's hostile reports are refused (4xx), and even a hostile API answer leaves every post on the pages."""
+    hub = sidecar.hub
+    port = int(sidecar.url.rsplit(":", 1)[1])
+    token = telemetry_token("idlewells", hub.site.post("idlewells").secret.read())
+    for body in hostile_reports("idlewells"):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            connection.request("POST", "/api/v1/posts/idlewells/telemetry", body=body,
+                               headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+            reply = connection.getresponse()
+            answer = json.loads(reply.read())
+        finally:
+            connection.close()
+        assert reply.status in (400, 413, 422), (reply.status, answer)
+        assert set(answer) == {"error", "detail"}
+
+    page = browser.page()
+    page.route("**/api/v1/posts", tamper_with(HOSTILE_VIEW, "idlewells"))
+    page.goto(sidecar.url + "/")
+    expect(page.locator("#link-state")).to_have_attribute("data-state", "open", timeout=WAIT_MS)
+    page.wait_for_function("() => document.querySelector('#post-idlewells .post-info').dataset.html !== undefined",
+                           timeout=WAIT_MS)  # dashboard.js rendered the tampered answer
+    expect(page.locator("#posts > li")).to_have_count(len(hub.site.posts))
+    for post in hub.site.posts:
+        expect(page.locator(f"#post-{post.id} h3")).to_have_text(post.name)
+    idlewells = page.locator("#post-idlewells")
+    expect(idlewells).to_contain_text("Self-test")
+    expect(idlewells).not_to_contain_text("abc")  # a fault list that is not a list shows no faults
+    expect(idlewells.locator("button.press")).to_have_count(0)  # "yes" is not true
+
+    # The page keeps following the other posts: a good report from one of them still shows.
+    hub.on_telemetry("kirkby-bus-station", message("kirkby-bus-station", "fault", faults=["tamper"]))
+    expect(page.locator("#post-kirkby-bus-station")).to_contain_text("tamper", timeout=WAIT_MS)
+    page.close()
+
+    # The operator page reads the same answer when it catches up with a call already live.
+    uid = queue_call(hub, "idlewells")
+    operator = browser.page()
+    operator.route("**/api/v1/posts", tamper_with({**HOSTILE_VIEW, "extension": 5}, "idlewells"))
+    operator.goto(sidecar.url + "/operator?desk=desk-1")
+    try:
+        expect(operator.locator("#banner")).to_have_attribute("data-state", "queued", timeout=WAIT_MS)
+        expect(operator.locator("#post-name")).to_have_text("Idlewells Shopping Centre")
+        expect(operator.locator("#post-extension")).to_have_text("—")
+    finally:
+        hang_up(hub, uid)
+    expect(operator.locator("#banner")).to_have_attribute("data-state", "ended", timeout=WAIT_MS)
+    operator.close()
+    assert browser.errors == []

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from werkzeug.serving import make_server
 
 from sip_refuge.config import Site, load_site
 from sip_refuge.config.secrets import init_secrets
+from sip_refuge.post.telemetry import TelemetryOutbox
 from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.outbox import Outbox
+from sip_refuge.sidecar.records import PostStatus
 from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.web import create_app
+from sip_refuge.telemetry import Telemetry
+from tests.support.telemetry import AT, report
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
 TOKEN = "t0ken-for-the-api-tests-0123456789"
@@ -72,31 +81,132 @@ def test_a_call_becomes_an_incident_with_its_timeline(client: FlaskClient, hub: 
 
 def test_telemetry_needs_the_token(client: FlaskClient) -> None:
     url = "/api/v1/posts/idlewells/telemetry"
-    assert client.post(url, json={"kind": "state", "state": "idle"}).status_code == 401
-    assert client.post(url, json={"kind": "state"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert client.post(url, json={"kind": "state", "state": "idle"}, headers=AUTH).status_code == 202
+    assert client.post(url, json=report("idlewells")).status_code == 401
+    assert client.post(url, json=report("idlewells"), headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.post(url, json=report("idlewells"), headers=AUTH).status_code == 202
     assert client.get("/api/v1/posts/idlewells").get_json()["state"] == "idle"
 
 
 def test_bad_telemetry_gets_clear_4xx(client: FlaskClient) -> None:
     url = "/api/v1/posts/idlewells/telemetry"
+    as_json = {**AUTH, "Content-Type": "application/json"}
     cases = [
-        (client.post(url, data="{not json", headers={**AUTH, "Content-Type": "application/json"}), 400),
-        (client.post(url, json=[1, 2], headers=AUTH), 400),
-        (client.post(url, json={"kind": "bogus"}, headers=AUTH), 422),
-        (client.post("/api/v1/posts/nope/telemetry", json={"kind": "state"}, headers=AUTH), 404),
-        (client.post(url, data="x" * 100_000, headers={**AUTH, "Content-Type": "application/json"}), 413),
+        (client.post(url, data="{not json", headers=as_json), 400, "body: not JSON"),
+        (client.post(url, data=json.dumps(report("idlewells")), headers=AUTH), 400, "body: must be JSON"),
+        (client.post(url, json=[1, 2], headers=AUTH), 400, "body: must be a JSON object"),
+        (client.post(url, json=report("idlewells", kind="bogus"), headers=AUTH), 422, "kind: 'bogus' is not one of"),
+        (client.post(url, json=report("idlewells", post="sutton-market"), headers=AUTH), 422, "post: 'sutton-market'"),
+        (client.post("/api/v1/posts/nope/telemetry", json=report("nope"), headers=AUTH), 404, "no post"),
+        (client.post(url, data="x" * 100_000, headers=as_json), 413, ""),
     ]
-    for response, status in cases:
+    for response, status, detail in cases:
         assert response.status_code == status, response.data
-        assert response.is_json and "error" in response.get_json()
+        assert response.is_json and set(response.get_json()) == {"error", "detail"}
+        assert response.get_json()["detail"].startswith(detail) or detail in response.get_json()["detail"]
+
+
+def hostile_bodies() -> list[tuple[str, int, str]]:
+    """Issue 8, findings 10 and 14, as an attacker with a post's token would send them."""
+    good = json.dumps(report("idlewells", "call", duration=1.5))
+    return [
+        (json.dumps(report("idlewells", faults=5)), 422, "faults: 5 is not a list of names"),
+        (json.dumps(report("idlewells", faults="abc")), 422, "faults: 'abc' is not a list of names"),
+        (good.replace("1.5", "NaN"), 422, "duration: NaN is not allowed"),
+        (good.replace("1.5", "Infinity"), 422, "duration: Infinity is not allowed"),
+        (good.replace("1.5", "-Infinity"), 422, "duration: -Infinity is not allowed"),
+        ("[" * 30_000 + "]" * 30_000, 413, "body: 60000 bytes"),
+        ("[" * 8000 + "]" * 8000, 400, "body: nested more than 8 deep"),  # within 16 KiB: the parser would recurse
+        (json.dumps(report("idlewells", extra=[[[[[[[[1]]]]]]]])), 400, "body: nested more than 8 deep"),
+        (json.dumps(report("idlewells", reason="x" * 5000)), 422, "reason: 5000 characters"),
+        (json.dumps(report("idlewells", faults=["f"] * 1000)), 422, "faults: 1000 items"),
+        (json.dumps(report("idlewells", kind="heartbeat")), 422, "kind: 'heartbeat' is not one of"),
+    ]
+
+
+def test_hostile_telemetry_is_refused_naming_the_field_and_breaks_nothing(client: FlaskClient) -> None:
+    url = "/api/v1/posts/idlewells/telemetry"
+    client.post(url, json=report("idlewells", faults=["tamper"]), headers=AUTH)
+    for body, status, detail in hostile_bodies():
+        response = client.post(url, data=body, headers={**AUTH, "Content-Type": "application/json"})
+        assert response.status_code == status, response.data
+        assert response.get_json()["detail"].startswith(detail), response.get_json()
+    # Nothing of it reached the post's status: the pages and the JSON API show the last good report.
+    assert client.get("/").status_code == 200
+    posts = client.get("/api/v1/posts")
+    json.loads(posts.data, parse_constant=lambda name: pytest.fail(f"{name} in /api/v1/posts"))
+    assert client.get("/api/v1/posts/idlewells").get_json()["faults"] == ["tamper"]
 
 
 def test_selftest_failure_from_telemetry_raises_an_event(client: FlaskClient, hub: Hub) -> None:
     client.post("/api/v1/posts/sutton-market/telemetry", headers=AUTH,
-                json={"kind": "selftest", "passed": False, "detail": "no echo"})
+                json=report("sutton-market", "selftest", result="fail", passed=False, detail="no echo",
+                            last_self_test={"at": AT, "passed": False, "detail": "no echo"}))
     [(_, event)] = hub.store.events_since(0)
     assert event.type == "selftest.failed" and event.body["data"]["reason"] == "no echo"
+    shown = client.get("/api/v1/posts/sutton-market").get_json()["last_self_test"]
+    assert shown == {"at": AT, "passed": False, "detail": "no echo"}
+
+
+def test_what_a_post_sends_is_what_the_sidecar_reads(client: FlaskClient, hub: Hub, site: Site,
+                                                     tmp_path: Path) -> None:
+    """The post's outbox, with the post's own token, against the sidecar app served over real HTTP on loopback."""
+    from sip_refuge.config.secrets import telemetry_token
+
+    server = make_server("127.0.0.1", 0, create_app(hub, token=TOKEN), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}/api/v1/posts/idlewells/telemetry"
+    box = TelemetryOutbox("idlewells", url, telemetry_token("idlewells", site.post("idlewells").secret.read()),
+                          tmp_path / "spool.jsonl")
+    sent = [Telemetry.build("fault", {"fault": "tamper", "active": True, "detail": "door\nopen"}, post="idlewells",
+                            at=datetime.now(UTC), state="fault", registered=True, faults=["tamper"], mock_gpio=False),
+            Telemetry.build("selftest", {"result": "fail", "detail": "no echo", "call": "idlewells-1"},
+                            post="idlewells", at=datetime.now(UTC), state="idle", registered=True,
+                            faults=["selftest_failed", "tamper"], mock_gpio=True,
+                            last_self_test={"at": 1795727045.5, "passed": False, "detail": "no echo"})]
+    try:
+        box.start()
+        for message in sent:
+            box.put(message)
+        deadline = time.monotonic() + 10
+        while box.sent < len(sent) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        box.stop()
+        server.shutdown()
+        server.server_close()
+    assert box.sent == len(sent) and box.last_error is None
+    assert [Telemetry.from_wire(body) for _, body in reversed(hub.store.telemetry("idlewells"))] == sent
+    shown = client.get("/api/v1/posts/idlewells").get_json()
+    assert shown["faults"] == ["selftest_failed", "tamper"] and shown["mock_gpio"] is True
+    assert shown["last_self_test"] == {"at": "2026-11-26T21:04:05.500Z", "passed": False, "detail": "no echo"}
+    assert [e.type for _, e in hub.store.events_since(0)] == ["selftest.failed"]
+
+
+def test_an_aborted_selftest_keeps_the_last_result_and_raises_nothing(client: FlaskClient, hub: Hub) -> None:
+    url = "/api/v1/posts/sutton-market/telemetry"
+    client.post(url, headers=AUTH, json=report("sutton-market", "selftest"))
+    reply = client.post(url, headers=AUTH, json=report("sutton-market", "selftest", result="aborted", passed=None,
+                                                       detail=None, last_self_test=None))
+    assert reply.status_code == 202
+    assert client.get("/api/v1/posts/sutton-market").get_json()["last_self_test"]["passed"] is True
+    assert hub.store.events_since(0) == []
+
+
+def test_a_status_stored_by_an_earlier_version_cannot_break_the_pages(client: FlaskClient, hub: Hub) -> None:
+    """A database written by a sidecar that stored telemetry unchecked: faults 5, NaN, junk self-test."""
+    hub.store.save_post_status(PostStatus("idlewells", AT, None, "idle", None, {
+        "faults": 5, "registered": math.nan, "last_self_test": {"at": "junk", "passed": "x"}}))
+    hub.store.save_post_status(PostStatus("sutton-market", AT, None, "idle", None, {"faults": "abc"}))
+    restarted = Hub(hub.site, hub.store, Outbox(hub.store, []), base_url="http://127.0.0.1:8080")
+    client = create_app(restarted, token=TOKEN).test_client()
+    page = client.get("/")
+    assert page.status_code == 200 and page.data.count(b' id="post-') == len(hub.site.posts)
+    posts = client.get("/api/v1/posts")
+    body = json.loads(posts.data, parse_constant=lambda name: pytest.fail(f"{name} in /api/v1/posts"))
+    idlewells = body["posts"][1]
+    assert (idlewells["faults"], idlewells["registered"], idlewells["last_self_test"]) == ([], None, None)
+    assert "refuge_post_fault{" not in client.get("/metrics").data.decode()
 
 
 def test_healthz_and_metrics(client: FlaskClient, hub: Hub) -> None:
@@ -145,10 +255,9 @@ def test_a_post_writes_telemetry_with_its_own_token_and_only_for_itself(client: 
     from sip_refuge.config.secrets import telemetry_token
 
     own = telemetry_token("idlewells", site.post("idlewells").secret.read())
-    body = {"kind": "state", "state": "idle"}
-    assert client.post("/api/v1/posts/idlewells/telemetry", json=body,
+    assert client.post("/api/v1/posts/idlewells/telemetry", json=report("idlewells"),
                        headers={"Authorization": f"Bearer {own}"}).status_code == 202
     # The same token cannot write as another post, nor press a button.
-    assert client.post("/api/v1/posts/sutton-market/telemetry", json=body,
+    assert client.post("/api/v1/posts/sutton-market/telemetry", json=report("sutton-market"),
                        headers={"Authorization": f"Bearer {own}"}).status_code == 401
     assert client.post("/api/v1/posts/idlewells/press", headers={"Authorization": f"Bearer {own}"}).status_code == 401

@@ -20,6 +20,7 @@ from sip_refuge.sidecar.outbox import Outbox
 from sip_refuge.sidecar.retention import Pruner, TelemetryBudget, prune
 from sip_refuge.sidecar.store import Store
 from tests.support.receivers import make_site
+from tests.support.telemetry import message
 
 NOW = datetime(2027, 6, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -57,7 +58,7 @@ def test_old_events_and_telemetry_go_incidents_stay(site: Site, store: Store,
     call(store, site, "old-undelivered", NOW - 450 * DAY, delivered=False)
     call(store, site, "recent", NOW - 10 * DAY)
     for days in (40, 31, 29, 1):
-        store.add_telemetry("bus-station", NOW - days * DAY, {"kind": "heartbeat", "days": days})
+        store.add_telemetry("bus-station", NOW - days * DAY, {"kind": "state", "days": days})
     with caplog.at_level(logging.WARNING):
         deleted = prune(store, Retention(events=400 * 86400, telemetry=30 * 86400), NOW)
     assert deleted == {"events": 2, "telemetry": 2}
@@ -95,7 +96,7 @@ def test_a_post_flooding_telemetry_is_trimmed_as_it_grows(site: Site, store: Sto
     hub = Hub(site, store, Outbox(store, []), base_url="http://x")
     budget = 64 * 1024
     hub._telemetry_budget = TelemetryBudget(budget)  # as `retention: {telemetry_per_post: 64KB}` sets it
-    report = {"kind": "heartbeat", "state": "idle", "pad": "y" * 900}
+    report = message("sutton-market", reason="y" * 900)
     for _ in range(400):  # 400 KB sent
         hub.on_telemetry("sutton-market", report)
     stored = sum(len(json.dumps(b, separators=(",", ":"))) for _, b in store.telemetry("sutton-market", 10_000))

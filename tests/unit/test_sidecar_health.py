@@ -25,6 +25,7 @@ from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.outbox import Outbox, TargetStatus
 from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.web import create_app
+from tests.support.telemetry import report
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
 TOKEN = "t0ken-for-the-health-tests-0123456789"
@@ -230,19 +231,22 @@ def test_camera_routes_answer_404_for_a_post_without_a_camera(hub: Hub) -> None:
 def test_metrics_show_post_faults_and_the_last_self_test(client: FlaskClient) -> None:
     url = "/api/v1/posts/{}/telemetry"
     client.post(url.format("idlewells"), headers=AUTH,
-                json={"kind": "fault", "faults": ["tamper", "button_stuck", 3, None],
-                      "last_self_test": {"at": "2024-01-01T00:00:00Z", "passed": True}})
-    client.post(url.format("sutton-market"), headers=AUTH, json={"kind": "selftest", "passed": False,
-                                                                  "detail": "no echo"})
-    client.post(url.format("kirkby-bus-station"), headers=AUTH, json={"kind": "state", "faults": "tamper"})
+                json=report("idlewells", "fault", faults=["tamper", "button_stuck", "tamper"],
+                            last_self_test={"at": "2024-01-01T00:00:00Z", "passed": True}))
+    client.post(url.format("sutton-market"), headers=AUTH,
+                json=report("sutton-market", "selftest", result="fail", passed=False, detail="no echo",
+                            last_self_test={"at": "2024-01-01T00:00:00Z", "passed": False, "detail": "no echo"}))
+    refused = client.post(url.format("kirkby-bus-station"), headers=AUTH,
+                          json=report("kirkby-bus-station", faults="tamper"))
+    assert refused.status_code == 422
     text = client.get("/metrics").data.decode()
     assert 'refuge_post_fault{post="idlewells",fault="button_stuck"} 1' in text
-    assert 'refuge_post_fault{post="idlewells",fault="tamper"} 1' in text
+    assert text.count('refuge_post_fault{post="idlewells",fault="tamper"} 1') == 1
     assert "kirkby-bus-station" not in "".join(line for line in text.splitlines() if "refuge_post_fault{" in line)
     assert 'refuge_selftest_ok{post="idlewells"} 1' in text
     assert 'refuge_selftest_ok{post="sutton-market"} 0' in text
     assert 'refuge_selftest_ok{post="kirkby-bus-station"}' not in text  # unknown: absent
-    client.post(url.format("idlewells"), headers=AUTH, json={"kind": "fault", "faults": []})
+    client.post(url.format("idlewells"), headers=AUTH, json=report("idlewells", "fault", active=False, faults=[]))
     assert "refuge_post_fault{" not in client.get("/metrics").data.decode()
 
 

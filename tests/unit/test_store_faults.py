@@ -29,6 +29,7 @@ from sip_refuge.sidecar.store import Store, StoreError
 from sip_refuge.sidecar.web import create_app
 from tests.support.disk import SmallDisk
 from tests.support.receivers import make_site
+from tests.support.telemetry import message
 from tests.unit.test_store import ScriptedTarget
 
 TOKEN = "t0ken-for-the-store-fault-tests-0123"
@@ -160,7 +161,7 @@ def test_full_memory_gives_up_telemetry_first_and_reports_a_lost_call_loudly(
     try:
         truncate_wal(disk.path / "refuge.sqlite3")
         disk.fill()
-        report = {"kind": "heartbeat", "state": "idle", "note": "x" * 900}
+        report = message("bus-station", reason="x" * 900)
         for _ in range(40):  # a flood of reports from one post
             side.hub.on_telemetry("bus-station", report)
         held = side.outbox.backlog.status()

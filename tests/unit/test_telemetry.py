@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sip_refuge.post.telemetry import TelemetryOutbox
+from sip_refuge.telemetry import Telemetry
+from tests.support.telemetry import message, report
 
 
 class Receiver:
     """A sidecar stand-in: records telemetry bodies and the Authorization header."""
 
-    def __init__(self, port: int = 0) -> None:
-        self.bodies: list[dict[str, object]] = []
+    def __init__(self, port: int = 0, *, status: int = 202, answer: bytes = b"") -> None:
+        self.bodies: list[dict[str, Any]] = []
         self.auth: list[str] = []
         outer = self
 
@@ -28,8 +32,10 @@ class Receiver:
                 length = int(self.headers.get("Content-Length", "0"))
                 outer.bodies.append(json.loads(self.rfile.read(length)))
                 outer.auth.append(self.headers.get("Authorization", ""))
-                self.send_response(202)
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
+                self.wfile.write(answer)
 
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002
                 return None
@@ -72,11 +78,12 @@ def test_reports_arrive_in_order_with_the_token(receiver: Receiver, tmp_path: Pa
     box.start()
     try:
         for i in range(5):
-            box.put({"kind": "state", "seq": i})
+            box.put(message("p1", reason=str(i)))
         wait_for(lambda: len(receiver.bodies) == 5)
     finally:
         box.stop()
-    assert [b["seq"] for b in receiver.bodies] == [0, 1, 2, 3, 4]
+    assert [b["reason"] for b in receiver.bodies] == ["0", "1", "2", "3", "4"]
+    assert Telemetry.from_wire(receiver.bodies[0]) == message("p1", reason="0")
     assert set(receiver.auth) == {"Bearer tok123"}
     assert box.pending() == 0
 
@@ -87,7 +94,7 @@ def test_put_never_blocks_while_sidecar_is_down_and_spool_survives_restart(tmp_p
     box = TelemetryOutbox("p1", f"http://127.0.0.1:{port}/t", "tok", spool, timeout=0.5)
     box.start()
     for i in range(3):
-        box.put({"seq": i})  # nothing listens: these must queue, not raise or wait
+        box.put(message("p1", reason=str(i)))  # nothing listens: these must queue, not raise or wait
     box.stop()
     assert box.pending() == 3 and len(spool.read_text().splitlines()) == 3
     receiver = Receiver(port)
@@ -98,12 +105,49 @@ def test_put_never_blocks_while_sidecar_is_down_and_spool_survives_restart(tmp_p
         again.stop()
     finally:
         receiver.close()
-    assert [b["seq"] for b in receiver.bodies] == [0, 1, 2]
+    assert [b["reason"] for b in receiver.bodies] == ["0", "1", "2"]
     assert spool.read_text() == ""
 
 
 def test_outbox_is_bounded(tmp_path: Path) -> None:
     box = TelemetryOutbox("p1", None, None, None)
     for i in range(1005):
-        box.put({"seq": i})
+        box.put(message("p1", reason=str(i)))
     assert box.pending() == 1000 and box.dropped == 5
+
+
+def test_a_spool_of_the_previous_version_is_sent_in_todays_form_and_damage_is_skipped(
+        receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    spool = tmp_path / "spool.jsonl"
+    old = {**report("p1", "selftest"), "at": "2026-11-26T21:04:05.123456+00:00",
+           "last_self_test": {"at": 1795727045.5, "passed": True, "detail": "echo heard"}}
+    spool.write_bytes(json.dumps(old).encode() + b"\n{damaged\n" + json.dumps(report("p1", faults=5)).encode()
+                      + b"\n\xff\xfe\n" + json.dumps(report("p1")).encode() + b"\n")
+    with caplog.at_level(logging.WARNING):
+        box = TelemetryOutbox("p1", f"http://127.0.0.1:{receiver.port}/t", "tok", spool)
+    assert box.pending() == 2
+    assert [m.split(f"{spool}:")[1].split(":")[0] for m in caplog.messages] == ["2", "3", "4"]  # the damaged lines
+    box.start()
+    try:
+        wait_for(lambda: len(receiver.bodies) == 2)
+    finally:
+        box.stop()
+    assert receiver.bodies[0]["last_self_test"]["at"] == "2026-11-26T21:04:05.500Z"
+    assert receiver.bodies[0]["at"] == "2026-11-26T21:04:05.123Z"
+
+
+def test_a_report_the_sidecar_refuses_is_dropped_with_its_reason(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    refusing = Receiver(status=422, answer=b'{"error": "Unprocessable Entity", "detail": "faults: 5 is not..."}')
+    box = TelemetryOutbox("p1", f"http://127.0.0.1:{refusing.port}/t", "tok", tmp_path / "spool.jsonl")
+    try:
+        with caplog.at_level(logging.ERROR):
+            box.start()
+            box.put(message("p1"))
+            box.put(message("p1", reason="second"))
+            wait_for(lambda: len(refusing.bodies) == 2)  # the first refusal does not hold up the next report
+            wait_for(lambda: box.pending() == 0)
+    finally:
+        box.stop()
+        refusing.close()
+    assert "sidecar refused telemetry (422" in caplog.text and "faults: 5 is not" in caplog.text

@@ -9,10 +9,10 @@ from flask import Blueprint, Response, abort, jsonify, request
 
 from sip_refuge.errors import RefugeError
 from sip_refuge.sidecar.web.context import hub, require_post_token, require_token
+from sip_refuge.telemetry import Telemetry, TelemetryError
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
-TELEMETRY_KINDS = ("state", "call", "selftest", "fault", "registration", "heartbeat")
 SNAPSHOT_WAIT = 10.0  # seconds: the snapshot of a just-queued call needs the camera's next key frame
 
 
@@ -68,15 +68,15 @@ def snapshot(incident_id: str) -> Response:
 @require_post_token
 def telemetry(post_id: str) -> tuple[Response, int]:
     _post_or_404(post_id)
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        abort(400, description="the body must be a JSON object")
-    kind = body.get("kind")
-    if kind not in TELEMETRY_KINDS:
-        abort(422, description=f"kind must be one of: {', '.join(TELEMETRY_KINDS)}")
-    if "state" in body and not isinstance(body["state"], str | None):
-        abort(422, description="state must be text")
-    hub().on_telemetry(post_id, body)
+    if not request.is_json:
+        abort(400, description="body: must be JSON (Content-Type: application/json)")
+    try:
+        message = Telemetry.from_json(request.get_data(cache=False))
+    except TelemetryError as exc:
+        abort(exc.status, description=str(exc))
+    if message.post != post_id:
+        abort(422, description=f"post: {message.post!r} is not the post this URL is for ({post_id!r})")
+    hub().on_telemetry(post_id, message)
     return jsonify(accepted=True), 202
 
 

@@ -145,10 +145,10 @@ def metrics() -> Response:
     metric("refuge_post_up", "gauge", "1 when the post's SIP contact is reachable.",
            [({"post": p["id"]}, 1.0 if p["online"] else 0.0) for p in posts])
     metric("refuge_post_fault", "gauge", "1 for each device fault a post's agent reports (tamper, button_stuck...).",
-           [({"post": p["id"], "fault": f}, 1.0) for p in posts for f in _faults(p["faults"])])
+           [({"post": p["id"], "fault": f}, 1.0) for p in posts for f in sorted(set(p["faults"]))])
     metric("refuge_selftest_ok", "gauge", "1 when the post's last self-test passed, 0 when it failed.",
-           [({"post": p["id"]}, 1.0 if passed else 0.0) for p in posts
-            if (passed := _selftest_passed(p["last_self_test"])) is not None])
+           [({"post": p["id"]}, 1.0 if p["last_self_test"]["passed"] else 0.0) for p in posts
+            if p["last_self_test"] is not None])
     metric("refuge_camera_faults", "gauge", "Cameras currently in fault.",
            [({}, float(sum(1 for p in posts if p["camera"] and p["camera"]["ok"] is False)))])
     metric("refuge_ami_connected", "gauge", "1 while the sidecar is connected to Asterisk's AMI.",
@@ -178,16 +178,3 @@ def _store_metrics(h: Hub, metric: Any) -> None:
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _faults(value: object) -> list[str]:
-    """The distinct fault names of a post's telemetry (which is only what its agent sent: check it)."""
-    if not isinstance(value, list | tuple):
-        return []
-    return sorted({str(f) for f in value if isinstance(f, str) and f})
-
-
-def _selftest_passed(value: object) -> bool | None:
-    if isinstance(value, dict) and isinstance(value.get("passed"), bool):
-        return bool(value["passed"])
-    return None

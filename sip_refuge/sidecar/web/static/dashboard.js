@@ -14,7 +14,13 @@
   const TOKEN_KEY = "sip-refuge-token";
 
   const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
-  const badge = (kind, text) => `<span class="badge ${kind}">${esc(text)}</span>`;
+  // The JSON API is the sidecar's, but a post's part of it started as that post's report: whatever shape it
+  // has, one post must never stop the page showing the others. These read a value as the type expected.
+  const list = (v) => (Array.isArray(v) ? v : []);
+  const strings = (v) => list(v).filter((f) => typeof f === "string" && f);
+  const object = (v) => (v !== null && typeof v === "object" && !Array.isArray(v) ? v : null);
+  const str = (v) => (typeof v === "string" ? v : "");
+  const badge = (kind, label) => `<span class="badge ${kind}">${esc(label)}</span>`;
   const when = (iso) => (iso ? `<time datetime="${esc(iso)}">${esc(iso)}</time>` : "—");
   const desk = (id) => names.desks[id] || id;
 
@@ -31,30 +37,34 @@
   }
 
   function postInfo(p) {
-    const online = p.online == null ? badge("", "Unknown") : p.online ? badge("ok", "Online") : badge("bad", "Offline");
-    const registered = p.registered == null ? "—" : p.registered ? badge("ok", "Yes") : badge("bad", "No");
-    const cam = p.camera == null ? "No camera" : p.camera.ok == null ? badge("", "Not checked yet")
-      : p.camera.ok ? badge("ok", "OK") : badge("bad", `Fault: ${p.camera.reason}`);
-    const t = p.last_self_test;
-    const test = !t ? "No report" : `${t.passed ? badge("ok", "Passed") : badge("bad", "Failed")} ${when(t.at)}`;
-    const call = !p.call ? "None" : p.call.state === "answered" ? badge("ok", `Answered by ${desk(p.call.desk)}`)
+    const online = p.online === true ? badge("ok", "Online") : p.online === false ? badge("bad", "Offline")
+      : badge("", "Unknown");
+    const registered = p.registered === true ? badge("ok", "Yes") : p.registered === false ? badge("bad", "No") : "—";
+    const camera = object(p.camera);
+    const cam = !camera ? "No camera" : camera.ok === true ? badge("ok", "OK")
+      : camera.ok === false ? badge("bad", `Fault: ${str(camera.reason)}`) : badge("", "Not checked yet");
+    const t = object(p.last_self_test);
+    const test = !t ? "No report" : `${t.passed === true ? badge("ok", "Passed") : t.passed === false ? badge("bad", "Failed")
+      : badge("", "Unknown")} ${when(str(t.at))}`;
+    const c = object(p.call);
+    const call = !c ? "None" : c.state === "answered" ? badge("ok", `Answered by ${desk(str(c.desk))}`)
       : badge("wait", "Queued: ringing desks");
-    const faults = p.faults && p.faults.length
-      ? `<dt>Faults</dt><dd>${p.faults.map((f) => badge("bad", f)).join(" ")}</dd>` : "";
-    const press = p.mock_gpio
+    const faultList = strings(p.faults);
+    const faults = faultList.length ? `<dt>Faults</dt><dd>${faultList.map((f) => badge("bad", f)).join(" ")}</dd>` : "";
+    const press = p.mock_gpio === true
       ? `<button type="button" class="press" data-post="${esc(p.id)}">Press call button (mock)</button>` : "";
     return `<h3>${esc(p.name)}</h3>
-      <p class="where">Ext. ${esc(p.extension)} · ${esc(p.location.address)}</p>
+      <p class="where">Ext. ${esc(p.extension)} · ${esc(object(p.location)?.address)}</p>
       <dl><dt>Reachable</dt><dd>${online}</dd><dt>Registered</dt><dd>${registered}</dd>
-        <dt>State</dt><dd>${esc(p.state || "—")}</dd><dt>Camera</dt><dd>${cam}</dd>
+        <dt>State</dt><dd>${esc(str(p.state) || "—")}</dd><dt>Camera</dt><dd>${cam}</dd>
         <dt>Self-test</dt><dd>${test}</dd><dt>Call</dt><dd>${call}</dd>${faults}</dl>${press}`;
   }
 
   function postClass(p) {
-    const t = p.last_self_test;
-    const fault = p.online === false || (p.camera && p.camera.ok === false) || (p.faults && p.faults.length)
-      || (t && t.passed === false);
-    return `post ${p.call ? "calling" : fault ? "fault" : ""}`;
+    const t = object(p.last_self_test);
+    const fault = p.online === false || object(p.camera)?.ok === false || strings(p.faults).length
+      || t?.passed === false;
+    return `post ${object(p.call) ? "calling" : fault ? "fault" : ""}`;
   }
 
   // Writes only real changes: re-writing a live region would make a screen reader announce it again.
@@ -67,15 +77,15 @@
   }
 
   function renderCalls(calls) {
-    const items = calls.map((c) => `<li class="${esc(c.state)}" data-incident="${esc(c.incident)}">`
+    const items = list(calls).map(object).filter(Boolean).map((c) => `<li class="${esc(c.state)}" data-incident="${esc(c.incident)}">`
       + `<strong>${esc(c.post_name)}</strong>: `
       + `${c.state === "answered" ? `answered by ${esc(desk(c.desk))}` : "waiting, ringing desks"}</li>`);
     put(document.getElementById("calls"), items.join("") || '<li class="none">No calls in progress</li>');
   }
 
   function renderPosts(posts) {
-    for (const p of posts) {
-      const card = document.getElementById(`post-${p.id}`);
+    for (const p of list(posts).map(object).filter(Boolean)) {
+      const card = document.getElementById(`post-${str(p.id)}`);
       if (!card) continue; // posts come from the site file: a new one needs a restart and a reload anyway
       card.className = postClass(p);
       put(card.querySelector(".post-info"), postInfo(p));

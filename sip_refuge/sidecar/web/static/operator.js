@@ -10,6 +10,11 @@
   const RECONNECT_MS = 5000;
   const $ = (id) => document.getElementById(id);
   const deskName = (id) => names.desks[id] || id;
+  // The JSON API is the sidecar's, but parts of it started as a post's report: read every value as the type
+  // expected, so no answer can stop this page from showing a call.
+  const list = (v) => (Array.isArray(v) ? v : []);
+  const object = (v) => (v !== null && typeof v === "object" && !Array.isArray(v) ? v : null);
+  const str = (v) => (typeof v === "string" ? v : "");
 
   const calls = new Map(); // incident id -> {incident, post: {id, name, location}, camera, state, desk, since}
   const finished = new Set(); // incidents seen ending: a catch-up that raced the end must not revive them
@@ -69,12 +74,13 @@
     banner.dataset.state = state;
     banner.dataset.incident = call.incident;
     banner.textContent = text;
-    const { id, name, location } = call.post;
+    const { id, name } = call.post;
+    const location = object(call.post.location) || {};
     $("post-name").textContent = name;
-    $("post-address").textContent = location.address;
+    $("post-address").textContent = str(location.address);
     const coords = $("post-coords");
     coords.textContent = "";
-    if (location.lat != null && location.lon != null) {
+    if (Number.isFinite(location.lat) && Number.isFinite(location.lon)) {
       const map = document.createElement("a");
       const { lat, lon } = location;
       map.href = `https://www.openstreetmap.org/?mlat=${lat}&mlon=${lon}#map=18/${lat}/${lon}`;
@@ -85,7 +91,7 @@
     }
     $("call-state").textContent = stateText(call);
     $("call-since").textContent = call.since ? new Date(call.since).toLocaleTimeString([], { hour12: false }) : "—";
-    $("post-extension").textContent = posts[id] ? `dial ${posts[id].extension}` : "—";
+    $("post-extension").textContent = str(posts[id]?.extension) ? `dial ${posts[id].extension}` : "—";
     $("incident").textContent = call.incident;
     const others = [...calls.values()].filter((c) => c.incident !== call.incident).map((c) => c.post.name);
     $("others").textContent = others.length ? `Also calling: ${others.join(", ")}` : "";
@@ -139,16 +145,16 @@
     const seen = events;
     const reply = await fetch("/api/v1/posts", { cache: "no-store" });
     if (!reply.ok) return;
-    const body = await reply.json();
-    posts = Object.fromEntries(body.posts.map((p) => [p.id, p]));
+    const body = object(await reply.json()) || {};
+    posts = Object.fromEntries(list(body.posts).map(object).filter((p) => p && str(p.id)).map((p) => [p.id, p]));
     // If an event came in while reading, it is newer than this answer: only add calls, never drop one.
     const before = new Map(calls);
     if (events === seen) calls.clear();
-    for (const c of body.calls) {
-      const p = posts[c.post];
+    for (const c of list(body.calls).map(object).filter(Boolean)) {
+      const p = Object.hasOwn(posts, c.post) ? posts[c.post] : null;
       if (finished.has(c.incident) || !p) continue;
       const since = before.has(c.incident) ? before.get(c.incident).since : null;
-      calls.set(c.incident, { incident: c.incident, post: { id: p.id, name: p.name, location: p.location },
+      calls.set(c.incident, { incident: c.incident, post: { id: p.id, name: str(p.name), location: p.location },
         camera: p.camera != null, state: c.state, desk: c.desk, since });
     }
     show();
