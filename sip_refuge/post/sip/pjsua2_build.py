@@ -1,7 +1,7 @@
 """Build the official pjsua2 Python binding (SWIG) from pjproject source, once, and cache the wheel.
 
 ``python -m sip_refuge.post.sip.pjsua2_build`` prints the path of a wheel for the running Python and machine
-(``make venv`` installs it). The first run builds it (about 3 minutes on 2 cores); later runs find it in
+(``make venv`` installs it). The first run builds it (about 4 minutes on 2 cores); later runs find it in
 ``<cache>/pjsua2/<key>/`` in well under a second. The key names the pjproject version, this recipe, the
 Python ABI and the platform, so a Raspberry Pi running the same command builds its own natively.
 
@@ -66,8 +66,11 @@ CONFIGURE = (
 # The SWIG wrapper is one 6.7 MB C++ file of glue: -O1 builds it in 60 % of -O2's time; pjsip's C code,
 # where the SIP and media work happens, keeps -O2.
 WRAPPER_CFLAGS = ("-O1", "-g0", "-fwrapv")
-# Makefile edits after dfsg: (file, text, replacement).
-PATCHES = (("pjmedia/build/Makefile", " bdimad_dev.o", ""),)
+# Edits to the source: (file, text, replacement). The first follows dfsg (bdimad_dev.c is gone); the second
+# keeps pjlib quiet (errors only) until libInit applies the post's log settings: otherwise every start
+# prints six lines to stdout before the post can say anything.
+PATCHES = (("pjmedia/build/Makefile", " bdimad_dev.o", ""),
+           ("pjlib/src/pj/log.c", "static int pj_log_max_level = PJ_LOG_MAX_LEVEL;", "static int pj_log_max_level = 1;"))
 RECIPE = json.dumps([PJPROJECT, CFLAGS, CONFIGURE, WRAPPER_CFLAGS, PATCHES, 1])
 REQUIRED_CODECS = ("PCMU/8000", "G722/16000", "opus/48000")
 REQUIRED_LIBS = ("libssl.so.3", "libopus.so.0", "libsrtp2.so.1", "libasound.so.2", "libspeexdsp.so.1")
@@ -143,6 +146,13 @@ def ensure_wheel(target: Target | None = None, *, progress: Progress | None = No
                 shutil.rmtree(wheel.parent)
             wheel_dir.rename(wheel.parent)  # atomic: the key's folder appears with a complete wheel in it
             say(f"pjsua2: built in {time.monotonic() - started:.0f} s: {wheel}")
+        except SipError as exc:
+            logs = store / (target.key + ".logs")  # the build tree goes; its logs stay for the bug report
+            shutil.rmtree(logs, ignore_errors=True)
+            if (work / "out" / "logs").is_dir():
+                (work / "out" / "logs").rename(logs)
+                raise SipError(f"{exc}\n(build logs: {logs})") from None
+            raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return wheel
@@ -165,12 +175,11 @@ def _check_packages() -> None:
 
 
 # -- source -------------------------------------------------------------------------------------------
-def debian_mirror() -> str:
+def debian_mirror(etc: Path = Path("/etc/apt")) -> str:
     """The Debian archive this machine's apt uses (read at run time; never written into the repo)."""
     override = os.environ.get("SIP_REFUGE_DEBIAN_MIRROR")
     if override:
         return override
-    etc = Path("/etc/apt")
     files = [etc / "sources.list", *sorted((etc / "sources.list.d").glob("*.list")),
              *sorted((etc / "sources.list.d").glob("*.sources"))]
     for path in files:
@@ -202,8 +211,9 @@ def fetch_source(into: Path, say: Progress) -> Path:
                                           encoding="utf-8")
         options = [f"-oDir::Etc::SourceList={apt / 'sources.list'}", "-oDir::Etc::SourceParts=/dev/null",
                    f"-oDir::State::Lists={apt / 'lists'}", f"-oDir::Cache={apt / 'cache'}",
-                   "-oAcquire::Check-Valid-Until=false",  # the dated mirror's sid Release has expired
-                   "-oAPT::Sandbox::User=root" if os.geteuid() == 0 else "-oDebug::NoDropPrivs=true"]
+                   "-oAcquire::Check-Valid-Until=false"]  # the dated mirror's sid Release has expired
+        if os.geteuid() == 0:  # _apt may not write into a root-owned cache folder
+            options.append("-oAPT::Sandbox::User=root")
         _run(["apt-get", *options, "update"], apt, "apt-get update (Debian sid sources)")
         _run(["apt-get", *options, "source", "--download-only", SOURCE_PACKAGE], apt / "download",
              f"apt-get source {SOURCE_PACKAGE}")
@@ -243,7 +253,7 @@ def build(tree: Path, target: Target, out: Path, say: Progress) -> Path:
     say(f"pjsua2: configure {' '.join(CONFIGURE)}")
     _run(["./configure", *CONFIGURE], tree, "configure", env=env, log=logs / "configure.log")
     jobs = str(max(1, os.cpu_count() or 1))
-    say(f"pjsua2: compiling pjproject and the SWIG wrapper (make -j{jobs} beside g++; about 3 min on 2 cores)...")
+    say(f"pjsua2: compiling pjproject and the SWIG wrapper (make -j{jobs} beside g++; about 4 min on 2 cores)...")
     swig_dir = tree / "pjsip-apps/src/swig/python"
     obj = out / "pjsua2_wrap.o"
     with open(logs / "make.log", "wb") as make_log:
