@@ -70,7 +70,8 @@ def pbx(site: Site) -> Iterator[Asterisk]:
 
 
 def test_built_binding_offers_tls_srtp_g722_and_opus() -> None:
-    """The installed pjsua2 is pjproject's SWIG binding with a TLS transport, SRTP suites, G.722, Opus and libHandleEvents."""
+    """The installed pjsua2 is pjproject's SWIG binding with a TLS transport, SRTP suites, G.722, Opus, a WAV
+    player and libHandleEvents."""
     # Its own process: pjsua2 allows one library per process, and this check makes one.
     done = subprocess.run([sys.executable, "-m", "sip_refuge.post.sip.pjsua2_build", "--capabilities"],
                           capture_output=True, text=True, timeout=60, check=False)
@@ -80,7 +81,7 @@ def test_built_binding_offers_tls_srtp_g722_and_opus() -> None:
     assert "G722/16000/1" in caps["codecs"] and "opus/48000/2" in caps["codecs"] and "PCMU/8000/1" in caps["codecs"]
     assert caps["tls"] == "TLS"
     assert "AES_CM_128_HMAC_SHA1_80" in caps["srtp"]  # the suite Asterisk offers for SDES
-    assert caps["handle_events"] and caps["srtp_use"]
+    assert caps["handle_events"] and caps["srtp_use"] and caps["player"]
 
 
 def test_post_registers_and_self_tests_over_tls_with_srtp(site: Site, pbx: Asterisk, tmp_path: Path) -> None:

@@ -317,6 +317,8 @@ def capabilities() -> dict[str, object]:
     """What the importable pjsua2 offers: version, codecs, TLS, SRTP suites, the event loop (own process)."""
     import pjsua2 as pj
 
+    from sip_refuge.post.audio import prompt_path
+
     ep = pj.Endpoint()
     ep.libCreate()
     try:
@@ -332,9 +334,13 @@ def capabilities() -> dict[str, object]:
             tls = str(ep.transportGetInfo(ep.transportCreate(pj.PJSIP_TRANSPORT_TLS, tcfg)).typeName)
         except pj.Error as exc:
             tls = f"no: {exc.info()}"
-        return {"version": str(ep.libVersion().full), "codecs": [str(c.codecId) for c in ep.codecEnum2()],
-                "tls": tls, "srtp": [str(s) for s in ep.srtpCryptoEnum()],
+        player = pj.AudioMediaPlayer()  # a shipped prompt: proves the WAV player a post could use in calls
+        player.createPlayer(str(prompt_path("connecting")), pj.PJMEDIA_FILE_NO_LOOP)
+        caps = {"version": str(ep.libVersion().full), "codecs": [str(c.codecId) for c in ep.codecEnum2()],
+                "tls": tls, "srtp": [str(s) for s in ep.srtpCryptoEnum()], "player": player.getPortId() >= 0,
                 "handle_events": hasattr(ep, "libHandleEvents"), "srtp_use": hasattr(pj.AccountMediaConfig(), "srtpUse")}
+        del player  # before libDestroy
+        return caps
     finally:
         ep.libDestroy()
 
