@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # builds pjsua2 from pjproject source (BUILD_PACKAGES in sip_refuge/post/sip/pjsua2_build.py); openssl makes
 # the TLS tests' certificates.
 DEB_PACKAGES := mmdebstrap vlc-bin vlc-plugin-base util-linux \
-	build-essential swig xz-utils libssl-dev libopus-dev libsrtp2-dev libspeex-dev libspeexdsp-dev libasound2-dev \
+	build-essential swig xz-utils python3-dev libssl-dev libopus-dev libsrtp2-dev libspeex-dev libspeexdsp-dev libasound2-dev \
 	gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly python3-gi \
 	chromium openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

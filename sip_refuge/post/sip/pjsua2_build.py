@@ -52,8 +52,8 @@ SOURCE_PACKAGE = "asterisk"
 COMPONENT = "orig-Xpjproject.tar.xz"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 # Debian packages the build needs (the Makefile's deps list carries them too; a unit test keeps both equal).
-BUILD_PACKAGES = ("build-essential", "swig", "xz-utils", "libssl-dev", "libopus-dev", "libsrtp2-dev",
-                  "libspeex-dev", "libspeexdsp-dev", "libasound2-dev")
+BUILD_PACKAGES = ("build-essential", "swig", "xz-utils", "python3-dev", "libssl-dev", "libopus-dev",
+                  "libsrtp2-dev", "libspeex-dev", "libspeexdsp-dev", "libasound2-dev")
 CFLAGS = "-O2 -fPIC -DNDEBUG"  # -fPIC: the static libraries go into the Python extension
 CONFIGURE = (
     "--with-external-srtp", "--with-external-speex", "--enable-speex-resample",  # replace dfsg-removed parts
@@ -134,6 +134,9 @@ def ensure_wheel(target: Target | None = None, *, progress: Progress | None = No
             say(f"pjsua2: cached wheel {wheel} (built by another run)")
             return wheel
         _check_packages()
+        if not (target.python_include / "Python.h").is_file():
+            raise SipError(f"no Python.h in {target.python_include}: install the Python headers "
+                           "(Debian: sudo apt-get install -y python3-dev)")
         work = Path(tempfile.mkdtemp(prefix=target.key + ".building-", dir=store))
         try:
             started = time.monotonic()
