@@ -4,15 +4,18 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Debian packages the tests and the demo need. mmdebstrap builds the Asterisk root folder. The fail2ban
-# tests run a fail2ban-server of their own; on a host with systemd, Debian also enables the fail2ban
-# service (its sshd jail) at install: `systemctl disable --now fail2ban` if the machine should not have it.
-DEB_PACKAGES := mmdebstrap vlc-bin vlc-plugin-base util-linux sqlite3 \
+# Debian packages the tests and the demo need. mmdebstrap builds the Asterisk root folder; the second line
+# builds pjsua2 from pjproject source (BUILD_PACKAGES in sip_refuge/post/sip/pjsua2_build.py); openssl makes
+# the TLS tests' certificates. The fail2ban tests run a fail2ban-server of their own; on a host with systemd,
+# Debian also enables the fail2ban service (its sshd jail) at install: `systemctl disable --now fail2ban` if
+# the machine should not have it.
+DEB_PACKAGES := python3-venv mmdebstrap vlc-bin vlc-plugin-base util-linux sqlite3 \
+	build-essential swig xz-utils python3-dev libssl-dev libopus-dev libsrtp2-dev libspeex-dev libspeexdsp-dev libasound2-dev \
 	gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly python3-gi \
-	chromium fail2ban
+	chromium openssl fail2ban
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv deps asterisk lint test unit integration demo clean
+.PHONY: all venv deps asterisk pjsua2 lint test unit integration demo clean
 
 all: test
 
@@ -27,10 +30,19 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	@echo ">> creating the virtualenv $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q -e '.[test,pjsua2,camera]'
+	$(BIN)/pip install -q -e '.[test,camera]'
 	@touch $@
 
-venv: $(BIN)/.installed
+# pjsua2: the official SWIG binding, built from pjproject source once per pjproject version, Python and
+# machine, and cached beside the Asterisk root (~/.cache/sip-refuge/pjsua2, or $SIP_REFUGE_CACHE/pjsua2).
+# The stamp records the installed wheel.
+$(BIN)/.pjsua2: $(BIN)/.installed sip_refuge/post/sip/pjsua2_build.py | deps
+	@wheel=$$($(BIN)/python -m sip_refuge.post.sip.pjsua2_build) && \
+	$(BIN)/pip install -q --no-deps --force-reinstall "$$wheel" && echo "$$wheel" > $@
+
+venv: $(BIN)/.installed $(BIN)/.pjsua2
+
+pjsua2: $(BIN)/.pjsua2
 
 asterisk: deps venv
 	@$(BIN)/python -m sip_refuge.pbx.asterisk

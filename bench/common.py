@@ -234,7 +234,7 @@ def machine_lines(pbx: Asterisk | None = None) -> list[str]:
                 if line.startswith("model name")), platform.processor() or "?")
     nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip() or str(os.cpu_count())
     versions = []
-    for dist in ("pjsua2-pybind11", "pyVoIP", "gpiozero"):
+    for dist in ("pjsua2", "pyVoIP", "gpiozero"):  # pjsua2: the SWIG binding `make venv` builds
         try:
             versions.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:

@@ -336,7 +336,8 @@ def test_press_during_a_self_test_aborts_it_and_calls_at_once(
     status = agent.wait_status(lambda s: s["state"] == "queued", 10, "queued")
     assert status["call"]["target"] == "queue" and status["call"]["id"] != test_call
     assert status["last_self_test"] is None, "the self-test ran to a verdict instead of being aborted"
-    assert agent.reports("selftest", result="aborted", call=test_call)
+    # The telemetry sender writes its outbox on its own thread, a moment after the machine's report.
+    wait_for(lambda: agent.reports("selftest", result="aborted", call=test_call), 5, "the self-test's aborted report")
     # Only the alarm call is left at the PBX: the self-test call was hung up.
     wait_for(lambda: len(post_channels(running_pbx, post_id)) == 1, 10, "one channel from the post")
 

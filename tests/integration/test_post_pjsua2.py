@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -62,8 +62,10 @@ class Events:
     def __init__(self) -> None:
         self.queue: queue.Queue[ev.Event] = queue.Queue()
         self.seen: list[tuple[float, ev.Event]] = []
+        self.emitted: list[tuple[float, ev.Event]] = []  # (time.monotonic() of emit, event)
 
     def emit(self, event: ev.Event) -> None:
+        self.emitted.append((time.monotonic(), event))
         self.queue.put(event)
 
     def wait(self, kind: type[E], timeout: float = 10.0, where: Callable[[E], bool] = lambda e: True) -> E:
@@ -115,9 +117,9 @@ def events() -> Events:
     return Events()
 
 
-def start_backend(site: Site, events: Events) -> Backend:
+def start_backend(site: Site, events: Events, **options: Any) -> Backend:
     post = site.post(POST)
-    backend = Backend(bind_address="127.0.0.1")
+    backend = Backend(bind_address="127.0.0.1", **options)
     backend.start(Account(post, site.pbx, post.secret.read()), events.emit)
     return backend
 
@@ -192,6 +194,28 @@ def test_alarm_call_rings_desk_then_connects_with_dtmf_both_ways(
     ringing.hangup()
     ended = events.wait(ev.CallEnded, where=lambda e: e.call_id == "alarm-1")
     assert ended.reason != "hung up locally"
+
+
+def test_media_timeout_comes_when_the_far_end_stops_sending(
+        site: Site, pbx: Asterisk, desk: SipPeer, events: Events) -> None:
+    """MediaTimeout comes from pjsua2's stream statistics: not while the desk's RTP flows, but once it stops."""
+    backend = start_backend(site, events, media_timeout=1.0)
+    try:
+        events.wait(ev.Registered)
+        backend.dial("alarm-quiet", site.queue.extension, site.pbx.host, False)
+        ringing = desk.wait_incoming(timeout=10)
+        answer(desk, ringing)
+        events.wait(ev.CallAnswered, where=lambda e: e.call_id == "alarm-quiet")
+        ringing.rtp.send_silence(150)  # 3 s of RTP through Asterisk to the post: three media timeouts long
+        stopped = time.monotonic()  # the desk goes silent without a BYE (a crashed phone, a cut cable)
+        events.wait(ev.MediaTimeout, where=lambda e: e.call_id == "alarm-quiet")
+        when = next(t for t, e in events.emitted if isinstance(e, ev.MediaTimeout))
+        assert when > stopped, "MediaTimeout while the desk's RTP was still flowing"
+        assert "CallEnded" not in events.kinds("alarm-quiet")  # reported, not hung up: the machine decides
+        backend.hangup("alarm-quiet")
+        events.wait(ev.CallEnded, where=lambda e: e.call_id == "alarm-quiet")
+    finally:
+        backend.stop()
 
 
 def test_selftest_echo_passes(post: Backend, events: Events, site: Site) -> None:

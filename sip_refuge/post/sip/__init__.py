@@ -64,7 +64,8 @@ def load_backend(name: str) -> SipBackend:
     try:
         module = import_module(BACKENDS[name])
     except ImportError as exc:
-        raise SipError(f"the {name} SIP backend cannot be loaded ({exc}); on a Raspberry Pi build pjproject's "
-                       "Python binding, or set `sip_backend: pyvoip` for this post") from None
+        raise SipError(f"the {name} SIP backend cannot be loaded ({exc}); build and install pjproject's Python "
+                       "binding with `make venv` (or `python -m sip_refuge.post.sip.pjsua2_build`, then pip install "
+                       "the wheel it prints), or set `sip_backend: pyvoip` for this post") from None
     backend: SipBackend = module.Backend()
     return backend

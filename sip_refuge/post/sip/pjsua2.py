@@ -2,11 +2,14 @@
 
 pjsua may only be called from the thread that created it (or inside its own callbacks): a call from any
 other Python thread aborts the whole process (``notes/platform.md``). So :class:`Backend` owns one
-thread, ``pjsua2-<post>``, that creates the library, runs pjsip's event loop, runs every command the
-runner enqueues (dial, answer, hangup...) and destroys the library again. pjsip gets no worker threads
-of its own (:func:`~sip_refuge.post.sip.pjsua2_compat.configure_threads` says why), so every callback
+thread, ``pjsua2-<post>``, that creates the library, runs pjsip's event loop (``libHandleEvents``), runs
+every command the runner enqueues (dial, answer, hangup...) and destroys the library again. pjsip gets no
+worker threads of its own (:func:`~sip_refuge.post.sip.pjsua2_api.endpoint_config`), so every callback
 also runs on the owner thread, between commands. Callbacks only update the small per-call records,
 build events and call ``emit``; anything that needs pjsua is enqueued as a command.
+
+The binding is pjproject's official SWIG one, built by :mod:`sip_refuge.post.sip.pjsua2_build`
+(``make venv``); :mod:`~sip_refuge.post.sip.pjsua2_api` holds what this module asks of it.
 
 A command wakes the owner thread at once: :meth:`Backend._submit` sends a CRLF keep-alive (which pjsip
 reads and ignores) to a loopback-only UDP transport, so pjsip's wait for packets returns.
@@ -18,7 +21,6 @@ import gc
 import itertools
 import logging
 import queue
-import re
 import socket
 import threading
 import time
@@ -26,12 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pjsua2 as pj
-
 from sip_refuge.errors import SipError
 from sip_refuge.post import events as ev
 from sip_refuge.post.sip import Account, Emit
-from sip_refuge.post.sip import pjsua2_compat as compat
+from sip_refuge.post.sip import pjsua2_api as api
+from sip_refuge.post.sip.pjsua2_api import MediaSettings, pj
+
+__all__ = ["Backend", "MediaSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +43,6 @@ _STOP = object()  # the owner thread's last command
 POLL_MS = 100  # longest wait for packets; commands do not wait for it (doorbell)
 TICK = 0.2  # seconds between timer checks (self-test steps, media timeout, registration watchdog)
 DIAL_HANDOFF = 0.05  # longest wait of dial() for its INVITE to leave (pjsua busy, stopping): then it returns
-
-
-@dataclass(frozen=True)
-class MediaSettings:
-    """Audio settings. ``sound_device`` None: use a sound card when pjmedia finds one, else the null device
-    (tests, the demo). Echo canceller and jitter buffer matter only on a real speaker and microphone."""
-
-    sound_device: bool | None = None
-    ec_tail_ms: int = 200  # a metal post box rings: 200 ms covers its echo tail
-    jb_init_ms: int = -1  # -1: pjmedia's adaptive default
-    jb_min_pre_ms: int = 60  # LTE routers jitter: keep a little more in the buffer than pjmedia's default
-    jb_max_pre_ms: int = 240
-    jb_max_ms: int = 500
 
 
 @dataclass
@@ -91,7 +81,7 @@ def _guarded(what: str, run: Callable[[], None]) -> None:
         log.exception("pjsua2 callback %s failed", what)
 
 
-class _PjCall(pj.Call):
+class _PjCall(pj.Call):  # type: ignore[misc]  # the SWIG binding ships no types
     """A pjsua2 Call whose callbacks report to the backend."""
 
     def __init__(self, backend: Backend, record: _Record, account: Any, pj_call_id: int = -1) -> None:
@@ -111,13 +101,13 @@ class _PjCall(pj.Call):
         _guarded("onDtmfDigit", lambda: self.backend._on_dtmf(self.record, str(prm.digit)))
 
 
-class _PjAccount(pj.Account):
+class _PjAccount(pj.Account):  # type: ignore[misc]
     def __init__(self, backend: Backend) -> None:
         super().__init__()
         self.backend = backend
 
     def onRegState(self, prm: Any) -> None:  # noqa: N802
-        _guarded("onRegState", lambda: self.backend._on_reg_state(compat.number(prm.code), str(prm.reason),
+        _guarded("onRegState", lambda: self.backend._on_reg_state(int(prm.code), str(prm.reason),
                                                                   int(prm.expiration)))
 
     def onIncomingCall(self, prm: Any) -> None:  # noqa: N802
@@ -296,62 +286,25 @@ class Backend:
         ep = pj.Endpoint()
         self._ep = ep
         ep.libCreate()
-        cfg = pj.EpConfig()
-        compat.configure_threads(cfg)
-        logc = compat.log_config(cfg)
-        # pjsua writes to stdout by itself; keep it quiet. msgLogging off: no SIP message (with its digest
-        # headers) ever reaches a log. A file is for debugging a site only.
-        logc.consoleLevel = 0
-        logc.msgLogging = 0
-        logc.level = self.pjsua_log_level if self.pjsua_log_file else 0
-        if self.pjsua_log_file:
-            logc.filename = self.pjsua_log_file
-        med = compat.media_config(cfg)
-        # RTP keeps flowing through silence: a quiet post must not look dead to the PBX's rtp_timeout, and
-        # our own media timeout can only judge a stream that never pauses.
-        med.noVad = True
-        if self.media.sound_device is not False:
-            med.ecTailLen = self.media.ec_tail_ms
-            med.jbInit, med.jbMinPre = self.media.jb_init_ms, self.media.jb_min_pre_ms
-            med.jbMaxPre, med.jbMax = self.media.jb_max_pre_ms, self.media.jb_max_ms
-        else:
-            med.ecTailLen = 0  # no speaker, no echo
-        ep.libInit(cfg)
-        if self.media.sound_device is False or (self.media.sound_device is None and compat.sound_device_count(ep) == 0):
-            # No sound card: the null device still clocks the conference bridge, so RTP and DTMF flow.
-            compat.audio_manager(ep).setNullDev()
+        ep.libInit(api.endpoint_config(self.media, self.pjsua_log_file, self.pjsua_log_level))
+        if api.use_null_sound(ep, self.media):
             log.info("%s: no sound device; using the null audio device", self._post)
         tls = pbx.tls if pbx.transport == "tls" else None
-        tcfg = compat.transport_config(account.local_port, self.bind_address, tls)
-        self._transport_id = ep.transportCreate(compat.TRANSPORTS[pbx.transport](), tcfg)
-        bell_id = ep.transportCreate(compat.TRANSPORTS["udp"](), compat.transport_config(0, "127.0.0.1"))
-        self._doorbell_to = compat.transport_address(ep, bell_id)
+        tcfg = api.transport_config(account.local_port, self.bind_address, tls)
+        self._transport_id = ep.transportCreate(api.TRANSPORTS[pbx.transport], tcfg)
+        bell_id = ep.transportCreate(api.TRANSPORTS["udp"], api.transport_config(0, "127.0.0.1"))
+        self._doorbell_to = api.transport_address(ep, bell_id)
         self._doorbell = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._poll = compat.Poller(ep)
+        self._poll = ep.libHandleEvents
         ep.libStart()
-        acc_cfg = compat.account_config()
-        name = re.sub(r'["\\<>\r\n]', "", post.name)
-        suffix = "" if pbx.transport == "udp" else f";transport={pbx.transport}"
-        acc_cfg.idUri = f'"{name}" <sip:{post.id}@{pbx.host}:{pbx.sip_port}>'
-        reg = compat.reg_config(acc_cfg)
-        reg.registrarUri = f"sip:{pbx.host}:{pbx.sip_port}{suffix}"
-        reg.timeoutSec = self.registration_expiry
-        reg.delayBeforeRefreshSec = max(5, self.registration_expiry - self.refresh_every)
-        reg.retryIntervalSec = self.retry_interval
-        reg.firstRetryIntervalSec = min(2, self.retry_interval)  # a restarted PBX is usually back at once
-        reg.randomRetryIntervalSec = 1
-        reg.dropCallsOnFail = False  # never drop an alarm call because a registration refresh failed
-        sip = compat.sip_config(acc_cfg)
-        sip.authCreds.append(compat.digest_credentials(post.id, account.password))
-        sip.transportId = self._transport_id
-        if pbx.transport == "tls" and not compat.require_srtp(acc_cfg):
-            log.error("%s: the %s pjsua2 binding cannot require SRTP; media of this post is NOT encrypted "
-                      "(and a PBX with media_encryption=sdes refuses its calls)", self._post, compat.BINDING)
+        acc_cfg = api.account_config(post, pbx, account.password, self._transport_id,
+                                     expiry=self.registration_expiry, refresh_every=self.refresh_every,
+                                     retry_interval=self.retry_interval)
         self._acc = _PjAccount(self)
         self._reg_activity = time.monotonic()
         self._acc.create(acc_cfg, True)
-        log.info("%s: pjsua2 (%s binding) started, registering to %s:%d over %s", self._post, compat.BINDING,
-                 pbx.host, pbx.sip_port, pbx.transport)
+        log.info("%s: pjsua2 %s started, registering to %s:%d over %s%s", self._post, ep.libVersion().full,
+                 pbx.host, api.pbx_port(pbx)[0], pbx.transport, " with SRTP" if pbx.transport == "tls" else "")
 
     def _tick(self, now: float) -> None:
         """Timers: self-test steps and deadlines, media timeouts, a registration pjsua gave up on."""
@@ -380,8 +333,8 @@ class Backend:
                 log.info("%s: re-register: %s", self._post, exc)
 
     def _check_media(self, rec: _Record, now: float) -> None:
-        count = compat.rx_packets(rec.call)
-        if count is None:  # pybind11: no stream statistics; the PBX's rtp_timeout ends such calls
+        count = api.rx_packets(rec.call)
+        if count is None:  # no audio stream (re-INVITE in progress): judge it on the next tick
             return
         if count != rec.rx_packets:
             rec.rx_packets, rec.rx_changed = count, now
@@ -417,9 +370,8 @@ class Backend:
     def _dial(self, call_id: str, extension: str, host: str, selftest: bool) -> None:
         account = self._account
         assert account is not None
-        pbx = account.pbx
-        suffix = "" if pbx.transport == "udp" else f";transport={pbx.transport}"
-        uri = f"sip:{extension}@{host}:{pbx.sip_port}{suffix}"
+        port, suffix = api.pbx_port(account.pbx)
+        uri = f"sip:{extension}@{host}:{port}{suffix}"
         now = time.monotonic()
         # A self-test gets a while to be answered; the echo's own deadline starts when the digits go out.
         rec = _Record(call_id, outgoing=True, selftest=selftest, created=now, deadline=now + 15.0)
@@ -428,8 +380,8 @@ class Backend:
             self._calls[call_id] = rec  # before makeCall: its first callbacks may come before it returns
         log.info("%s: dialling %s (call %s%s)", self._post, uri, call_id, ", self-test" if selftest else "")
         try:
-            rec.call.makeCall(uri, compat.call_op())
-        except Exception as exc:  # noqa: BLE001 - pj.Error differs per binding; the machine needs CallFailed
+            rec.call.makeCall(uri, api.call_op())
+        except Exception as exc:  # noqa: BLE001 - pj.Error (bad URI, too many calls) or worse: the machine needs CallFailed
             log.warning("%s: call %s could not start: %s", self._post, call_id, exc)
             self._finish(rec, ev.CallFailed(call_id, None, f"cannot place call: {exc}"))
 
@@ -440,7 +392,7 @@ class Backend:
             return
         if status >= 300:
             rec.local_hangup = True
-        rec.call.answer(compat.call_op(status))
+        rec.call.answer(api.call_op(status))
 
     def _hangup(self, call_id: str, reason: str) -> None:
         rec = self._record(call_id)
@@ -453,7 +405,7 @@ class Backend:
         # pjsua may report DISCONNECTED from inside hangup(), on this same thread: mark the record first.
         rec.local_hangup = True
         try:
-            rec.call.hangup(compat.call_op())
+            rec.call.hangup(api.call_op())
         except Exception as exc:  # noqa: BLE001 - a call already going away raises; it ends either way
             log.info("%s: hangup of %s: %s", self._post, rec.call_id, exc)
 
@@ -467,9 +419,7 @@ class Backend:
     def _connect_audio(self, rec: _Record) -> None:
         if rec.finished or self._ep is None:
             return
-        for media in compat.audio_media_slots(rec.call):
-            media.startTransmit(compat.playback_media(self._ep))
-            compat.capture_media(self._ep).startTransmit(media)
+        api.connect_audio(self._ep, rec.call)
         if rec.selftest and not rec.digits_due:
             rec.digits_due = time.monotonic() + 0.3  # let the echo path carry RTP before the digits
 
@@ -564,7 +514,7 @@ class Backend:
     def _on_incoming(self, acc: Any, pj_call_id: int) -> None:
         rec = _Record(f"in-{next(self._incoming_ids)}", outgoing=False, created=time.monotonic())
         rec.call = _PjCall(self, rec, acc, pj_call_id)
-        caller = str(compat.call_info(rec.call).remoteUri)
+        caller = api.remote_uri(rec.call)
         with self._lock:
             self._calls[rec.call_id] = rec
         log.info("%s: incoming call %s from %s", self._post, rec.call_id, caller)
@@ -573,34 +523,33 @@ class Backend:
 
     def _send_ringing(self, rec: _Record) -> None:
         if not rec.finished and not rec.answered and not rec.local_hangup:
-            rec.call.answer(compat.call_op(180))
+            rec.call.answer(api.call_op(180))
 
     def _on_call_state(self, rec: _Record, call: Any, prm: Any) -> None:
-        ci = compat.call_info(call)
-        state, code, reason = compat.number(ci.state), compat.number(ci.lastStatusCode), str(ci.lastReason)
-        if state in (compat.INV_EARLY, compat.INV_CONNECTING, compat.INV_CONFIRMED):
+        state, code, reason = api.call_state(call)
+        if state in (api.INV_EARLY, api.INV_CONNECTING, api.INV_CONFIRMED):
             rec.responded = True
-        if rec.finished and state == compat.INV_DISCONNECTED:
+        if rec.finished and state == api.INV_DISCONNECTED:
             self._internal(lambda: self._forget(rec))  # the call given up on is gone from pjsua at last
             return
         if rec.finished:  # given up on (no response): a late answer must not resurrect it
             return
-        if state == compat.INV_EARLY and rec.outgoing and code in (180, 183) and code != rec.progress:
+        if state == api.INV_EARLY and rec.outgoing and code in (180, 183) and code != rec.progress:
             rec.progress = code
             log.info("%s: call %s: %d %s", self._post, rec.call_id, code, reason)
             self._emit(ev.CallProgress(rec.call_id, code))
-        elif state == compat.INV_CONFIRMED and not rec.answered:
+        elif state == api.INV_CONFIRMED and not rec.answered:
             rec.answered = True
             log.info("%s: call %s answered", self._post, rec.call_id)
             self._emit(ev.CallAnswered(rec.call_id))
-        elif state == compat.INV_DISCONNECTED:
+        elif state == api.INV_DISCONNECTED:
             event: ev.Event
             if rec.local_hangup:
                 event = ev.CallEnded(rec.call_id, "hung up locally")
             elif rec.answered or not rec.outgoing:
                 event = ev.CallEnded(rec.call_id, f"{code} {reason}".strip())
             else:
-                status = None if compat.local_failure(prm) or code == 0 else code
+                status = None if api.local_failure(prm) or code == 0 else code
                 event = ev.CallFailed(rec.call_id, status, reason)
             log.info("%s: call %s over: %s", self._post, rec.call_id, event)
             self._finish(rec, event)
@@ -615,7 +564,7 @@ class Backend:
             self._internal(lambda: self._forget(rec))
 
     def _on_tsx_state(self, rec: _Record, prm: Any) -> None:
-        if not rec.responded and compat.invite_response(prm):
+        if not rec.responded and api.invite_response(prm):
             rec.responded = True
 
     def _on_media_state(self, rec: _Record) -> None:
