@@ -267,3 +267,46 @@ def invite_response(prm: Any) -> bool:
         return str(tsx.method) == "INVITE" and int(tsx.statusCode) >= 100
     except Exception:  # noqa: BLE001 - a binding without these fields: rely on the call states instead
         return False
+
+
+# -- issue 8: where requests come from, probes, media binding --------------------------------------------
+def rx_source(prm: Any) -> tuple[str, str]:
+    """(``ip:port`` the request came from, the whole request) of an on-incoming-call event."""
+    rdata = _get(prm, "rdata")
+    return str(_get(rdata, "srcAddress")), str(_get(rdata, "wholeMsg"))
+
+
+def rx_message(prm: Any) -> str:
+    """The whole received message of an on-reg-state event (the REGISTER's response), or ""."""
+    try:
+        return str(_get(_get(prm, "rdata"), "wholeMsg"))
+    except Exception:  # noqa: BLE001 - a timeout has no response: nothing to learn
+        return ""
+
+
+def request_param(method: str) -> Any:
+    prm = pj.CallSendRequestParam()
+    prm.method = method
+    return prm
+
+
+def request_final(prm: Any, method: str) -> int | None:
+    """The final status of our ``method`` request in a call's dialog, from an on-call-tsx-state event, else None."""
+    try:
+        e = _get(prm, "e")
+        if number(e.type) != EVENT_TSX_STATE:
+            return None
+        tsx = _get(_get(e.body, "tsxState"), "tsx")
+        if str(tsx.method) != method or number(tsx.role) != ROLE_UAC:
+            return None
+        code = int(tsx.statusCode)
+    except Exception:  # noqa: BLE001 - a binding without these fields cannot tell
+        return None
+    return code if code >= 200 else None
+
+
+def bind_media(acc_cfg: Any, address: str) -> None:
+    """RTP on ``address`` only (pybind11's wheel has no account media config: it binds RTP everywhere)."""
+    media = getattr(acc_cfg, "mediaConfig", None)
+    if media is not None and address:
+        media.transportConfig.boundAddress = address
