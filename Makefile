@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the tests and the demo need. mmdebstrap builds the Asterisk root folder.
-DEB_PACKAGES := mmdebstrap vlc-bin vlc-plugin-base util-linux \
+DEB_PACKAGES := mmdebstrap vlc-bin vlc-plugin-base util-linux nftables \
 	gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly python3-gi \
 	chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

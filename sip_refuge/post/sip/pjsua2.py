@@ -692,15 +692,14 @@ class Backend:
     def _on_tsx_state(self, rec: _Record, prm: Any) -> None:
         if not rec.responded and compat.invite_response(prm):
             rec.responded = True
-        if rec.probing:
-            status = compat.request_final(prm, "OPTIONS")
-            if status is not None:
-                rec.probing = False
-                if status in (408, 503) and compat.local_failure(prm):
-                    log.warning("%s: call %s: the PBX did not answer a probe", self._post, rec.call_id)
-                    self._emit(ev.CallProbed(rec.call_id, None))
-                else:
-                    self._emit(ev.CallProbed(rec.call_id, status))
+        final = compat.request_final(prm, "OPTIONS") if rec.probing else None
+        if final is not None:
+            rec.probing = False
+            status, received = final
+            if not received:
+                log.warning("%s: call %s: the PBX did not answer a probe (%d made up by pjsip)", self._post,
+                            rec.call_id, status)
+            self._emit(ev.CallProbed(rec.call_id, status if received else None))
 
     def _on_media_state(self, rec: _Record) -> None:
         rec.media_up = True

@@ -65,6 +65,10 @@ MEDIA_ACTIVE = _const("CallMediaStatus", "ACTIVE", "PJSUA_CALL_MEDIA_ACTIVE")
 EVENT_TSX_STATE = _const("EventId", "TSX_STATE", "PJSIP_EVENT_TSX_STATE")
 EVENT_TIMER = _const("EventId", "TIMER", "PJSIP_EVENT_TIMER")
 EVENT_TRANSPORT_ERROR = _const("EventId", "TRANSPORT_ERROR", "PJSIP_EVENT_TRANSPORT_ERROR")
+EVENT_RX_MSG = _const("EventId", "RX_MSG", "PJSIP_EVENT_RX_MSG")
+# pjsip_tsx_state_e; plain ints because the pybind11 wheel's name for the enum is not known here.
+TSX_COMPLETED = int(getattr(pj, "PJSIP_TSX_STATE_COMPLETED", 4))
+TSX_TERMINATED = int(getattr(pj, "PJSIP_TSX_STATE_TERMINATED", 6))
 TRANSPORTS = {
     "udp": (lambda: pj.PJSIP_TRANSPORT_UDP) if SWIG else (lambda: pj.TransportType.UDP),
     "tcp": (lambda: pj.PJSIP_TRANSPORT_TCP) if SWIG else (lambda: pj.TransportType.TCP),
@@ -290,19 +294,29 @@ def request_param(method: str) -> Any:
     return prm
 
 
-def request_final(prm: Any, method: str) -> int | None:
-    """The final status of our ``method`` request in a call's dialog, from an on-call-tsx-state event, else None."""
+def request_final(prm: Any, method: str) -> tuple[int, bool] | None:
+    """(final status, whether it is a response that arrived) of our ``method`` request in a call's dialog, from
+    an on-call-tsx-state event; None for any other event.
+
+    pjsip makes up a final status itself (408 on its timer, 503 on a transport error): only a received
+    response shows the far end is there. A transaction that already had its answer ends again later
+    (COMPLETED -> TERMINATED after timer K, 5 s over UDP): that is no news, and must not be taken for the
+    answer to a newer request."""
     try:
         e = _get(prm, "e")
         if number(e.type) != EVENT_TSX_STATE:
             return None
-        tsx = _get(_get(e.body, "tsxState"), "tsx")
+        state = _get(e.body, "tsxState")
+        tsx = _get(state, "tsx")
         if str(tsx.method) != method or number(tsx.role) != ROLE_UAC:
             return None
+        if number(tsx.state) == TSX_TERMINATED and number(state.prevState) == TSX_COMPLETED:
+            return None
         code = int(tsx.statusCode)
+        received = number(state.type) == EVENT_RX_MSG
     except Exception:  # noqa: BLE001 - a binding without these fields cannot tell
         return None
-    return code if code >= 200 else None
+    return (code, received) if code >= 200 else None
 
 
 def bind_media(acc_cfg: Any, address: str) -> None:
