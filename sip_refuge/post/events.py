@@ -99,7 +99,8 @@ class MediaTimeout:
 class CallProbed:
     """The PBX's answer to :class:`~sip_refuge.post.commands.ProbeCall`: the status of its response to the
     in-dialog OPTIONS (481 and 408 mean the PBX no longer has the call), or ``None`` when the backend got no
-    answer at all or could not send. A probe that never gets this event is judged by the machine's own timer."""
+    answer at all or could not send. ``0``: the backend cannot probe at all (a binding without in-dialog
+    requests), so there is no verdict. A probe that never gets this event is judged by the machine's own timer."""
 
     call_id: str
     status: int | None = None

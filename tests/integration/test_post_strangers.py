@@ -13,6 +13,7 @@ Posts run as ``sip-refuge post`` processes (mock GPIO); the desk is a raw SIP ro
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 from sip_refuge.config import Site
 from sip_refuge.pbx.asterisk import Asterisk
 from tests.integration.test_post_agent import answer_alarm, lights, register_desk
-from tests.support.agent import AgentProcess, Status, cli, wait_for
+from tests.support.agent import AgentProcess, InProcessAgent, Status, cli, wait_for
 from tests.support.hardening import (
     POLICIES,
     STRANGER,
@@ -194,8 +195,6 @@ def test_stranger_is_refused_in_every_state_and_the_pbx_path_still_works(
 def test_stranger_rtp_is_dropped_by_the_pyvoip_post(
         site: Site, running_pbx: Asterisk, desk: SipPeer, tmp_path: Path) -> None:
     """RTP sprayed at a pyVoIP post's media port by a stranger is dropped and counted; the call's media goes on."""
-    from tests.support.agent import InProcessAgent
-
     post = post_for(site, "pyvoip", "after_alarm")
     with InProcessAgent(site, post.id, tmp_path / "state") as agent:
         agent.wait_status(lambda s: s["state"] == "idle" and s["registered"], 30, "idle")
@@ -205,18 +204,16 @@ def test_stranger_rtp_is_dropped_by_the_pyvoip_post(
         call_id = agent.status()["call"]["id"]
         backend = agent.backend
         media_port = backend._calls[call_id].rtp.port  # type: ignore[attr-defined]
-        spray = SipPeer("mallory", "", (post_address(running_pbx, post.id)[0], media_port), host=STRANGER)
-        try:
-            rtp_event = bytes([0x80, 101, 0, 1, 0, 0, 0, 160, 1, 2, 3, 4, 9, 0x8A, 0, 160])  # DTMF "9", end
-            for _ in range(50):
-                spray.sock.sendto(rtp_event, (post_address(running_pbx, post.id)[0], media_port))
-            wait_for(lambda: agent.status()["sip_counters"]["rtp_refused"] >= 50, 5, "50 RTP packets refused")
-            assert agent.wait_dtmf("9", 0.5) is None, "the stranger's DTMF reached the post"
-            ring.rtp.send_silence(3)
-            ring.rtp.send_dtmf("7")
-            assert agent.wait_dtmf("7", 10) == call_id  # the desk's media still gets through
-        finally:
-            spray.close()
+        host = post_address(running_pbx, post.id)[0]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as spray:
+            spray.bind((STRANGER, 0))
+            for n in range(50):  # RFC 4733 "9" (end of event), a new event each time
+                spray.sendto(bytes([0x80, 101, 0, n, 0, 0, 1, n, 1, 2, 3, 4, 9, 0x8A, 0, 160]), (host, media_port))
+        wait_for(lambda: agent.status()["sip_counters"]["rtp_refused"] >= 50, 5, "50 RTP packets refused")
+        assert agent.wait_dtmf("9", 0.5) is None, "the stranger's DTMF reached the post"
+        ring.rtp.send_silence(3)
+        ring.rtp.send_dtmf("7")
+        assert agent.wait_dtmf("7", 10) == call_id  # the desk's media still gets through
         ring.hangup()
         agent.wait_status(lambda s: s["state"] == "idle", 10, "idle")
 

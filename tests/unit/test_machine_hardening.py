@@ -179,6 +179,9 @@ def test_probe_answers_keep_the_call_and_schedule_the_next() -> None:
     assert h.send(CallProbed(cid, 405), 21.0) == []  # any answer but 481/408: the PBX has the call
     assert h.m.next_deadline() == 26.0 and h.state() is State.CONNECTED
     assert h.send(CallProbed("old-call", None), 22.0) == []  # a stale answer changes nothing
+    assert h.tick(26.0) == [ProbeCall(cid)]
+    assert h.send(CallProbed(cid, 0), 26.1) == []  # a backend that cannot probe: no verdict, the call stays
+    assert h.state() is State.CONNECTED and h.m.next_deadline() == 31.1
 
 
 def test_calls_are_not_probed_before_the_pbx_has_them_or_while_ringing() -> None:

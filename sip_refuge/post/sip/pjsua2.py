@@ -638,6 +638,9 @@ class Backend:
         if rec is None or rec.finished or rec.call is None:
             self._emit(ev.CallProbed(call_id, None))  # a call we no longer have is no call at all
             return
+        if not compat.CAN_PROBE:  # no verdict rather than a wrong one: the call stays
+            self._emit(ev.CallProbed(call_id, 0))
+            return
         rec.probing = True
         try:
             rec.call.sendRequest(compat.request_param("OPTIONS"))

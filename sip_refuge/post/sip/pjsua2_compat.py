@@ -288,6 +288,10 @@ def rx_message(prm: Any) -> str:
         return ""
 
 
+# The pybind11 wheel cannot send a request inside a call's dialog (no CallSendRequestParam).
+CAN_PROBE = hasattr(pj, "CallSendRequestParam")
+
+
 def request_param(method: str) -> Any:
     prm = pj.CallSendRequestParam()
     prm.method = method
