@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # the TLS tests' certificates. The fail2ban tests run a fail2ban-server of their own; on a host with systemd,
 # Debian also enables the fail2ban service (its sshd jail) at install: `systemctl disable --now fail2ban` if
 # the machine should not have it.
-DEB_PACKAGES := python3-venv mmdebstrap vlc-bin vlc-plugin-base util-linux sqlite3 \
+DEB_PACKAGES := python3-venv mmdebstrap vlc-bin vlc-plugin-base util-linux sqlite3 nftables \
 	build-essential swig xz-utils python3-dev libssl-dev libopus-dev libsrtp2-dev libspeex-dev libspeexdsp-dev libasound2-dev \
 	gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly python3-gi \
 	chromium openssl fail2ban

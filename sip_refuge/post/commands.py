@@ -81,6 +81,15 @@ class Hangup:
 
 
 @dataclass(frozen=True)
+class ProbeCall:
+    """Ask the PBX whether it still holds call ``call_id`` (an OPTIONS inside the call's dialog); the backend
+    answers with :class:`~sip_refuge.post.events.CallProbed`. How often, and how long to wait, is the
+    machine's business (``Settings.probe_interval``, ``probe_timeout``)."""
+
+    call_id: str
+
+
+@dataclass(frozen=True)
 class Report:
     """Telemetry for the sidecar. ``kind``: state | call | selftest | fault | registration.
     ``at`` is the machine's clock; the runner maps it to wall time."""
@@ -90,4 +99,4 @@ class Report:
     detail: dict[str, Json] = field(default_factory=dict)
 
 
-Command = SetLights | PlayPrompt | Dial | Answer | Ring | Reject | Hangup | Report
+Command = SetLights | PlayPrompt | Dial | Answer | Ring | Reject | Hangup | ProbeCall | Report

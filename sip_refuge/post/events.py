@@ -88,9 +88,35 @@ class CallEnded:
 
 @dataclass(frozen=True)
 class MediaTimeout:
-    """No RTP arrived for the backend's media timeout: the call is dead even without a BYE."""
+    """No RTP arrived for the backend's media timeout. A fact, not a verdict: a desk phone with silence
+    suppression legitimately sends nothing, so the machine asks the PBX (:class:`~sip_refuge.post.commands.
+    ProbeCall`) before it gives the call up."""
 
     call_id: str
+
+
+@dataclass(frozen=True)
+class CallProbed:
+    """The PBX's answer to :class:`~sip_refuge.post.commands.ProbeCall`: the status of its response to the
+    in-dialog OPTIONS (481 and 408 mean the PBX no longer has the call), or ``None`` when the backend got no
+    answer at all or could not send. ``0``: the backend cannot probe at all (a binding without in-dialog
+    requests), so there is no verdict. A probe that never gets this event is judged by the machine's own timer."""
+
+    call_id: str
+    status: int | None = None
+
+
+@dataclass(frozen=True)
+class SipStackFailed:
+    """A thread of the SIP backend died or stopped turning: nothing can be called or answered until the agent
+    restarts (the runner stops feeding the systemd watchdog so that systemd does it)."""
+
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class SipStackRecovered:
+    """The SIP backend's threads turn again (a stall that passed)."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +158,9 @@ Event = (
     | CallFailed
     | CallEnded
     | MediaTimeout
+    | CallProbed
+    | SipStackFailed
+    | SipStackRecovered
     | IncomingCall
     | SelfTestRequested
     | SelfTestResult

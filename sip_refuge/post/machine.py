@@ -4,9 +4,13 @@
 must call ``tick(now)`` if nothing else happens. There are no threads, sleeps, clocks or I/O in here, so
 every rule of spec section 4 is tested with explicit times.
 
-Vocabulary: an *alarm* starts with a press and lasts until a call carrying it is answered and then ends.
-It survives failed attempts (EN 81-28: the alarm is re-sent until acknowledged), which is also what
-makes a burst of presses one call: while an alarm exists a press has nothing left to do.
+Vocabulary: an *alarm* starts with a press and lasts until a call carrying it is answered by a desk and
+then ends normally. It survives failed attempts and calls lost with the PBX (EN 81-28: the alarm is re-sent
+until acknowledged), which is also what makes a burst of presses one call: while an alarm exists a press has
+nothing left to do.
+
+Backends report facts (a response, a probe's answer, silence on the media); every timing decision is here,
+in :class:`Settings`: how often an established call is probed, how long the PBX may take to answer.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from sip_refuge.post.commands import (
     Json,
     Light,
     PlayPrompt,
+    ProbeCall,
     Reject,
     Report,
     Ring,
@@ -35,6 +40,7 @@ from sip_refuge.post.events import (
     CallAnswered,
     CallEnded,
     CallFailed,
+    CallProbed,
     CallProgress,
     Event,
     IncomingCall,
@@ -43,6 +49,8 @@ from sip_refuge.post.events import (
     RegistrationFailed,
     SelfTestRequested,
     SelfTestResult,
+    SipStackFailed,
+    SipStackRecovered,
     TamperChanged,
     Tick,
     Unregistered,
@@ -65,6 +73,10 @@ class State(StrEnum):
 # Final responses that mean "no PBX answered" rather than "the PBX said no"; None is a timeout or a
 # transport error. They get the "call 999" prompt, the others "please hold".
 UNREACHABLE = frozenset({None, 408, 500, 502, 503, 504})
+# Answers to a probe that mean the PBX no longer has the call (481: no such dialog, 408: nobody answered).
+PROBE_LOST = frozenset({None, 408, 481})
+# Faults that stop every call (red on, state fault), unlike device faults a visit fixes (red blinking).
+STOPPING_FAULTS = frozenset({"sip_stack"})
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,9 @@ class Settings:
     self_test_retry: float = 600.0  # 2N retries a failed audio test after 10 minutes
     first_self_test: float | None = None  # seconds after start; None means one interval
     prompt_gap: float = 20.0  # the same prompt at most this often, so retries do not babble
+    # A PBX killed mid-call sends no BYE, and a desk with silence suppression may send no RTP: the post asks.
+    probe_interval: float = 5.0  # a queued or connected call is probed (OPTIONS in its dialog) this often
+    probe_timeout: float = 4.0  # unanswered this long (4 sends over UDP), the PBX and the call with it are gone
 
 
 @dataclass
@@ -94,6 +109,9 @@ class _Call:
     since: float
     deadline: float  # setup guard, ring guard or maximum duration, whichever applies now
     answered_at: float | None = None
+    confirmed: bool = False  # the backend saw the dialog established (200 OK / ACK): a desk really answered
+    probe_due: float | None = None
+    probe_sent: float | None = None
 
 
 @dataclass
@@ -158,9 +176,15 @@ class PostMachine:
                 if self._is_current(cid):
                     self._on_ended(now, reason or "far end hung up")
             case MediaTimeout(call_id=cid):
-                if self._is_current(cid):
-                    self._emit(Hangup(cid, "media timeout"))
-                    self._on_ended(now, "media timeout")
+                self._on_media_timeout(cid, now)
+            case CallProbed(call_id=cid, status=status):
+                self._on_probed(cid, status, now)
+            case SipStackFailed(detail=detail):
+                self._on_stack_failed(detail, now)
+            case SipStackRecovered():
+                self._clear_fault("sip_stack", now)
+                if self._call is None and self._alarm is None:
+                    self._set_state(self._rest_state(now), now, "SIP stack recovered")
             case IncomingCall(call_id=cid, caller=caller):
                 self._on_incoming(cid, caller, now)
             case SelfTestRequested():
@@ -185,8 +209,13 @@ class PostMachine:
             due.append(self._started + self.settings.startup_grace)
         if self._button_down is not None and "button_stuck" not in self._faults:
             due.append(self._button_down + self.settings.stuck_after)
-        if self._call is not None:
-            due.append(self._call.deadline)
+        call = self._call
+        if call is not None:
+            due.append(call.deadline)
+            if call.probe_due is not None:
+                due.append(call.probe_due)
+            if call.probe_sent is not None:
+                due.append(call.probe_sent + self.settings.probe_timeout)
         if self._alarm is not None and self._alarm.retry_at is not None:
             due.append(self._alarm.retry_at)
         if self.state is State.IDLE:
@@ -259,7 +288,8 @@ class PostMachine:
         if self._alarm is not None and self._alarm.retry_at is not None:
             if regained:  # the PBX is back: re-send the alarm without waiting out the backoff
                 self._alarm.retry_at = now
-        elif self._call is None and self.state in (State.STARTING, State.FAULT):
+        elif self._call is None and self.state in (State.STARTING, State.FAULT) \
+                and not self._faults & STOPPING_FAULTS:
             self._set_state(State.IDLE, now, "registered")
 
     def _on_unregistered(self, reason: str, now: float) -> None:
@@ -276,6 +306,7 @@ class PostMachine:
         if call.target == "queue" and self.state is State.CALLING and self._alarm is not None:
             self._alarm.registered = True
             call.deadline = now + self.site.queue.max_wait + self.settings.unanswered_extra
+            self._probe_later(call, now)
             self._report("call", now, event="queued", call=cid, host=call.host)
             self._set_state(State.QUEUED, now, f"{status}")
 
@@ -285,9 +316,13 @@ class PostMachine:
             # A late 200 for an attempt we gave up on: hang it up, or it would be an open line nobody follows.
             self._emit(Hangup(cid, "stale call"))
             return
+        if call.direction == "in" and call.answered_at is not None:
+            call.confirmed = True  # the ACK of the PBX for our answer: the desk that called back is there
         if call.target == "queue" and call.answered_at is None:
             call.answered_at = now
+            call.confirmed = True
             call.deadline = now + self.post.max_call
+            self._probe_later(call, now)
             self._report("call", now, event="answered", call=cid, host=call.host)
             self._set_state(State.CONNECTED, now, "200 OK")
 
@@ -315,8 +350,9 @@ class PostMachine:
             return
         call = _Call(cid, "in", "callback", "", now, now + self.settings.callback_ring)
         self._call = call
-        # While an alarm waits for a retry, the control room calling is the acknowledgement we were after.
-        if self._alarm is not None or self._auto_answer(now):
+        # The backend let this through only from the PBX, aimed at the post's registered contact; the
+        # policy decides the rest, on every path (waiting to re-send an alarm included).
+        if self._auto_answer(now):
             self._answer(call, now)
         else:
             self._emit(Ring(cid))
@@ -324,14 +360,46 @@ class PostMachine:
         self._report("call", now, event="incoming", call=cid, caller=caller)
 
     def _auto_answer(self, now: float) -> bool:
+        """Whether a call-back is answered without a press.
+
+        ``always``: yes. ``never``: no, not even while an alarm is pending (a press answers it).
+        ``after_alarm`` (EN 81-28: no auto-answer in standby): yes while the post's own alarm is pending
+        (pressed and not yet acknowledged by a desk, e.g. waiting to re-send while the PBX was down: the
+        control room calling back is the answer the person asked for), and for ``auto_answer_window``
+        seconds after the call that acknowledged the alarm ended; otherwise it rings.
+        """
         policy = self.post.auto_answer
         if policy == "always":
             return True
         if policy == "after_alarm":
-            # EN 81-28: no auto-answer in standby, only shortly after the post's own alarm.
+            if self._alarm is not None:
+                return True
             end = self._last_alarm_end
             return end is not None and now - end <= self.post.auto_answer_window
         return False
+
+    def _on_media_timeout(self, cid: str, now: float) -> None:
+        call = self._call
+        # Silence is no verdict (silence suppression): ask the PBX now rather than at the next probe.
+        if call is not None and call.id == cid and call.probe_sent is None \
+                and (call.answered_at is not None or self.state is State.QUEUED):
+            self._probe(call, now)
+
+    def _on_probed(self, cid: str, status: int | None, now: float) -> None:
+        call = self._call
+        if call is None or call.id != cid or call.probe_sent is None:
+            return
+        if status in PROBE_LOST:
+            self._call_lost(call, now, "no answer to a probe" if status is None else f"probe answered {status}")
+        else:
+            self._probe_later(call, now)
+
+    def _on_stack_failed(self, detail: str, now: float) -> None:
+        self._raise_fault("sip_stack", now, detail)
+        if self._call is not None:
+            self._call_lost(self._call, now, "SIP stack failed")
+        else:
+            self._set_state(State.FAULT, now, f"SIP stack failed: {detail}")
 
     # ----------------------------------------------------------------- calls
 
@@ -379,6 +447,7 @@ class PostMachine:
     def _answer(self, call: _Call, now: float) -> None:
         call.answered_at = now
         call.deadline = now + self.post.max_call
+        self._probe_later(call, now)
         self._emit(Answer(call.id))
         self._report("call", now, event="answered", call=call.id)
         self._set_state(State.CONNECTED, now, "call-back answered")
@@ -387,16 +456,43 @@ class PostMachine:
         call = self._call
         assert call is not None
         self._call = None
-        if self._alarm is not None:
-            # An answered call acknowledges the alarm; from now on call-backs may be auto-answered.
+        if self._alarm is not None and call.confirmed:
+            # A call a desk really answered acknowledges the alarm; from now on call-backs may be
+            # auto-answered. Any other end (a hang-up before the ACK) leaves the alarm to be re-sent.
             self._alarm = None
             self._last_alarm_end = now
         since = call.answered_at if call.answered_at is not None else call.since
         self._report("call", now, event="ended", call=call.id, reason=reason, duration=now - since)
         self._set_state(self._rest_state(now), now, reason)
 
+    def _call_lost(self, call: _Call, now: float, reason: str) -> None:
+        """The PBX stopped answering during the call: it is gone and the call with it (no BYE will come)."""
+        if call.target == "selftest":
+            self._self_test_done(now, False, f"call lost: {reason}")
+            return
+        self._emit(Hangup(call.id, reason))
+        self._call = None
+        self._report("call", now, event="lost", call=call.id, host=call.host, reason=reason)
+        if self.registered:  # until the PBX accepts a registration again
+            self.registered = False
+            self._report("registration", now, registered=False, reason=f"call lost: {reason}")
+        alarm = self._alarm
+        if alarm is not None:
+            # Whoever pressed may still be there: send the alarm again at once (to the other PBX if any).
+            alarm.registered = False
+            alarm.retry_at = now
+            self._prompt("hold", now)
+        self._set_state(State.FAULT, now, f"call lost ({reason})")
+
+    def _probe_later(self, call: _Call, now: float) -> None:
+        call.probe_sent, call.probe_due = None, now + self.settings.probe_interval
+
+    def _probe(self, call: _Call, now: float) -> None:
+        call.probe_sent, call.probe_due = now, None
+        self._emit(ProbeCall(call.id))
+
     def _rest_state(self, now: float) -> State:
-        if self._alarm is not None:
+        if self._alarm is not None or self._faults & STOPPING_FAULTS:
             return State.FAULT
         if self.registered:
             return State.IDLE
@@ -445,6 +541,11 @@ class PostMachine:
         call = self._call
         if call is not None and now >= call.deadline:
             self._call_timeout(call, now)
+        call = self._call
+        if call is not None and call.probe_sent is not None and now >= call.probe_sent + s.probe_timeout:
+            self._call_lost(call, now, f"no answer to a probe within {s.probe_timeout:g} s")
+        elif call is not None and call.probe_due is not None and now >= call.probe_due:
+            self._probe(call, now)
         alarm = self._alarm
         if alarm is not None and alarm.retry_at is not None and now >= alarm.retry_at and self._call is None:
             self._dial_alarm(now)
@@ -514,8 +615,8 @@ class PostMachine:
         yellow = Light.ON if alarm is not None and alarm.registered else Light.OFF
         green = {State.CONNECTED: Light.ON, State.RINGING: Light.BLINK}.get(self.state, Light.OFF)
         retrying = alarm is not None and alarm.attempts > 1 and self.state is State.CALLING
-        if self.state is State.FAULT or retrying:
-            red = Light.ON  # cannot reach the control room (or not registered)
+        if self.state is State.FAULT or retrying or self._faults & STOPPING_FAULTS:
+            red = Light.ON  # cannot reach the control room (or not registered, or the SIP stack is dead)
         elif self._faults:
             red = Light.BLINK  # calls work, but the post needs a visit (stuck, tamper, failed self-test)
         else:

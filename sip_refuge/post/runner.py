@@ -4,6 +4,11 @@ Panel and SIP callbacks only ``emit`` (enqueue) events. One loop takes them in o
 machine's own deadlines as the wait, and executes the commands. A failing command is logged and
 turned into the event that tells the machine (a dial that raised is a failed call): a post never
 stops on an error it can recover from.
+
+Every turn it also asks the SIP backend whether its threads still turn (:meth:`SipBackend.health`). A dead
+or stuck stack is one it cannot recover from in-process (pjsua may only be touched from its own thread), so
+the machine shows the fault (``sip_stack``: state fault, red) and the loop stops calling ``on_turn``, the
+systemd watchdog ping: systemd then restarts the agent.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from sip_refuge.post.commands import (
     Dial,
     Hangup,
     PlayPrompt,
+    ProbeCall,
     Reject,
     Report,
     Ring,
@@ -35,11 +41,13 @@ from sip_refuge.post.events import (
     Event,
     RegistrationFailed,
     SelfTestRequested,
+    SipStackFailed,
+    SipStackRecovered,
     Tick,
 )
 from sip_refuge.post.machine import PostMachine, Settings
 from sip_refuge.post.panel import MockPanel, Panel
-from sip_refuge.post.sip import Account, SipBackend
+from sip_refuge.post.sip import Account, Health, SipBackend
 from sip_refuge.post.telemetry import TelemetryOutbox
 from sip_refuge.telemetry import Telemetry
 
@@ -47,6 +55,7 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT = 1.0  # seconds; the loop wakes at least this often so a stop request is seen promptly
 BACKEND_RETRY_CAP = 30.0  # seconds between attempts to start a SIP stack that would not start
+SIP_COUNTERS = ("refused", "malformed", "errors", "rtp_refused", "rtp_malformed")  # always in status/telemetry
 
 
 class PostRunner:
@@ -59,9 +68,12 @@ class PostRunner:
         self.machine = PostMachine(site, post, now=clock(), settings=settings)
         self.panel = panel(self.emit)
         self.stop_event = threading.Event()
-        self.on_turn: Callable[[], None] = lambda: None  # e.g. the systemd watchdog ping
+        self.on_turn: Callable[[], None] = lambda: None  # the systemd watchdog ping; only while the SIP stack turns
         self._backend_failures = 0
         self._backend_retry_at: float | None = None
+        self._backend_started = False
+        self._backend_down = False
+        self._sip_counters: dict[str, int] = dict.fromkeys(SIP_COUNTERS, 0)
         self._status_lock = threading.Lock()
         self._status: dict[str, Any] = {}
         self._publish_status()
@@ -111,7 +123,8 @@ class PostRunner:
                 except queue.Empty:
                     event = Tick()
                 self.step(event)
-                self.on_turn()
+                if self._watch_backend():
+                    self.on_turn()
         finally:
             self._shutdown()
 
@@ -135,7 +148,30 @@ class PostRunner:
         if self._backend_failures:
             log.info("post %s: SIP backend started after %d failed attempts", self.post.id, self._backend_failures)
         self._backend_failures, self._backend_retry_at = 0, None
+        self._backend_started = True
 
+    def _watch_backend(self) -> bool:
+        """Tell the machine when the SIP stack dies or stalls, and when it turns again; False while it is down
+        (the loop then stops feeding the watchdog, so systemd restarts the agent)."""
+        if not self._backend_started:
+            return True
+        try:
+            health = self.backend.health()
+        except Exception as exc:  # noqa: BLE001 - a backend that cannot even say how it is, is not well
+            health = Health(False, f"health check failed: {exc}")
+        if any(self._sip_counters.get(k) != v for k, v in health.counters.items()):
+            self._sip_counters.update(health.counters)
+            self._publish_status()
+        if not health.alive and not self._backend_down:
+            self._backend_down = True
+            log.critical("post %s: SIP stack failed (%s); no more watchdog pings, systemd restarts the agent",
+                         self.post.id, health.detail)
+            self.step(SipStackFailed(health.detail))
+        elif health.alive and self._backend_down:
+            self._backend_down = False
+            log.warning("post %s: SIP stack turns again; watchdog pings resume", self.post.id)
+            self.step(SipStackRecovered())
+        return not self._backend_down
     def step(self, event: Event) -> None:
         try:
             commands = self.machine.handle(event, self.clock())
@@ -179,6 +215,8 @@ class PostRunner:
                 self.backend.reject(cid, status)
             case Hangup(call_id=cid):
                 self.backend.hangup(cid)
+            case ProbeCall(call_id=cid):
+                self.backend.probe(cid)
             case Report():
                 self.telemetry.put(self._report(command))
 
@@ -188,7 +226,8 @@ class PostRunner:
         return Telemetry.build(report.kind, report.detail, post=self.post.id, at=datetime.fromtimestamp(wall, UTC),
                                state=str(self.machine.state), registered=self.machine.registered,
                                faults=self.machine.faults(), mock_gpio=self.mock,
-                               last_self_test=last if isinstance(last, dict) else None)
+                               last_self_test=last if isinstance(last, dict) else None,
+                               sip_counters=self._sip_counters)
 
     def _wall_offset(self) -> float:
         return time.time() - self.clock()
@@ -196,6 +235,7 @@ class PostRunner:
     def _publish_status(self) -> None:
         status: dict[str, Any] = dict(self.machine.status(self._wall_offset()))
         status.update(mock_gpio=self.mock, sip_backend=self.post.sip_backend, lights=self.panel.shown(),
+                      sip_counters=dict(self._sip_counters),
                       telemetry_pending=self.telemetry.pending(), telemetry_dropped=self.telemetry.dropped,
                       telemetry_error=self.telemetry.last_error)
         with self._status_lock:

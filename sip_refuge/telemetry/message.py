@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import ClassVar, TypeVar
@@ -106,6 +106,9 @@ class Telemetry:
     mock_gpio: bool
     detail: Detail
     last_self_test: SelfTest | None = None
+    # The SIP stack's counters since the agent started (refused strangers, malformed messages, handler errors):
+    # a post under attack, or with a sick stack, shows it on the dashboard before it fails.
+    sip_counters: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def kind(self) -> Kind:
@@ -122,6 +125,8 @@ class Telemetry:
             body["passed"] = self.detail.passed  # what sidecars of earlier versions read
         if self.last_self_test is not None:
             body["last_self_test"] = asdict(self.last_self_test)
+        if self.sip_counters:
+            body["sip_counters"] = dict(self.sip_counters)
         return body
 
     def to_json(self) -> str:
@@ -142,11 +147,13 @@ class Telemetry:
     @classmethod
     def build(cls, kind: str, detail: Mapping[str, object], *, post: str, at: datetime, state: str,
               registered: bool, faults: Sequence[str], mock_gpio: bool,
-              last_self_test: Mapping[str, object] | None = None) -> Telemetry:
+              last_self_test: Mapping[str, object] | None = None,
+              sip_counters: Mapping[str, int] | None = None) -> Telemetry:
         """The post's side: a message from the state machine's report. Text too long is cut, not refused,
         so a long error message from a SIP stack cannot cost the report."""
         body = {**detail, "kind": kind, "post": post, "at": iso(at), "state": state, "registered": registered,
-                "faults": list(faults), "mock_gpio": mock_gpio, "last_self_test": last_self_test}
+                "faults": list(faults), "mock_gpio": mock_gpio, "last_self_test": last_self_test,
+                "sip_counters": dict(sip_counters or {})}
         return _read(Fields(body, "", clip=True))
 
 
@@ -158,7 +165,8 @@ def _read(f: Fields) -> Telemetry:
     last_self_test = None if last is None else SelfTest(at=last.time("at"), passed=last.flag("passed"),
                                                         detail=last.text("detail") or "")
     return Telemetry(post=post, at=at, state=state, registered=registered, faults=faults, mock_gpio=mock_gpio,
-                     detail=_read_detail(_DETAILS[kind], f), last_self_test=last_self_test)
+                     detail=_read_detail(_DETAILS[kind], f), last_self_test=last_self_test,
+                     sip_counters=f.counters("sip_counters"))
 
 
 def shown_status(state: object, detail: object) -> dict[str, object]:

@@ -24,6 +24,7 @@ MAX_TEXT = 1000  # characters in any text (a reason, a self-test's detail)
 MAX_NAME = 64  # characters in a name (a state, a fault, a call event) and in any key
 MAX_INT = 2**53  # larger integers lose precision in the pages' JavaScript
 MAX_SECONDS = 10.0**9  # durations and delays
+MAX_COUNT = MAX_INT  # a counter (SIP messages refused since start...)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _HOST = re.compile(r"[A-Za-z0-9.:\[\]_-]{1,255}")
@@ -163,6 +164,22 @@ class Fields:
         except (ValueError, OverflowError, OSError):
             pass
         raise self._wrong(key, value, "a time (ISO 8601 with a time zone)")
+
+    def counters(self, key: str) -> dict[str, int]:
+        """An object of named whole-number counters (at most MAX_ITEMS of them), or {} when absent."""
+        found = self.object(key)
+        if found is None:
+            return {}
+        if len(found.body) > MAX_ITEMS:
+            raise TelemetryError(self.prefix + key, f"{len(found.body)} counters, more than {MAX_ITEMS}")
+        out: dict[str, int] = {}
+        for name, value in found.body.items():
+            if not _NAME.fullmatch(name) or len(name) > MAX_NAME:
+                raise TelemetryError(f"{self.prefix}{key}.{name[:MAX_NAME]}", "is not a counter name")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+                raise found._wrong(name, value, f"a whole number from 0 to {MAX_COUNT}")
+            out[name] = value
+        return out
 
     def object(self, key: str) -> Fields | None:
         value = self._get(key, False, "an object")

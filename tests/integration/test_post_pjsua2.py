@@ -316,3 +316,34 @@ def test_start_stop_leaks_no_threads_or_fds(site: Site, pbx: Asterisk, events: E
         fds, tasks, python = _resources()
         return fds <= before[0] and tasks <= before[1] and python == before[2]
     wait_until(settled, 5, f"resources back to {before} (now {_resources()})")
+
+
+def test_probes_are_answered_while_queued_connected_and_on_a_call_back(
+        post: Backend, desk: SipPeer, events: Events, site: Site) -> None:
+    """An OPTIONS probe in the call's dialog gets the PBX's 200 while queued (early dialog), connected, and on a call-back."""
+    post.dial("alarm-p", site.queue.extension, site.pbx.host, False)
+    ringing = desk.wait_incoming(10)
+    events.wait(ev.CallProgress, where=lambda e: e.call_id == "alarm-p")
+    post.probe("alarm-p")
+    assert events.wait(ev.CallProbed, where=lambda e: e.call_id == "alarm-p").status == 200
+    answer(desk, ringing)
+    events.wait(ev.CallAnswered, where=lambda e: e.call_id == "alarm-p")
+    post.probe("alarm-p")
+    assert events.wait(ev.CallProbed, where=lambda e: e.call_id == "alarm-p").status == 200
+    ringing.hangup()
+    events.wait(ev.CallEnded, where=lambda e: e.call_id == "alarm-p")
+
+    call = desk.call(site.post(POST).extension)
+    incoming = events.wait(ev.IncomingCall)
+    post.answer(incoming.call_id)
+    assert call.wait_final().code == 200
+    events.wait(ev.CallAnswered, where=lambda e: e.call_id == incoming.call_id)
+    post.probe(incoming.call_id)
+    assert events.wait(ev.CallProbed, where=lambda e: e.call_id == incoming.call_id).status == 200
+    call.hangup()
+    events.wait(ev.CallEnded, where=lambda e: e.call_id == incoming.call_id)
+
+    post.probe("no-such-call")  # a call the backend does not have is no call at all
+    assert events.wait(ev.CallProbed, where=lambda e: e.call_id == "no-such-call").status is None
+    health = post.health()
+    assert health.alive and health.counters.get("errors", 0) == 0, health

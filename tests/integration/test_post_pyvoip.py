@@ -21,6 +21,7 @@ from sip_refuge.pbx.asterisk import Asterisk
 from sip_refuge.post.events import (
     CallAnswered,
     CallEnded,
+    CallProbed,
     CallProgress,
     Event,
     IncomingCall,
@@ -240,3 +241,63 @@ def test_tls_site_is_refused(site: Site) -> None:
     with pytest.raises(SipError, match="UDP only"):
         Backend().start(Account(p, pbx, "unused"), Recorder[Event]())
 
+
+
+def test_probes_are_answered_while_queued_connected_and_on_a_call_back(
+        site: Site, desk: DeskRobot, post: tuple[Backend, Recorder[Event]]) -> None:
+    """An OPTIONS probe in the call's dialog gets the PBX's 200 while queued (early dialog), connected, and on a call-back."""
+    backend, events = post
+
+    def probed(call_id: str) -> int | None:
+        after = time.monotonic()
+        backend.probe(call_id)
+        events.wait(lambda e: isinstance(e, CallProbed) and e.call_id == call_id, 5, f"probe of {call_id}", after=after)
+        answer = [e for at, e in events.events if at >= after and isinstance(e, CallProbed) and e.call_id == call_id]
+        return answer[0].status  # type: ignore[union-attr]
+
+    backend.dial("alarm-p", site.queue.extension, site.pbx.host, False)
+    ring = desk.wait_ring()
+    events.wait(lambda e: isinstance(e, CallProgress) and e.call_id == "alarm-p", 5, "18x")
+    assert probed("alarm-p") == 200
+    desk.answer(ring)
+    events.wait(lambda e: e == CallAnswered("alarm-p"), 5, "CallAnswered")
+    assert probed("alarm-p") == 200
+    desk.hangup(ring)
+    events.wait(lambda e: isinstance(e, CallEnded) and e.call_id == "alarm-p", 5, "CallEnded")
+
+    back = desk.call(site.post(POST).extension)
+    events.wait(lambda e: isinstance(e, IncomingCall), 5, "IncomingCall")
+    incoming = events.of(IncomingCall)[0][1]
+    assert isinstance(incoming, IncomingCall)
+    backend.answer(incoming.call_id)
+    events.wait(lambda e: e == CallAnswered(incoming.call_id), 5, "call-back up")
+    assert probed(incoming.call_id) == 200
+    desk.hangup(back)
+    events.wait(lambda e: isinstance(e, CallEnded) and e.call_id == incoming.call_id, 5, "CallEnded")
+
+    assert probed("no-such-call") is None  # a call the backend does not have is no call at all
+    health = backend.health()
+    assert health.alive and health.counters.get("errors", 0) == 0, health
+
+
+def test_the_datagram_that_killed_the_sip_thread_is_counted_and_the_post_goes_on(
+        site: Site, post: tuple[Backend, Recorder[Event]]) -> None:
+    """Finding 4: a 200 OK with "CSeq: abc INVITE" from the PBX's address is dropped and counted, from a stranger dropped unread; the next call works."""
+    backend, events = post
+    datagram = (b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKx\r\nFrom: <sip:a@b>;tag=1\r\n"
+                b"To: <sip:c@d>;tag=2\r\nCall-ID: x\r\nCSeq: abc INVITE\r\nContent-Length: 0\r\n\r\n")
+    ua = backend._ua
+    assert ua is not None
+    for source in (site.pbx.host, "127.0.0.2"):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((source, 0))
+            sock.sendto(datagram, (ua.host, ua.port))
+    deadline = time.monotonic() + 5
+    while backend.health().counters.get("refused", 0) < 1 or backend.health().counters.get("malformed", 0) < 1:
+        assert time.monotonic() < deadline, backend.health()
+        time.sleep(0.05)
+    assert backend.health().alive
+    backend.dial("st-after", site.self_test.extension, site.pbx.host, True)
+    events.wait(lambda e: isinstance(e, SelfTestResult) and e.call_id == "st-after", 10, "self-test result")
+    result = [e for _, e in events.of(SelfTestResult) if isinstance(e, SelfTestResult) and e.call_id == "st-after"]
+    assert result[0].passed, result

@@ -116,6 +116,7 @@ class Rtp:
     """One RTP stream: sends RFC 4733 DTMF (with a little PCMU silence first) and records what arrives."""
 
     def __init__(self, host: str) -> None:
+        self.host = host
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((host, 0))
         self.sock.setblocking(False)
@@ -185,9 +186,9 @@ class Rtp:
 
     def sdp(self, session: int) -> str:
         return ("v=0\r\n"
-                f"o=- {session} {session} IN IP4 127.0.0.1\r\n"
+                f"o=- {session} {session} IN IP4 {self.host}\r\n"
                 "s=sipua\r\n"
-                "c=IN IP4 127.0.0.1\r\n"
+                f"c=IN IP4 {self.host}\r\n"
                 "t=0 0\r\n"
                 f"m=audio {self.port} RTP/AVP 0 {TELEPHONE_EVENT}\r\n"
                 "a=rtpmap:0 PCMU/8000\r\n"
@@ -218,11 +219,11 @@ class Dialog:
 class OutgoingCall:
     """A call this peer placed: every response in arrival order, then ACK/BYE/CANCEL as the dialog needs."""
 
-    def __init__(self, peer: SipPeer, uri: str) -> None:
+    def __init__(self, peer: SipPeer, uri: str, media_host: str | None = None) -> None:
         self.peer, self.uri = peer, uri
         self.dialog = Dialog(secrets.token_hex(8) + "@sipua", secrets.token_hex(4), local_uri=peer.aor, remote_uri=uri,
                              remote_target=uri)
-        self.rtp = Rtp(peer.host)
+        self.rtp = Rtp(media_host or peer.host)
         self.responses: list[SipMessage] = []
         self.final: SipMessage | None = None  # the final response to the last INVITE sent (after auth)
         self.sent_at = 0.0
@@ -450,9 +451,10 @@ class SipPeer:
         return response
 
     # -- calls ------------------------------------------------------------------------------------------
-    def call(self, target: str, *, uri: str | None = None) -> OutgoingCall:
-        """INVITE ``target`` (inserted verbatim as the user part) or a whole Request-URI ``uri``."""
-        call = OutgoingCall(self, uri or f"sip:{target}@{self.server[0]}:{self.server[1]}")
+    def call(self, target: str, *, uri: str | None = None, media_host: str | None = None) -> OutgoingCall:
+        """INVITE ``target`` (inserted verbatim as the user part) or a whole Request-URI ``uri``; the SDP offers
+        media on ``media_host`` (default: this peer's own address)."""
+        call = OutgoingCall(self, uri or f"sip:{target}@{self.server[0]}:{self.server[1]}", media_host)
         with self.lock:
             self.calls.append(call)
             self._add_rtp(call.rtp)

@@ -20,6 +20,7 @@ from sip_refuge.post.commands import (
     Hangup,
     Light,
     PlayPrompt,
+    ProbeCall,
     Reject,
     Report,
     Ring,
@@ -31,6 +32,7 @@ from sip_refuge.post.events import (
     CallAnswered,
     CallEnded,
     CallFailed,
+    CallProbed,
     CallProgress,
     Event,
     IncomingCall,
@@ -61,28 +63,41 @@ def make_site(secondary: str | None = None, **post_fields: object) -> Site:
 
 
 class Harness:
-    """A post machine plus everything it said, so tests read like the story of one post."""
+    """A post machine plus everything it said, so tests read like the story of one post.
+
+    While ``pbx_alive`` is True the PBX answers every probe at once (200 to the OPTIONS), as a running
+    Asterisk does; set it False and probes go unanswered, as after a ``kill -9``."""
 
     def __init__(self, site: Site | None = None, *, registered: bool = True) -> None:
         self.site = site or make_site()
         self.m = PostMachine(self.site, self.site.posts[0], now=0.0)
         self.out: list[Command] = []
         self.lights = SetLights()
+        self.pbx_alive = True
         if registered:
             self.send(Registered("pbx-a"), 0.0)
 
     def send(self, event: Event, now: float) -> list[Command]:
-        return self._record(self.m.handle(event, now))
+        return self._record(self.m.handle(event, now), now)
 
     def tick(self, now: float) -> list[Command]:
-        return self._record(self.m.tick(now))
+        return self._record(self.m.tick(now), now)
 
-    def _record(self, commands: list[Command]) -> list[Command]:
+    def _record(self, commands: list[Command], now: float) -> list[Command]:
         self.out += commands
         for command in commands:
             if isinstance(command, SetLights):
                 self.lights = command
+        for probe in of(ProbeCall, commands):
+            if self.pbx_alive:
+                commands = commands + self.send(CallProbed(probe.call_id, 200), now)
         return commands
+
+    def live_until(self, end: float) -> None:
+        """Let time pass up to (not including) ``end``: every timer due before it fires (probes are answered
+        while ``pbx_alive``), as the runner would make happen."""
+        while (due := self.m.next_deadline()) is not None and due < end:
+            self.tick(due)
 
     def press(self, now: float, release_after: float = 0.2) -> list[Command]:
         out = self.send(ButtonPressed(), now)
@@ -332,7 +347,8 @@ def test_queued_too_long_is_hung_up_and_sent_again() -> None:
     cid = h.dial(h.press(10.0)).call_id
     h.send(CallProgress(cid, 180), 10.0)
     limit = 10.0 + h.site.queue.max_wait + h.m.settings.unanswered_extra
-    assert h.m.next_deadline() == limit
+    h.live_until(limit)
+    assert h.m.next_deadline() == limit and h.state() is State.QUEUED
     out = h.tick(limit)
     assert Hangup(cid, "timeout") in out and h.state() is State.FAULT
     assert len(of(Dial, h.tick(limit + 1))) == 1
@@ -374,17 +390,33 @@ def test_press_while_not_registered_still_calls() -> None:
 def test_maximum_call_duration_ends_the_call() -> None:
     h = Harness(make_site(max_call=600))
     cid = connect(h, 10.0)
+    h.live_until(615.0)
     assert h.m.next_deadline() == 15.0 + 600
     out = h.tick(615.0)
     assert Hangup(cid, "maximum call duration") in out and h.state() is State.IDLE
 
 
-def test_media_stopping_ends_the_call() -> None:
+def test_media_silence_alone_does_not_end_a_call_the_pbx_still_has() -> None:
     h = Harness()
     cid = connect(h, 10.0)
+    h.live_until(100.0)
+    out = h.send(MediaTimeout(cid), 100.0)  # the desk's phone suppresses silence
+    assert ProbeCall(cid) in out and not of(Hangup, out)  # asked at once, not at the next probe
+    assert h.state() is State.CONNECTED and h.lights == lights(yellow=Light.ON, green=Light.ON)
+
+
+def test_media_silence_and_an_unanswered_probe_end_the_call_and_resend_the_alarm() -> None:
+    h = Harness()
+    cid = connect(h, 10.0)
+    h.live_until(100.0)
+    h.pbx_alive = False
     out = h.send(MediaTimeout(cid), 100.0)
-    assert Hangup(cid, "media timeout") in out and h.state() is State.IDLE
-    assert h.lights == lights()
+    assert ProbeCall(cid) in out and h.state() is State.CONNECTED
+    assert h.m.next_deadline() == 100.0 + h.m.settings.probe_timeout
+    out = h.tick(100.0 + h.m.settings.probe_timeout)
+    assert out[0] == Hangup(cid, "no answer to a probe within 4 s")
+    assert h.dial(out).target == "queue"  # the caller may still be there: the alarm goes out again at once
+    assert h.state() is State.CALLING and h.m.status()["alarm"]["attempts"] == 2  # type: ignore[index]
 
 
 def test_late_answer_of_an_abandoned_attempt_is_hung_up() -> None:
@@ -406,6 +438,7 @@ def test_button_held_over_30_s_is_reported_stuck_and_visible() -> None:
     cid = h.dial(h.send(ButtonPressed(), 10.0)).call_id
     h.send(CallProgress(cid, 180), 10.1)
     h.send(CallAnswered(cid), 12.0)
+    h.live_until(40.0)
     assert h.m.next_deadline() == 40.0
     out = h.tick(40.0)
     assert [r.detail["fault"] for r in reports(out, "fault")] == ["button_stuck"]
@@ -539,14 +572,17 @@ def test_after_alarm_answers_only_within_the_window_after_the_last_alarm_call() 
     assert Ring("in-2") in out and h.state() is State.RINGING
 
 
-def test_call_back_while_the_alarm_waits_for_a_retry_is_answered() -> None:
-    h = Harness(make_site(auto_answer="never"))
+def test_call_back_while_the_alarm_waits_for_a_retry_is_answered_after_alarm() -> None:
+    h = Harness(make_site(auto_answer="after_alarm"))
     cid = h.dial(h.press(10.0)).call_id
     h.send(CallFailed(cid, 503), 10.2)
     out = h.send(IncomingCall("in-1", "2001"), 10.5)
     assert out[0] == Answer("in-1") and h.state() is State.CONNECTED
+    h.send(CallAnswered("in-1"), 10.6)  # the PBX's ACK: the desk that called back is there
     h.send(CallEnded("in-1"), 60.0)
-    assert h.state() is State.IDLE and h.m.next_deadline() == DAY  # the alarm was acknowledged
+    assert h.state() is State.IDLE and h.m.status()["alarm"] is None  # the alarm was acknowledged
+    h.live_until(DAY)
+    assert h.m.next_deadline() == DAY and len(of(Dial, h.out)) == 1  # no re-send after the acknowledgement
 
 
 def test_incoming_call_during_an_alarm_call_is_rejected() -> None:
@@ -573,13 +609,18 @@ def test_ringing_call_back_ends_when_cancelled_or_unanswered() -> None:
     assert Reject("in-2", 480) in out and h.state() is State.IDLE
 
 
-def test_answered_call_back_has_a_maximum_duration_and_ends_on_media_loss() -> None:
+def test_answered_call_back_has_a_maximum_duration_and_ends_when_the_pbx_is_gone() -> None:
     h = Harness(make_site(auto_answer="always", max_call=300))
     h.send(IncomingCall("in-1", "2001"), 100.0)
     assert Hangup("in-1", "maximum call duration") in h.tick(400.0)
     h.send(IncomingCall("in-2", "2001"), 500.0)
-    assert Hangup("in-2", "media timeout") in h.send(MediaTimeout("in-2"), 510.0)
-    assert h.state() is State.IDLE
+    h.pbx_alive = False
+    assert ProbeCall("in-2") in h.send(MediaTimeout("in-2"), 510.0)
+    assert Hangup("in-2", "no answer to a probe") in h.send(CallProbed("in-2", None), 511.0)
+    # No alarm to re-send: the post shows it lost the PBX until a registration succeeds again.
+    assert h.state() is State.FAULT and h.lights.red is Light.ON and "unregistered" in h.m.faults()
+    h.send(Registered("pbx-a"), 530.0)
+    assert h.state() is State.IDLE and h.lights == lights()
 
 
 # ------------------------------------------------------------------------------------------------ tamper, status, logs

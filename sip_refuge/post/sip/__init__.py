@@ -30,6 +30,19 @@ class Account:
     selftest_digits: str = "1379"  # sent on a self-test call; the echo must bring them back
 
 
+@dataclass(frozen=True)
+class Health:
+    """A backend's threads and counters. ``alive`` False: a SIP or media thread died or stopped turning, so
+    no call can be placed or received until the agent restarts; ``detail`` says which and why.
+    ``counters``: requests refused (``refused``: not from the PBX, or not a call-back through the post's
+    registration), datagrams that could not be parsed (``malformed``), messages whose handling failed
+    (``errors``), and the same for RTP (``rtp_refused``, ``rtp_malformed``)."""
+
+    alive: bool = True
+    detail: str = ""
+    counters: dict[str, int] = field(default_factory=dict)
+
+
 class SipBackend(Protocol):
     """What the runner asks of a SIP stack. Every method returns at once; results come back as events."""
 
@@ -51,6 +64,15 @@ class SipBackend(Protocol):
 
     def send_dtmf(self, call_id: str, digits: str) -> None:
         """Send RFC 4733 DTMF on an established call."""
+
+    def probe(self, call_id: str) -> None:
+        """Ask the PBX whether it still holds ``call_id`` (an OPTIONS inside the call's dialog, early or
+        confirmed); report the answer as CallProbed (``status`` None: no answer or transport error). The
+        machine decides how often and how long to wait: the backend only reports what came back."""
+
+    def health(self) -> Health:
+        """Whether the stack's threads are alive and turning, and its counts of refused and unreadable input.
+        Called by the runner on every turn of its loop: must not block."""
 
     def stop(self) -> None:
         """Hang up everything, unregister and free the stack (threads, sockets)."""

@@ -13,6 +13,11 @@ The binding is pjproject's official SWIG one, built by :mod:`sip_refuge.post.sip
 
 A command wakes the owner thread at once: :meth:`Backend._submit` sends a CRLF keep-alive (which pjsip
 reads and ignores) to a loopback-only UDP transport, so pjsip's wait for packets returns.
+
+SIP and RTP are bound to the address that routes to the PBX, never 0.0.0.0. pjsip parses (and drops what it
+cannot parse) by itself; every INVITE then goes through :class:`~sip_refuge.post.sip.guard.Gate` in
+``onIncomingCall`` and a stranger's is refused with 403 before the runner hears of it. The owner thread marks
+each turn of its loop, so :meth:`Backend.health` tells a dead or stuck stack from a quiet one.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from typing import Any
 
 from sip_refuge.errors import SipError
 from sip_refuge.post import events as ev
-from sip_refuge.post.sip import Account, Emit
+from sip_refuge.post.sip import Account, Emit, Health
 from sip_refuge.post.sip import pjsua2_api as api
+from sip_refuge.post.sip.guard import Counters, Gate, local_address_for, pbx_addresses
 from sip_refuge.post.sip.pjsua2_api import MediaSettings, pj
 
 __all__ = ["Backend", "MediaSettings"]
@@ -43,6 +49,7 @@ _STOP = object()  # the owner thread's last command
 POLL_MS = 100  # longest wait for packets; commands do not wait for it (doorbell)
 TICK = 0.2  # seconds between timer checks (self-test steps, media timeout, registration watchdog)
 DIAL_HANDOFF = 0.05  # longest wait of dial() for its INVITE to leave (pjsua busy, stopping): then it returns
+STALL = 10.0  # the owner thread not turning for this long is a stuck SIP stack (health says so)
 
 
 @dataclass
@@ -71,14 +78,15 @@ class _Record:
     rx_packets: int | None = None
     rx_changed: float = 0.0
     media_timeout_sent: bool = False
+    probing: bool = False  # an OPTIONS of ours is out in this call's dialog
 
 
-def _guarded(what: str, run: Callable[[], None]) -> None:
+def _guarded(backend: Backend, what: str, run: Callable[[], None]) -> None:
     """Run a callback body; an exception escaping into pjsip's C code would abort the process."""
     try:
         run()
-    except Exception:  # noqa: BLE001 - thread boundary (pjsip's thread): log and keep the post alive
-        log.exception("pjsua2 callback %s failed", what)
+    except Exception:  # noqa: BLE001 - thread boundary (pjsip's thread): log, count and keep the post alive
+        backend._counters.count("errors", "%s: pjsua2 callback %s failed", backend._post, what, exc_info=True)
 
 
 class _PjCall(pj.Call):  # type: ignore[misc]  # the SWIG binding ships no types
@@ -89,16 +97,16 @@ class _PjCall(pj.Call):  # type: ignore[misc]  # the SWIG binding ships no types
         self.backend, self.record = backend, record
 
     def onCallState(self, prm: Any) -> None:  # noqa: N802 - pjsua2's name
-        _guarded("onCallState", lambda: self.backend._on_call_state(self.record, self, prm))
+        _guarded(self.backend, "onCallState", lambda: self.backend._on_call_state(self.record, self, prm))
 
     def onCallTsxState(self, prm: Any) -> None:  # noqa: N802
-        _guarded("onCallTsxState", lambda: self.backend._on_tsx_state(self.record, prm))
+        _guarded(self.backend, "onCallTsxState", lambda: self.backend._on_tsx_state(self.record, prm))
 
     def onCallMediaState(self, prm: Any) -> None:  # noqa: N802
-        _guarded("onCallMediaState", lambda: self.backend._on_media_state(self.record))
+        _guarded(self.backend, "onCallMediaState", lambda: self.backend._on_media_state(self.record))
 
     def onDtmfDigit(self, prm: Any) -> None:  # noqa: N802
-        _guarded("onDtmfDigit", lambda: self.backend._on_dtmf(self.record, str(prm.digit)))
+        _guarded(self.backend, "onDtmfDigit", lambda: self.backend._on_dtmf(self.record, str(prm.digit)))
 
 
 class _PjAccount(pj.Account):  # type: ignore[misc]
@@ -107,11 +115,12 @@ class _PjAccount(pj.Account):  # type: ignore[misc]
         self.backend = backend
 
     def onRegState(self, prm: Any) -> None:  # noqa: N802
-        _guarded("onRegState", lambda: self.backend._on_reg_state(int(prm.code), str(prm.reason),
-                                                                  int(prm.expiration)))
+        _guarded(self.backend, "onRegState", lambda: self.backend._on_reg_state(
+            int(prm.code), str(prm.reason), int(prm.expiration), api.rx_message(prm)))
 
     def onIncomingCall(self, prm: Any) -> None:  # noqa: N802
-        _guarded("onIncomingCall", lambda: self.backend._on_incoming(self, int(prm.callId)))
+        _guarded(self.backend, "onIncomingCall", lambda: self.backend._on_incoming(
+            self, int(prm.callId), *api.rx_source(prm)))
 
 
 class Backend:
@@ -157,6 +166,11 @@ class Backend:
         self._incoming_ids = itertools.count(1)
         self._registered = False
         self._reg_activity = 0.0
+        self._counters = Counters(log)
+        self._gate: Gate | None = None
+        self.stall_after = STALL
+        self._beat = 0.0  # the owner thread's last turn
+        self._failure = ""  # why the owner thread died, if it did
 
     # -- the SipBackend interface (any thread) --------------------------------------------------------------
     def start(self, account: Account, emit: Emit) -> None:
@@ -165,7 +179,8 @@ class Backend:
         self._account, self._emit, self._post = account, emit, account.post.id
         self._ready.clear()
         self._start_error = None
-        self._thread = threading.Thread(target=self._run, name=f"pjsua2-{self._post}", daemon=True)
+        self._beat, self._failure = time.monotonic(), ""
+        self._thread = threading.Thread(target=self._main, name=f"pjsua2-{self._post}", daemon=True)
         self._thread.start()
         # Library start-up takes milliseconds; waiting for it turns a bad port or transport into an error here.
         if not self._ready.wait(15.0):
@@ -242,7 +257,30 @@ class Backend:
             except OSError as exc:  # the owner thread still wakes within its poll interval
                 log.debug("%s: doorbell: %s", self._post, exc)
 
+    def probe(self, call_id: str) -> None:
+        self._submit(lambda: self._probe(call_id))
+
+    def health(self) -> Health:
+        counters = self._counters.snapshot()
+        thread = self._thread
+        if thread is None:
+            return Health(True, "not running", counters)
+        if not thread.is_alive():
+            return Health(False, f"pjsua2 thread {thread.name} died: {self._failure or 'it ended'}", counters)
+        stalled = time.monotonic() - self._beat
+        if stalled > self.stall_after:
+            return Health(False, f"pjsua2 thread {thread.name} has not turned for {stalled:.0f} s", counters)
+        return Health(True, "", counters)
+
     # -- the owner thread ---------------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - the thread's boundary: health() reports it to the runner
+            self._failure = f"{type(exc).__name__}: {exc}"
+            log.critical("%s: pjsua2 thread died: %s", self._post, self._failure,
+                         exc_info=not isinstance(exc, SystemExit))
+
     def _run(self) -> None:
         try:
             self._create()
@@ -271,12 +309,12 @@ class Backend:
                         stopping = True
                         break
                     item()  # type: ignore[operator]
-                now = time.monotonic()
+                now = self._beat = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + TICK
                     self._tick(now)
             except Exception:  # noqa: BLE001 - thread boundary: one bad command must not end the post's SIP
-                log.exception("%s: pjsua2 command failed", self._post)
+                self._counters.count("errors", "%s: pjsua2 command failed", self._post, exc_info=True)
         self._shutdown()
 
     def _create(self) -> None:
@@ -290,8 +328,12 @@ class Backend:
         if api.use_null_sound(ep, self.media):
             log.info("%s: no sound device; using the null audio device", self._post)
         tls = pbx.tls if pbx.transport == "tls" else None
-        tcfg = api.transport_config(account.local_port, self.bind_address, tls)
+        # Only the address that routes to the PBX, never 0.0.0.0; only the PBX's addresses are answered.
+        address = self.bind_address or local_address_for(pbx.host, api.pbx_port(pbx)[0])
+        tcfg = api.transport_config(account.local_port, address, tls)
         self._transport_id = ep.transportCreate(api.TRANSPORTS[pbx.transport], tcfg)
+        self._gate = Gate(post.id, pbx_addresses(pbx, log), self._counters)
+        self._gate.add_contact(*api.transport_address(ep, self._transport_id))
         bell_id = ep.transportCreate(api.TRANSPORTS["udp"], api.transport_config(0, "127.0.0.1"))
         self._doorbell_to = api.transport_address(ep, bell_id)
         self._doorbell = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -300,6 +342,7 @@ class Backend:
         acc_cfg = api.account_config(post, pbx, account.password, self._transport_id,
                                      expiry=self.registration_expiry, refresh_every=self.refresh_every,
                                      retry_interval=self.retry_interval)
+        api.bind_media(acc_cfg, address)
         self._acc = _PjAccount(self)
         self._reg_activity = time.monotonic()
         self._acc.create(acc_cfg, True)
@@ -491,10 +534,12 @@ class Backend:
         command._internal = True  # type: ignore[attr-defined]
         self._queue.put(command)
 
-    def _on_reg_state(self, code: int, reason: str, expiration: int) -> None:
+    def _on_reg_state(self, code: int, reason: str, expiration: int, response: str = "") -> None:
         self._reg_activity = time.monotonic()
         account = self._account
         host = account.pbx.host if account else ""
+        if code // 100 == 2 and expiration > 0 and self._gate is not None:
+            self._gate.learn_registration(header(response, "via"))
         if code // 100 == 2 and expiration > 0:
             if not self._registered:
                 log.info("%s: registered to %s (expires in %d s)", self._post, host, expiration)
@@ -511,7 +556,13 @@ class Backend:
                 self._emit(ev.Unregistered(f"{code} {reason}"))
             self._emit(ev.RegistrationFailed(reason, code or None))
 
-    def _on_incoming(self, acc: Any, pj_call_id: int) -> None:
+    def _on_incoming(self, acc: Any, pj_call_id: int, source: str, message: str) -> None:
+        head, _, body = message.partition("\r\n\r\n")
+        request_line = head.split("\r\n", 1)[0].split()
+        uri = request_line[1] if len(request_line) == 3 else ""
+        if self._gate is None or self._gate.refuse_callback(source, uri, body) is not None:
+            self._refuse(acc, pj_call_id)  # before the runner (and its auto-answer policy) hears of it
+            return
         rec = _Record(f"in-{next(self._incoming_ids)}", outgoing=False, created=time.monotonic())
         rec.call = _PjCall(self, rec, acc, pj_call_id)
         caller = api.remote_uri(rec.call)
@@ -520,6 +571,30 @@ class Backend:
         log.info("%s: incoming call %s from %s", self._post, rec.call_id, caller)
         self._internal(lambda: self._send_ringing(rec))
         self._emit(ev.IncomingCall(rec.call_id, caller))
+
+    def _refuse(self, acc: Any, pj_call_id: int) -> None:
+        # Kept as a finished record until pjsua reports it gone: dropping a live pjsua2 Call hangs it up again.
+        rec = _Record(f"refused-{next(self._incoming_ids)}", outgoing=False, created=time.monotonic(),
+                      finished=True, local_hangup=True)
+        rec.call = _PjCall(self, rec, acc, pj_call_id)
+        with self._lock:
+            self._calls[rec.call_id] = rec
+        # Not from inside the callback: a final answer there frees the INVITE pjsua2 frees again on return
+        # (an assertion aborts the process).
+        self._internal(lambda: rec.call.answer(api.call_op(403)) if rec.call is not None else None)
+
+    def _probe(self, call_id: str) -> None:
+        rec = self._record(call_id)
+        if rec is None or rec.finished or rec.call is None:
+            self._emit(ev.CallProbed(call_id, None))  # a call we no longer have is no call at all
+            return
+        rec.probing = True
+        try:
+            rec.call.sendRequest(api.request_param("OPTIONS"))
+        except Exception as exc:  # noqa: BLE001 - pj.Error: the dialog cannot take a request (it is going away)
+            rec.probing = False
+            log.warning("%s: call %s: cannot probe: %s", self._post, call_id, exc)
+            self._emit(ev.CallProbed(call_id, None))
 
     def _send_ringing(self, rec: _Record) -> None:
         if not rec.finished and not rec.answered and not rec.local_hangup:
@@ -566,6 +641,14 @@ class Backend:
     def _on_tsx_state(self, rec: _Record, prm: Any) -> None:
         if not rec.responded and api.invite_response(prm):
             rec.responded = True
+        final = api.request_final(prm, "OPTIONS") if rec.probing else None
+        if final is not None:
+            rec.probing = False
+            status, received = final
+            if not received:
+                log.warning("%s: call %s: the PBX did not answer a probe (%d made up by pjsip)", self._post,
+                            rec.call_id, status)
+            self._emit(ev.CallProbed(rec.call_id, status if received else None))
 
     def _on_media_state(self, rec: _Record) -> None:
         rec.media_up = True
@@ -578,6 +661,16 @@ class Backend:
         hook = self.on_dtmf
         if hook is not None:
             hook(rec.call_id, digit)
+
+
+def header(message: str, name: str) -> str:
+    """The first ``name`` header (compact form too) of a SIP message's text, or ""."""
+    compact = {"via": "v", "contact": "m"}.get(name)
+    for line in message.split("\r\n\r\n", 1)[0].split("\r\n")[1:]:
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in (name, compact):
+            return value.strip()
+    return ""
 
 
 def _drop(event: ev.Event) -> None:

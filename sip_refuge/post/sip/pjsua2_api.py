@@ -212,3 +212,53 @@ def invite_response(prm: Any) -> bool:
         return False
     tsx = e.body.tsxState.tsx
     return str(tsx.method) == "INVITE" and int(tsx.statusCode) >= 100
+
+
+# -- where requests come from, probes inside a call, media binding ----------------------------------------
+def rx_source(prm: Any) -> tuple[str, str]:
+    """(``ip:port`` the request came from, the whole request) of an on-incoming-call event."""
+    rdata = prm.rdata  # kept in a name while its fields are read (SWIG)
+    return str(rdata.srcAddress), str(rdata.wholeMsg)
+
+
+def rx_message(prm: Any) -> str:
+    """The whole received message of an on-reg-state event (the REGISTER's response), or "" (a timeout)."""
+    try:
+        rdata = prm.rdata
+        return str(rdata.wholeMsg)
+    except (AttributeError, pj.Error):
+        return ""
+
+
+def request_param(method: str) -> Any:
+    prm = pj.CallSendRequestParam()
+    prm.method = method
+    return prm
+
+
+def request_final(prm: Any, method: str) -> tuple[int, bool] | None:
+    """(final status, whether it is a response that arrived) of our ``method`` request in a call's dialog, from
+    an on-call-tsx-state event; None for any other event.
+
+    pjsip makes up a final status itself (408 on its timer, 503 on a transport error): only a received
+    response shows the far end is there. A transaction that already had its answer ends again later
+    (COMPLETED -> TERMINATED after timer K, 5 s over UDP): that is no news, and must not be taken for the
+    answer to a newer request."""
+    e = prm.e
+    if int(e.type) != pj.PJSIP_EVENT_TSX_STATE:
+        return None
+    state = e.body.tsxState
+    tsx = state.tsx
+    if str(tsx.method) != method or int(tsx.role) != pj.PJSIP_ROLE_UAC:
+        return None
+    if int(tsx.state) == pj.PJSIP_TSX_STATE_TERMINATED and int(state.prevState) == pj.PJSIP_TSX_STATE_COMPLETED:
+        return None
+    code = int(tsx.statusCode)
+    received = int(state.type) == pj.PJSIP_EVENT_RX_MSG
+    return (code, received) if code >= 200 else None
+
+
+def bind_media(acc_cfg: Any, address: str) -> None:
+    """RTP on ``address`` only, never 0.0.0.0."""
+    if address:
+        acc_cfg.mediaConfig.transportConfig.boundAddress = address

@@ -71,7 +71,11 @@ WRAPPER_CFLAGS = ("-O1", "-g0", "-fwrapv")
 # prints six lines to stdout before the post can say anything.
 PATCHES = (("pjmedia/build/Makefile", " bdimad_dev.o", ""),
            ("pjlib/src/pj/log.c", "static int pj_log_max_level = PJ_LOG_MAX_LEVEL;", "static int pj_log_max_level = 1;"))
-RECIPE = json.dumps([PJPROJECT, CFLAGS, CONFIGURE, WRAPPER_CFLAGS, PATCHES, 1])
+# pjlib/include/pj/config_site.h. pjmedia follows the source address of incoming RTP after a few packets
+# ("latching", for NAT); a post's RTP always comes from Asterisk (rtp_symmetric on the PBX side), so latching
+# only lets a stranger on the post's network redirect the microphone to itself: off.
+CONFIG_SITE = "#define PJMEDIA_TRANSPORT_SWITCH_REMOTE_ADDR 0\n"
+RECIPE = json.dumps([PJPROJECT, CFLAGS, CONFIGURE, WRAPPER_CFLAGS, PATCHES, CONFIG_SITE, 1])
 REQUIRED_CODECS = ("PCMU/8000", "G722/16000", "opus/48000")
 REQUIRED_LIBS = ("libssl.so.3", "libopus.so.0", "libsrtp2.so.1", "libasound.so.2", "libspeexdsp.so.1")
 
@@ -243,6 +247,7 @@ def unpack_source(tarball: Path, into: Path, say: Progress) -> Path:
         if text not in content:
             raise SipError(f"pjproject {found}: {rel} no longer contains {text!r}; review PATCHES in {MODULE}")
         path.write_text(content.replace(text, replacement), encoding="utf-8")
+    (tree / "pjlib/include/pj/config_site.h").write_text(CONFIG_SITE, encoding="utf-8")
     say(f"pjsua2: pjproject {found} unpacked ({tarball.name})")
     return tree
 

@@ -20,6 +20,7 @@ from sip_refuge.post.events import (
     CallAnswered,
     CallEnded,
     CallFailed,
+    CallProbed,
     CallProgress,
     IncomingCall,
     MediaTimeout,
@@ -28,7 +29,8 @@ from sip_refuge.post.events import (
     SelfTestResult,
     Unregistered,
 )
-from sip_refuge.post.sip import Account, Emit
+from sip_refuge.post.sip import Account, Emit, Health
+from sip_refuge.post.sip.guard import Counters, local_address_for, pbx_addresses
 from sip_refuge.post.sip.pyvoip_ua import Call, Prefixed, Ua
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class Backend:
         self._log: Prefixed = Prefixed(log, {"who": "post ?"})
         self._calls: dict[str, Call] = {}  # by the machine's call id
         self._selftests: dict[str, _SelfTest] = {}
+        self._counters = Counters(self._log)
 
     # -- SipBackend -------------------------------------------------------------------------------------
     def start(self, account: Account, emit: Emit) -> None:
@@ -61,10 +64,16 @@ class Backend:
             raise SipError(f"post {account.post.id}: the pyVoIP backend is already started")
         self._account, self._emit = account, emit
         self._log = Prefixed(log, {"who": f"post {account.post.id}"})
-        self._ua = Ua(user=account.post.id, password=account.password, server=(account.pbx.host, account.pbx.sip_port),
+        self._counters = Counters(self._log)
+        pbx = account.pbx
+        # SIP and RTP only on the address that routes to the PBX, and only from the PBX's addresses.
+        trusted = pbx_addresses(pbx, self._log)
+        host = local_address_for(pbx.host, pbx.sip_port)
+        self._ua = Ua(user=account.post.id, password=account.password, server=(pbx.host, pbx.sip_port),
                       listener=self, display=account.post.name, local_port=account.local_port,
                       name=account.post.id, refresh_interval=self.refresh_interval,
-                      media_timeout=self.media_timeout, on_dtmf=self._on_dtmf, logger=self._log)
+                      media_timeout=self.media_timeout, on_dtmf=self._on_dtmf, logger=self._log,
+                      host=host, trusted=trusted, counters=self._counters)
         self._log.info("pyVoIP agent on %s:%d registering to %s:%d", self._ua.host, self._ua.port,
                        account.pbx.host, account.pbx.sip_port)
         self._ua.start()
@@ -93,6 +102,23 @@ class Backend:
         if call is not None:
             self._log.info("call %s: sending DTMF %s", call_id, digits)
             call.rtp.send_dtmf(digits)
+
+    def probe(self, call_id: str) -> None:
+        ua, call = self._ua, self._calls.get(call_id)
+        if ua is None or call is None:
+            self._send(CallProbed(call_id, None))  # a call we no longer have is no call at all
+            return
+        ua.post(lambda: ua.probe_now(call, lambda status: self._probed(call_id, status)))
+
+    def _probed(self, call_id: str, status: int | None) -> None:
+        if status is None:
+            self._log.warning("call %s: the PBX did not answer a probe", call_id)
+        self._send(CallProbed(call_id, status))
+
+    def health(self) -> Health:
+        ua = self._ua
+        problem = ua.health() if ua is not None else ""
+        return Health(not problem, problem, self._counters.snapshot())
 
     def stop(self) -> None:
         ua, self._ua = self._ua, None

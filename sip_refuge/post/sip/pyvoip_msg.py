@@ -28,6 +28,7 @@ COMPACT = {"f": "from", "t": "to", "i": "call-id", "v": "via", "m": "contact", "
 METHODS = ["INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "UPDATE", "INFO", "NOTIFY", "MESSAGE", "PRACK",
            "REFER", "SUBSCRIBE", "REGISTER", "PUBLISH"]
 USER_AGENT = f"sip-refuge (pyVoIP {pyVoIP.__version__})"
+_TOKEN = re.compile(r"[A-Za-z0-9.!%*_+`'~-]{1,32}")  # a SIP method (RFC 3261 token), kept short
 
 
 class _SdpParser(SIP.SIPMessage):
@@ -50,7 +51,11 @@ class Message:
 
     @classmethod
     def parse(cls, data: bytes) -> Message:
-        head, _, body = data.partition(b"\r\n\r\n")
+        """Parse one datagram; ValueError (naming what is wrong) for anything our transactions could trip on
+        later: every property below then works on the message it returns."""
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if not sep:
+            raise ValueError("no end of headers (CRLF CRLF)")
         lines = head.decode("utf-8", "replace").split("\r\n")
         headers: list[tuple[str, str]] = []
         for line in lines[1:]:
@@ -60,9 +65,27 @@ class Message:
                 name, value = line.split(":", 1)
                 name = name.strip().lower()
                 headers.append((COMPACT.get(name, name), value.strip()))
-        if not lines[0] or len(lines[0].split()) < 3:
-            raise ValueError(f"not a SIP start line: {lines[0][:60]!r}")
-        return cls(lines[0], headers, body, data)
+        msg = cls(lines[0], headers, body, data)
+        msg._check()
+        return msg
+
+    def _check(self) -> None:
+        parts = self.start.split(" ", 2)
+        if len(parts) < 3:
+            raise ValueError(f"not a SIP start line: {self.start[:60]!r}")
+        if self.is_response:
+            if not (parts[1].isascii() and parts[1].isdigit() and len(parts[1]) == 3 and parts[1][0] in "123456"):
+                raise ValueError(f"bad status code {parts[1][:20]!r}")
+        elif not (_TOKEN.fullmatch(parts[0]) and parts[2] == "SIP/2.0"):
+            raise ValueError(f"not a SIP request line: {self.start[:60]!r}")
+        number, _, method = self.header("cseq").partition(" ")
+        if not (number.isascii() and number.isdigit() and len(number) <= 10 and _TOKEN.fullmatch(method.strip())):
+            raise ValueError(f"bad CSeq {self.header('cseq')[:40]!r}")
+        if not self.is_response and method.strip() != parts[0]:
+            raise ValueError(f"CSeq method {method.strip()[:20]!r} is not the request's {parts[0][:20]!r}")
+        for name in ("call-id", "from", "to", "via"):
+            if not self.header(name):
+                raise ValueError(f"no {name} header")
 
     @property
     def is_response(self) -> bool:
@@ -106,9 +129,9 @@ class Message:
             return None
         try:
             body: dict[str, Any] = _SdpParser(self.raw).body
-        except (SIP.SIPParseError, ValueError, IndexError, KeyError, TypeError):
+        except Exception:  # noqa: BLE001 - pyVoIP's parser raises what it likes on bad SDP: no usable offer
             return None
-        return body if body.get("m") else None
+        return body if isinstance(body, dict) and body.get("m") else None
 
 
 def tag_of(value: str) -> str:
@@ -165,7 +188,15 @@ def _md5(text: str) -> str:
 
 
 def remote_media(sdp: dict[str, Any]) -> tuple[str, int, dict[int, Any]] | None:
-    """Address, port and payload map (number -> pyVoIP PayloadType) of the first audio stream we can use."""
+    """Address, port and payload map (number -> pyVoIP PayloadType) of the first audio stream we can use;
+    None when there is none, or the SDP is too odd to tell."""
+    try:
+        return _remote_media(sdp)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        return None
+
+
+def _remote_media(sdp: dict[str, Any]) -> tuple[str, int, dict[int, Any]] | None:
     conns = sdp.get("c") or []
     for media in sdp.get("m", []):
         if media.get("type") != "audio" or not media.get("port"):
@@ -182,8 +213,9 @@ def remote_media(sdp: dict[str, Any]) -> tuple[str, int, dict[int, Any]] | None:
                     continue
             if kind in (RTP.PayloadType.PCMU, RTP.PayloadType.PCMA, RTP.PayloadType.EVENT):
                 assoc[int(fmt)] = kind
-        if conns and any(k != RTP.PayloadType.EVENT for k in assoc.values()):
-            return conns[0]["address"], int(media["port"]), assoc
+        port = int(media["port"])
+        if conns and 0 < port < 65536 and any(k != RTP.PayloadType.EVENT for k in assoc.values()):
+            return str(conns[0]["address"]), port, assoc
     return None
 
 

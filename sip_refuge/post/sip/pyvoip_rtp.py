@@ -7,6 +7,10 @@ events at all. :class:`RtpSession` keeps its constructor (codec choice, random S
 replaces the rest: a receive thread blocked in ``select`` (woken by a socketpair on stop), a transmit thread
 paced by a monotonic clock, 16-bit linear audio in and out, digits de-duplicated by event timestamp, and
 ``last_rx`` so the owner can tell a dead media path.
+
+Packets from anyone but the far end (its SDP address) and the PBX are dropped and counted: a stranger can
+neither play into the post's speaker nor keep a dead call looking alive. Every packet is handled in its own
+``try``; a thread that dies anyway is named by :meth:`RtpSession.health`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import time
 import warnings
 from collections.abc import Callable
 from typing import Any
+
+from sip_refuge.post.sip.guard import Counters
 
 with warnings.catch_warnings():
     # pyVoIP imports audioop, deprecated since Python 3.11 (PEP 594); we run with warnings as errors.
@@ -60,7 +66,9 @@ class RtpSession(RTP.RTPClient):
     the far end's address is known, ``stop`` it when the call ends (joins its threads, closes its socket)."""
 
     def __init__(self, host: str, *, name: str, on_dtmf: Callable[[str], None] | None = None,
-                 keep_audio: bool = False) -> None:
+                 keep_audio: bool = False, trusted: frozenset[str] = frozenset(),
+                 counters: Counters | None = None) -> None:
+        """``trusted``: addresses media is accepted from besides the far end's SDP address (empty: anyone)."""
         self.sock = bind_rtp_socket(host)
         super().__init__(dict(OFFER), host, self.sock.getsockname()[1], "0.0.0.0", 0,
                          RTP.TransmitType.SENDRECV, dtmf=on_dtmf)
@@ -79,6 +87,9 @@ class RtpSession(RTP.RTPClient):
         self._event: dict[str, int] | None = None  # the digit being sent: key, start timestamp, packets sent
         self._wake_r, self._wake_w = socket.socketpair()
         self._threads: list[threading.Thread] = []
+        self.trusted = trusted
+        self.counters = counters
+        self.failure = ""  # why a thread of this session died, if one did
 
     @property
     def port(self) -> int:
@@ -105,7 +116,8 @@ class RtpSession(RTP.RTPClient):
             self.audio_pt = 0
         self.sin = self.sout = self.sock  # pyVoIP's attribute names, for code that reads them
         for target, role in ((self._receive, "rx"), (self._transmit, "tx")):
-            thread = threading.Thread(target=target, name=f"rtp-{role}-{self.name}", daemon=True)
+            thread = threading.Thread(target=self._thread_main, args=(target, role), name=f"rtp-{role}-{self.name}",
+                                      daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -144,7 +156,24 @@ class RtpSession(RTP.RTPClient):
                 self._in_ready.wait(timeout)
             return self._in_audio.popleft() if self._in_audio else None
 
+    def health(self) -> str:
+        """Empty while the session's threads run (or it has not started, or has stopped); else what is wrong."""
+        if self.failure:
+            return self.failure
+        if self.started and not self._stop.is_set():
+            dead = [t.name for t in self._threads if not t.is_alive()]
+            if dead:
+                return f"RTP thread {dead[0]} is not running"
+        return ""
+
     # -- threads ----------------------------------------------------------------------------------------
+    def _thread_main(self, target: Callable[[], None], role: str) -> None:
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001 - the thread's boundary: health() reports it
+            if not self._stop.is_set():
+                self.failure = f"RTP {role} thread died: {type(exc).__name__}: {exc}"
+
     def _receive(self) -> None:
         with selectors.DefaultSelector() as sel:
             sel.register(self.sock, selectors.EVENT_READ)
@@ -154,17 +183,27 @@ class RtpSession(RTP.RTPClient):
                     if key.fileobj is self._wake_r:
                         return
                     try:
-                        packet = self.sock.recv(2048)
+                        packet, source = self.sock.recvfrom(2048)
                     except OSError:
                         return
-                    self._on_packet(packet)
+                    if self.trusted and source[0] != self.outIP and source[0] not in self.trusted:
+                        self._count("rtp_refused", "RTP from %s:%s dropped: not the far end", *source)
+                        continue
+                    try:
+                        self._on_packet(packet)
+                    except Exception as exc:  # noqa: BLE001 - per packet: one odd packet must not end the media
+                        self._count("rtp_malformed", "RTP packet from %s:%s could not be handled: %r", *source, exc)
+
+    def _count(self, kind: str, message: str, *args: object) -> None:
+        if self.counters is not None:
+            self.counters.count(kind, message, *args)
 
     def _on_packet(self, packet: bytes) -> None:
-        self.last_rx = time.monotonic()
+        self.last_rx = time.monotonic()  # anything from the far end shows the media path is alive
         try:
             msg = RTP.RTPMessage(packet, self.assoc)
-        except (RTP.RTPParseError, IndexError, ValueError):
-            return  # not RTP we understand (RTCP on the same port, a stray packet): skip it
+        except (RTP.RTPParseError, IndexError, ValueError, KeyError, struct.error):
+            return  # not RTP we understand (comfort noise, RTCP on the same port): skip it
         if msg.payload_type == EVENT:
             self._on_event(msg)
         elif self.keep_audio and msg.payload_type in (PCMU, PCMA):

@@ -21,6 +21,12 @@ So this module keeps pyVoIP's parsing and RTP (:mod:`.pyvoip_msg`, :mod:`.pyvoip
 transactions itself: one thread per agent, blocked in ``select`` on the SIP socket, a wake-up socketpair
 and a timer heap - no sleeps, no polling. Incoming requests are handled the moment they arrive.
 Every callback of :class:`UaListener` runs on that thread and must only hand the news on.
+
+Nothing from the network can stop that thread (issue 8): datagrams from anyone but the PBX are dropped
+unread, every datagram is parsed and handled inside its own ``try``, and what was dropped, unreadable or
+failed is counted (:class:`~.guard.Counters`). A new call must also pass the :class:`~.guard.Gate` (aimed at
+this phone's registered contact, media at the PBX). :meth:`Ua.health` tells whether the thread (and every
+call's RTP threads) still turns.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sip_refuge.post.sip.guard import Counters, Gate, normal_ip, resolve
 from sip_refuge.post.sip.pyvoip_msg import (
     USER_AGENT,
     Message,
@@ -57,6 +64,8 @@ REGISTER_TIMEOUT = 4.0  # no answer to a REGISTER within this: the PBX is unreac
 INVITE_TIMEOUT = 8.0  # no answer at all (not even 100 Trying) to an INVITE within this
 REQUEST_TIMEOUT = 4.0  # BYE, CANCEL, un-REGISTER
 ANSWER_TIMEOUT = 32.0  # retransmit our 200 OK to an INVITE until ACK, at most this long (timer H)
+TURN = 1.0  # the thread's loop turns at least this often, so a stuck thread can be told from an idle one
+STALL = 10.0  # no turn for this long: the thread is stuck (health says so)
 
 
 class UaListener(Protocol):
@@ -131,7 +140,10 @@ class Ua:
                  display: str = "", local_port: int = 0, name: str = "", expires: int = 120,
                  refresh_interval: float = 15.0, media_timeout: float = 20.0, keep_audio: bool = False,
                  on_dtmf: Callable[[Call, str], None] | None = None, logger: logging.LoggerAdapter[Any] | None = None,
-                 ) -> None:
+                 host: str | None = None, trusted: frozenset[str] | None = None,
+                 counters: Counters | None = None) -> None:
+        """``host``: the local address to bind (default: the one routing to ``server``). ``trusted``: the only
+        addresses SIP and RTP are accepted from (default: ``server``'s addresses)."""
         self.user, self._password, self.server, self.display = user, password, server, display
         self.listener = listener
         self.expires = expires  # asked of the registrar; it may grant less (or more)
@@ -141,10 +153,16 @@ class Ua:
         self.on_dtmf = on_dtmf
         self.name = name or user
         self.log: logging.LoggerAdapter[Any] = logger or Prefixed(logging.getLogger(__name__), {"who": self.name})
-        self.host = _local_ip_for(server)
+        self.host = host or _local_ip_for(server)
+        self.trusted = trusted if trusted is not None else _addresses_of(server[0])
+        self.counters = counters or Counters(self.log)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((self.host, local_port))
         self.port: int = self.sock.getsockname()[1]
+        self.gate = Gate(user, self.trusted, self.counters)
+        self.gate.add_contact(self.host, self.port)
+        self.beat = time.monotonic()  # the thread's last turn
+        self.failure = ""  # why the thread died, if it did
         self.contact = f"<sip:{user}@{self.host}:{self.port};transport=udp>"
         self.aor = f"sip:{user}@{server[0]}"
         self.registered = False
@@ -195,13 +213,36 @@ class Ua:
         """Run ``command`` on the agent's thread after ``delay`` seconds (call it from that thread)."""
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), command))
 
+    def health(self) -> str:
+        """Empty while the SIP thread and the RTP threads of every call turn; else what is wrong."""
+        if self.failure:
+            return f"SIP thread {self._thread.name} died: {self.failure}"
+        if not self._thread.is_alive():
+            return f"SIP thread {self._thread.name} is not running"
+        stalled = time.monotonic() - self.beat
+        if stalled > STALL:
+            return f"SIP thread {self._thread.name} has not turned for {stalled:.0f} s"
+        for call in list(self.calls.values()):
+            problem = call.rtp.health()
+            if problem:
+                return f"media of call {call.key}: {problem}"
+        return ""
+
     # -- the thread -------------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - the thread's boundary: say why it ends, health reports it
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self.log.critical("SIP thread died: %s", self.failure, exc_info=not isinstance(exc, SystemExit))
+
+    def _loop(self) -> None:
         with selectors.DefaultSelector() as sel:
             sel.register(self.sock, selectors.EVENT_READ)
             sel.register(self._wake_r, selectors.EVENT_READ)
             while not self._done:
-                timeout = max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else None
+                self.beat = time.monotonic()
+                timeout = min(TURN, max(0.0, self._timers[0][0] - time.monotonic())) if self._timers else TURN
                 for key, _ in sel.select(timeout):
                     if key.fileobj is self._wake_r:
                         self._wake_r.recv(4096)
@@ -231,16 +272,24 @@ class Ua:
             return  # ICMP port unreachable from an earlier send (the PBX is down): timers handle it
         if not data.strip():
             return  # CRLF keep-alive
+        if normal_ip(source[0]) not in self.trusted:
+            # Unread and unanswered: a stranger learns nothing, and gets nothing to amplify.
+            self.counters.count("refused", "%d bytes of SIP from %s:%s dropped: not the PBX", len(data), *source)
+            return
         try:
             msg = Message.parse(data)
-        except ValueError:
-            self.log.debug("unparsable datagram from %s:%s", *source)
+        except ValueError as exc:
+            self.counters.count("malformed", "unreadable SIP from %s:%s dropped: %s", source[0], source[1], exc)
             return
         self.log.debug("<- %s", msg.start)
-        if msg.is_response:
-            self._on_response(msg)
-        else:
-            self._on_request(msg, source)
+        try:
+            if msg.is_response:
+                self._on_response(msg)
+            else:
+                self._on_request(msg, source)
+        except Exception:  # noqa: BLE001 - per message: one odd message must not cost the phone its SIP
+            self.counters.count("errors", "SIP %r from %s:%s could not be handled", msg.start[:60], *source,
+                                exc_info=True)
 
     def _send(self, text: str, dest: tuple[str, int]) -> None:
         self.log.debug("-> %s", text.split("\r\n", 1)[0])
@@ -337,6 +386,7 @@ class Ua:
             self._done = self._done or self._stopping
             return
         if resp is not None and 200 <= resp.code < 300:
+            self.gate.learn_registration(resp.header("via"))
             self.granted = _granted_expiry(resp, self.host, self.port, expires)
             self.registered, self._failures = True, 0
             # Refresh well before the registrar's expiry, and at least every refresh_interval so that a PBX
@@ -376,12 +426,16 @@ class Ua:
         """Place a call (from any thread); events follow on the listener."""
         dest = (host or self.server[0], self.server[1])
         call = Call(key or f"c{next(self._keys)}", True, secrets.token_hex(12), new_tag(), dest,
-                    RtpSession(self.host, name=self.name, keep_audio=self.keep_audio))
+                    self._rtp_session())
         call.rtp.dtmf = lambda digit: self.on_dtmf(call, digit) if self.on_dtmf else None
         call.local_uri, call.remote_uri = self.aor, f"sip:{extension}@{dest[0]}"
         call.remote_target = call.remote_uri
         self.post(lambda: self._invite(call))
         return call
+
+    def _rtp_session(self) -> RtpSession:
+        return RtpSession(self.host, name=self.name, keep_audio=self.keep_audio, trusted=self.trusted,
+                          counters=self.counters)
 
     def _invite(self, call: Call, challenge: Message | None = None) -> None:
         self.calls[call.call_id] = call
@@ -410,6 +464,10 @@ class Ua:
         if call.cancel_pending:
             self._cancel(call)
             return
+        tag = tag_of(resp.header("to"))
+        if tag and not call.remote_tag and resp.code > 100:  # an early dialog: it can be probed
+            call.remote_tag = tag
+            call.remote_target = uri_of(resp.header("contact")) or call.remote_target
         if resp.code in (180, 183):
             call.state = "early"
             self._use_remote_sdp(call, resp)  # 183 brings early media: the ring tone of Queue(r)
@@ -476,6 +534,24 @@ class Ua:
         self.call_later(min(1.0, self.media_timeout / 4), lambda: self._watch_media(call))
 
     # -- commands on calls (post them; hangup_now etc. run on the agent's thread) -----------------------
+    def probe_now(self, call: Call, on_result: Callable[[int | None], None]) -> None:
+        """OPTIONS inside the call's dialog (early or confirmed): does the PBX still have it? ``on_result`` gets
+        the response's status, or None when nothing answered within the request timeout."""
+        if call.state == "ended":
+            on_result(None)
+            return
+        def done(resp: Message | None) -> None:
+            on_result(None if resp is None else resp.code)
+        if call.remote_tag:
+            self._request("OPTIONS", call.remote_target or call.remote_uri, call=call, dest=call.dest,
+                          timeout=REQUEST_TIMEOUT, on_final=done, extra=("Accept: application/sdp",))
+            return
+        # No dialog yet (no tagged provisional): at least ask whether the PBX itself is still there.
+        uri = f"sip:{call.dest[0]}:{call.dest[1]}"
+        self._request("OPTIONS", uri, call=None, dest=call.dest, timeout=REQUEST_TIMEOUT, on_final=done,
+                      from_=f"<{self.aor}>;tag={new_tag()}", to=f"<{uri}>", call_id=secrets.token_hex(10), cseq=1,
+                      extra=("Accept: application/sdp",))
+
     def hangup_now(self, call: Call) -> None:
         if call.state in ("ended", "cancelling"):
             return
@@ -590,8 +666,13 @@ class Ua:
                        source)
 
     def _on_new_invite(self, msg: Message, source: tuple[str, int]) -> None:
+        reason = self.gate.callback_refusal(msg.start.split()[1], msg.body.decode("utf-8", "replace"))
+        if reason is not None:
+            self.counters.count("refused", "INVITE from %s:%s refused: %s", source[0], source[1], reason)
+            self._send(self._response(msg, 403, "Forbidden", to_tag=new_tag()), source)
+            return
         call = Call(f"in{next(self._keys)}", False, msg.call_id, new_tag(), source,
-                    RtpSession(self.host, name=self.name, keep_audio=self.keep_audio))
+                    self._rtp_session())
         call.rtp.dtmf = lambda digit: self.on_dtmf(call, digit) if self.on_dtmf else None
         call.invite = msg
         call.remote_tag = tag_of(msg.header("from"))
@@ -669,6 +750,13 @@ def _granted_expiry(resp: Message, host: str, port: int, asked: int) -> int:
                     return int(match.group(1))
     header = resp.header("expires")
     return int(header) if header.isascii() and header.isdigit() else asked
+
+
+def _addresses_of(host: str) -> frozenset[str]:
+    try:
+        return resolve(host)
+    except OSError:
+        return frozenset({normal_ip(host)})
 
 
 def _local_ip_for(server: tuple[str, int]) -> str:
