@@ -1,10 +1,10 @@
-"""The site's TLS certificates: ``secrets init`` makes a site CA and the PBX's certificate, ``config check``
-looks at them.
+"""The site's TLS certificates: ``secrets init`` makes a site CA and the PBX's certificate (``config check``
+looks at them in :mod:`sip_refuge.config.cert_check`).
 
 Made with the ``cryptography`` package, not the ``openssl`` command line: keys are generated in memory and
 written once, straight into files created 0600 with ``O_EXCL | O_NOFOLLOW`` (as every secret is), with no
 temporary key file, no shell quoting of host names and no dependence on the installed openssl's defaults.
-The same library reads the certificates back for ``config check``.
+The same library reads them back.
 
 What goes where: the PBX holds ``cert_file``, ``key_file`` and ``ca_file``; posts get only ``ca_file`` (the
 CA's certificate, public); the CA's private key (``ca_key_file``) is needed only to issue or renew the PBX's
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,21 +31,11 @@ if TYPE_CHECKING:
 
 CA_DAYS = 3652  # ten years: the CA is copied onto every post, so it should rarely change
 PBX_DAYS = 730  # two years; renewed with `sip-refuge secrets init SITE --renew-pbx-cert`
-WARN_DAYS = 30  # `config check` warns this long before the PBX's certificate (or the CA) expires
 KEY_BITS = 3072
 # A post's clock may lag (a Raspberry Pi has no clock battery: until NTP it runs from the last saved time).
 BACKDATE = timedelta(days=1)
 MAX_PEM_BYTES = 256 * 1024
 RENEW = "sip-refuge secrets init SITE --renew-pbx-cert"
-
-
-@dataclass(frozen=True)
-class Finding:
-    """What ``config check`` has to say about one ``pbx.tls`` file; an error unless ``warning``."""
-
-    key: str  # dotted path in the site file, e.g. pbx.tls.cert_file
-    message: str
-    warning: bool = False
 
 
 def pbx_names(site: Site) -> list[str]:
@@ -75,16 +65,18 @@ def init_tls(site: Site, *, renew: bool = False, now: datetime | None = None) ->
         there, missing = (tls.cert_file, tls.key_file) if have_cert else (tls.key_file, tls.cert_file)
         raise RefugeError(f"{there} exists but {missing} does not: restore it, or remove {there} too and run "
                           "secrets init again for a new PBX certificate and key")
-    created: list[tuple[Path, str]] = []
-    ca_cert, ca_key = _site_ca(site, tls, now, created)
-    if ca_cert is None or ca_key is None:
-        raise RefugeError(_cannot_issue(site, tls))
-    key = _new_key()
-    cert = _issue(ca_cert, ca_key, key, pbx_names(site), now)
     if renew:
         for path in (tls.cert_file, tls.key_file):
             if os.path.islink(path):
                 raise RefugeError(f"{path} is a symbolic link: --renew-pbx-cert replaces only files it made")
+    created: list[tuple[Path, str]] = []
+    # A renewal never makes a new CA: posts would not trust what it signs.
+    ca_cert, ca_key = _site_ca(site, tls, now, created, make=not renew)
+    if ca_cert is None or ca_key is None:
+        raise RefugeError(_cannot_issue(site, tls, renew))
+    key = _new_key()
+    cert = _issue(ca_cert, ca_key, key, pbx_names(site), now)
+    if renew:
         _replace(tls.key_file, _key_pem(key), 0o600)
         _replace(tls.cert_file, _cert_pem(cert), 0o644)
         created += [(tls.key_file, "the PBX's new private key"), (tls.cert_file, "the PBX's new certificate")]
@@ -109,15 +101,18 @@ def stand_in_tls(site: Site, directory: Path) -> tuple[Site, bool]:
     return site, True
 
 
-def _site_ca(site: Site, tls: Tls, now: datetime, created: list[tuple[Path, str]]) -> tuple[Any, Any]:
-    """The site CA (certificate, private key), made when neither file exists; (None, None) when the site
-    has no CA of ours to issue from (no ca_file, or a CA of the site's own whose key is not here)."""
+def _site_ca(site: Site, tls: Tls, now: datetime, created: list[tuple[Path, str]], *,
+             make: bool) -> tuple[Any, Any]:
+    """The site CA (certificate, private key), made (with ``make``) when neither file exists; (None, None) when
+    there is no CA of ours to issue from (no ca_file, or a CA of the site's own whose key is not here)."""
     if tls.ca_file is None or tls.ca_key_file is None:
         return None, None
     have_ca, have_key = os.path.lexists(tls.ca_file), os.path.lexists(tls.ca_key_file)
     if not have_ca and have_key:
         raise RefugeError(f"{tls.ca_key_file} (the site CA's private key) exists but its certificate {tls.ca_file} "
                           "does not: restore the certificate (posts hold a copy of it)")
+    if not have_ca and not make:
+        return None, None
     if not have_ca:
         key = _new_key()
         cert = _make_ca(site.name, key, now)
@@ -128,18 +123,22 @@ def _site_ca(site: Site, tls: Tls, now: datetime, created: list[tuple[Path, str]
         return cert, key
     if not have_key:
         return None, None
-    return _load_cert(tls.ca_file, "pbx.tls.ca_file"), _load_key(tls.ca_key_file, "pbx.tls.ca_key_file")
+    ca_key = load_key(tls.ca_key_file, "pbx.tls.ca_key_file")
+    ca = next((c for c in load_certs(tls.ca_file, "pbx.tls.ca_file") if same_key(ca_key, c)), None)
+    if ca is None:
+        raise RefugeError(f"{tls.ca_key_file} is not the private key of the CA in {tls.ca_file}")
+    return ca, ca_key
 
 
-def _cannot_issue(site: Site, tls: Tls) -> str:
+def _cannot_issue(site: Site, tls: Tls, renew: bool) -> str:
     names = ", ".join(pbx_names(site))
+    why = "cannot renew the PBX's certificate" if renew else f"{tls.cert_file} does not exist"
     if tls.ca_file is None:
-        return (f"{site.path}: pbx.tls.ca_file is not set, and {tls.cert_file} does not exist: name a ca_file "
-                f"(secrets init makes a site CA there and signs the PBX certificate with it), or put the PBX's "
-                f"certificate (for {names}) and key at cert_file and key_file yourself")
-    return (f"{tls.cert_file} does not exist and the CA in {tls.ca_file} has no private key at {tls.ca_key_file}: "
-            f"have that CA issue the PBX's certificate (subjectAltName {names}) into cert_file and key_file, "
-            "or give pbx.tls.ca_key_file")
+        return (f"{site.path}: pbx.tls.ca_file is not set, and {why}: name a ca_file (secrets init makes a site CA "
+                f"there and signs the PBX certificate with it), or put the PBX's certificate (for {names}) and key "
+                "at cert_file and key_file yourself")
+    return (f"{why}: the CA in {tls.ca_file} has no private key at {tls.ca_key_file}: have that CA issue the PBX's "
+            f"certificate (subjectAltName {names}) into cert_file and key_file, or give pbx.tls.ca_key_file")
 
 
 def _crypto() -> None:
@@ -231,133 +230,28 @@ def _replace(path: Path, data: bytes, mode: int) -> None:
 
 # -- reading them back -------------------------------------------------------------------------------
 
-def _load_cert(path: Path, key: str) -> x509.Certificate:
+def load_certs(path: Path, key: str) -> list[x509.Certificate]:
+    """Every certificate in a PEM file (a CA file may hold an old and a new CA while posts change over)."""
     _crypto()
     from cryptography import x509
 
-    data = read_regular(path, limit=MAX_PEM_BYTES, what=f"{key}", follow_link=True)
+    data = read_regular(path, limit=MAX_PEM_BYTES, what=key, follow_link=True)
     try:
-        return x509.load_pem_x509_certificate(data)
+        return x509.load_pem_x509_certificates(data)
     except ValueError:
         raise RefugeError(f"{path} is not a PEM certificate") from None
 
 
-def _load_key(path: Path, key: str) -> Any:
+def load_key(path: Path, key: str) -> Any:
     _crypto()
     from cryptography.hazmat.primitives import serialization
 
-    data = read_regular(path, limit=MAX_PEM_BYTES, what=f"{key}", follow_link=True)
+    data = read_regular(path, limit=MAX_PEM_BYTES, what=key, follow_link=True)
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:  # TypeError: a key with a passphrase, which Asterisk cannot use
         raise RefugeError(f"{path} is not an unencrypted PEM private key ({exc})") from None
 
 
-# -- config check ------------------------------------------------------------------------------------
-
-def check_tls(site: Site, now: datetime | None = None) -> list[Finding]:
-    """What is wrong (or soon will be) with the PBX's certificate, key and CA, as the PBX and the posts see them."""
-    tls = site.pbx.tls
-    if tls is None:
-        return []
-    now = now or datetime.now(UTC)
-    out: list[Finding] = []
-    if tls.ca_file is None and site.pbx.transport == "tls":
-        out.append(Finding("pbx.tls.ca_file", "not set: posts then take any certificate on the PBX's TLS port, so "
-                           "whoever gets the PBX's address gets the alarms; name a ca_file (secrets init makes a "
-                           "site CA there)", warning=True))
-    cert = _read(out, "pbx.tls.cert_file", tls.cert_file, _load_cert)
-    key = _read(out, "pbx.tls.key_file", tls.key_file, _load_key)
-    ca = None
-    if tls.ca_file is not None and cert is not None and not os.path.lexists(tls.ca_file):
-        out.append(Finding("pbx.tls.ca_file", f"{tls.ca_file} does not exist: put there the certificate of the CA "
-                           f"that signed {tls.cert_file} (posts check the PBX against it)"))
-    elif tls.ca_file is not None:
-        ca = _read(out, "pbx.tls.ca_file", tls.ca_file, _load_cert)
-    for name, path in (("pbx.tls.key_file", tls.key_file), ("pbx.tls.ca_key_file", tls.ca_key_file)):
-        if path is not None and path.exists() and path.stat().st_mode & 0o077:
-            out.append(Finding(name, f"{path} (a private key) is readable by other users: chmod 600 it"))
-    if ca is not None:
-        out += _validity("pbx.tls.ca_file", ca, now, "make a new site CA and copy it to every post "
-                                                      "(docs/admin-guide.md, TLS)")
-    if cert is None:
-        return out
-    from cryptography.exceptions import InvalidSignature
-
-    if key is not None and key.public_key().public_numbers() != cert.public_key().public_numbers():
-        out.append(Finding("pbx.tls.key_file", f"{tls.key_file} is not the private key of {tls.cert_file}"))
-    if ca is not None:
-        try:
-            cert.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, InvalidSignature):
-            out.append(Finding("pbx.tls.cert_file", f"{tls.cert_file} is not signed by the CA in {tls.ca_file}: "
-                               "posts refuse the PBX"))
-    out += _validity("pbx.tls.cert_file", cert, now, f"renew it: {RENEW}")
-    names = _names(cert)
-    for host in pbx_names(site):
-        if not _covers(names, host):
-            which = "pbx.host" if host == pbx_names(site)[0] else "pbx.secondary_host"
-            out.append(Finding("pbx.tls.cert_file", f"{tls.cert_file} is for {', '.join(sorted(names)) or 'no name'}, "
-                               f"not for {which} {host}: posts that check it against ca_file refuse the PBX; issue "
-                               f"it for {host} ({RENEW} does)", warning=tls.ca_file is None))
-    return out
-
-
-def _read(out: list[Finding], key: str, path: Path, load: Any) -> Any:
-    if not os.path.lexists(path):
-        out.append(Finding(key, f"{path} does not exist; run: sip-refuge secrets init SITE"))
-        return None
-    try:
-        return load(path, key)
-    except RefugeError as exc:
-        out.append(Finding(key, str(exc)))
-        return None
-
-
-def _validity(key: str, cert: x509.Certificate, now: datetime, fix: str) -> list[Finding]:
-    end, start = cert.not_valid_after_utc, cert.not_valid_before_utc
-    if end <= now:
-        return [Finding(key, f"the certificate expired on {end:%Y-%m-%d}: posts refuse it; {fix}")]
-    out = []
-    if end - now <= timedelta(days=WARN_DAYS):
-        days = (end - now).days
-        out.append(Finding(key, f"the certificate expires on {end:%Y-%m-%d} (in {days} days); {fix}", warning=True))
-    if start > now:
-        out.append(Finding(key, f"the certificate is valid only from {start:%Y-%m-%d %H:%M} UTC: is this "
-                                "machine's clock right?", warning=True))
-    return out
-
-
-def _names(cert: x509.Certificate) -> set[str]:
-    """The names pjsip accepts a server by (sip_transport_tls.c): subjectAltName DNS, IP and sip: URI host
-    entries, else the subject's common name; compared exactly, without wildcards (RFC 5922, 7.2)."""
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
-    names: set[str] = set()
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        san = None
-    if san is not None:
-        names |= {n.lower() for n in san.get_values_for_type(x509.DNSName)}
-        names |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
-        names |= {u.split(":", 1)[1].lower() for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-                  if u.lower().startswith(("sip:", "sips:"))}
-    names |= {str(a.value).lower() for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
-    return names
-
-
-def _covers(names: set[str], host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host.lower() in names
-    return any(_same_ip(ip, name) for name in names)
-
-
-def _same_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, name: str) -> bool:
-    try:
-        return ipaddress.ip_address(name) == ip
-    except ValueError:
-        return False
+def same_key(private_key: Any, cert: x509.Certificate) -> bool:
+    return bool(private_key.public_key() == cert.public_key())

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from sip_refuge.config.certs import check_tls, init_tls
+from sip_refuge.config.cert_check import check_tls
+from sip_refuge.config.certs import init_tls
 from sip_refuge.config.model import Site
 from sip_refuge.pbx.asterisk import Asterisk, on_free_ports
 from sip_refuge.post import events as ev

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sip_refuge.config import Site, load_site
-from sip_refuge.config.certs import CA_DAYS, PBX_DAYS, check_tls, init_tls
+from sip_refuge.config.cert_check import check_tls
+from sip_refuge.config.certs import CA_DAYS, PBX_DAYS, init_tls
 from sip_refuge.config.secrets import init_secrets
 from sip_refuge.errors import RefugeError
 
@@ -146,7 +147,32 @@ def test_without_the_ca_key_nothing_is_issued_and_the_message_says_what_to_do(si
                                           r"certificate \(subjectAltName pbx\.example\.net, 10\.20\.0\.2\)"):
         init_tls(site(site_file))
     renew = run_cli("secrets", "init", str(site_file), "--renew-pbx-cert")
-    assert renew.returncode == 2 and "have that CA issue" in renew.stderr and "Traceback" not in renew.stderr
+    assert renew.returncode == 2 and "Traceback" not in renew.stderr
+    assert "cannot renew the PBX's certificate: the CA in " in renew.stderr and "have that CA issue" in renew.stderr
+
+
+def test_a_ca_file_holding_the_old_and_the_new_ca_is_fine(site_file: Path, tmp_path: Path) -> None:
+    """While posts change over to a new site CA their ca_file holds both; the PBX's certificate, from either,
+    passes, and secrets init still finds the CA its key belongs to."""
+    init_tls(site(site_file))
+    other = tmp_path / "new-ca"
+    other.mkdir()
+    shutil.copy(site_file, other / "site.yaml")
+    init_tls(site(other / "site.yaml"))
+    tls = site_file.parent / "tls"
+    (tls / "ca.crt").write_bytes((other / "tls" / "ca.crt").read_bytes() + (tls / "ca.crt").read_bytes())
+    assert findings(site(site_file)) == []
+    (tls / "pbx.crt").unlink()
+    (tls / "pbx.key").unlink()
+    init_tls(site(site_file))  # issued by the CA whose key is ca.key: the second one in the file
+    assert findings(site(site_file)) == []
+
+
+def test_renew_never_makes_a_new_ca(site_file: Path) -> None:
+    """A CA made during a renewal would sign a certificate no post trusts: with no CA at all, renewal stops."""
+    with pytest.raises(RefugeError, match="cannot renew the PBX's certificate"):
+        init_tls(site(site_file), renew=True)
+    assert not (site_file.parent / "tls").exists()
 
 
 def test_without_a_ca_file_secrets_init_refuses_to_make_an_unverifiable_certificate(site_file: Path) -> None:
