@@ -55,8 +55,10 @@ def client(site: Site, user: str, password: str) -> TlsSipClient:
 
 
 def test_pbx_serves_the_certificate_secrets_init_made(site: Site, pbx: Asterisk) -> None:
-    """The TLS port presents the certificate `secrets init` issued: a client trusting only the site CA accepts
-    it for pbx.host and refuses it for any other name, and a client without the site CA refuses it."""
+    """The TLS port presents the certificate `secrets init` issued, valid for pbx.host under the site CA only.
+
+    A client trusting only the site CA accepts it for pbx.host and refuses it for any other name; a client
+    without the site CA refuses it."""
     assert site.pbx.tls is not None
     peer = handshake(site, cafile=site.pbx.tls.ca_file, name=site.pbx.host)
     assert ("IP Address", "127.0.0.1") in peer["subjectAltName"]  # type: ignore[operator]
@@ -68,8 +70,9 @@ def test_pbx_serves_the_certificate_secrets_init_made(site: Site, pbx: Asterisk)
 
 
 def test_post_offer_without_srtp_keys_is_refused(site: Site, pbx: Asterisk) -> None:
-    """Over TLS and with its right password, a post's INVITE whose SDP carries no SRTP key gets 488, to the
-    queue and to the self-test alike; the same INVITE with an SDES key is answered."""
+    """A post's offer without SRTP keys gets 488 over TLS; the same offer with an SDES key is answered.
+
+    The post authenticates with its right password first, and the queue and the self-test refuse alike."""
     post = site.posts[0]
     for extension in (site.queue.extension, site.self_test.extension):
         with client(site, post.id, post.secret.read()) as sip:
@@ -84,8 +87,9 @@ def test_post_offer_without_srtp_keys_is_refused(site: Site, pbx: Asterisk) -> N
 
 
 def test_desks_on_tls_have_no_plain_sip_port_and_must_use_srtp(tmp_path: Path) -> None:
-    """With pbx.tls.desks: tls Asterisk has no UDP transport, and a desk's offer without SRTP keys gets 488
-    like a post's; with a key the same call goes through."""
+    """With pbx.tls.desks: tls there is no plain SIP transport and a desk's offer without SRTP keys gets 488.
+
+    With a key the same call goes through."""
     site = tls_site(tmp_path, desks="tls")
     desk = site.desks[0]
     with Asterisk(site) as ast:
@@ -98,8 +102,7 @@ def test_desks_on_tls_have_no_plain_sip_port_and_must_use_srtp(tmp_path: Path) -
 
 
 def test_asterisk_check_loads_a_tls_site_before_secrets_init(tmp_path: Path) -> None:
-    """`asterisk check` on a TLS site whose certificate does not exist yet loads it with a throw-away one and
-    finds it clean (as it does with throw-away secrets)."""
+    """`asterisk check` loads a TLS site clean before `secrets init`, with a throw-away certificate."""
     site = tls_site(tmp_path)
     shutil.rmtree(tmp_path / "tls")
     done = subprocess.run([sys.executable, "-m", "sip_refuge.cli", "asterisk", "check", str(site.path)],

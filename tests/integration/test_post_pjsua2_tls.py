@@ -100,8 +100,9 @@ def test_post_does_not_register_to_a_certificate_its_ca_did_not_sign(
 
 
 def test_post_does_not_register_to_a_certificate_for_another_name(site: Site, tmp_path: Path) -> None:
-    """A PBX whose certificate the site CA signed, but for another name than pbx.host, is refused by the post
-    (pjsip compares the names), as `config check` says it will be."""
+    """A post refuses a PBX whose certificate, signed by the site CA, names another host than pbx.host.
+
+    pjsip compares the names; `config check` says beforehand that posts will refuse it."""
     tls = site.pbx.tls
     assert tls is not None
     wrong = replace(tls, cert_file=tmp_path / "wrong.crt", key_file=tmp_path / "wrong.key")

@@ -130,8 +130,10 @@ def pbx(request: pytest.FixtureRequest, site: Site, tmp_path_factory: pytest.Tem
 
 def test_tls_call_carries_no_readable_sip_and_no_plain_rtp_between_post_and_pbx(
         site: Site, pbx: Pbx, record_property: Callable[[str, object], None]) -> None:
-    """A TLS/SRTP alarm call shows, on lo, no SIP text and no trace of the desk's chirp between post and PBX,
-    while the chirp and the SIP are plain on the desk's UDP leg."""
+    """A TLS/SRTP alarm call shows no SIP text and no trace of the desk's chirp between post and PBX on lo.
+
+    Positive controls: the chirp and the SIP are plain on the desk's UDP leg, and the post hears the desk's
+    DTMF sent after the chirp."""
     assert site.pbx.tls is not None
     tls_port, sip_port = site.pbx.tls.port, site.pbx.sip_port
     media = range(site.pbx.rtp_start, site.pbx.rtp_end + 1)
