@@ -67,6 +67,13 @@ def _post_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", metavar="DIR", help="where the telemetry outbox is kept")
 
 
+def _secrets_args(parser: argparse.ArgumentParser) -> None:
+    _site(parser)
+    parser.add_argument("--renew-pbx-cert", action="store_true",
+                        help="issue the PBX a new TLS key and certificate from the site CA, replacing the old ones")
+
+
+ARGUMENTS[("secrets", "init")] = _secrets_args
 ARGUMENTS[("asterisk", "render")] = _render_args
 ARGUMENTS[("asterisk", "check")] = _templates
 ARGUMENTS[("pbx",)] = _templates

@@ -103,5 +103,20 @@ def checked_secret(value: str, where: str) -> str:
     return value
 
 
+def create_file(path: Path, data: bytes, mode: int, what: str) -> None:
+    """Write a new file of ``mode``: never over anything already there, never through a symbolic link
+    (``O_EXCL``, ``O_NOFOLLOW``); a private key or secret is never readable by others, not even briefly."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:  # something appeared there meanwhile, or the folder is not writable
+        raise RefugeError(f"cannot create {what} file {printable(str(path))}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+    except OSError as exc:
+        raise RefugeError(f"cannot write {what} file {printable(str(path))}: {exc.strerror or exc}") from None
+
+
 def _size(limit: int) -> str:
     return f"{limit // (1024 * 1024)} MiB" if limit >= 1024 * 1024 else f"{limit} bytes"

@@ -85,6 +85,7 @@ class _Builder:
     def __init__(self, src: Source, problems: list[Problem], check_secrets: bool) -> None:
         self.src, self.problems, self.check_secrets = src, problems, check_secrets
         self.extensions: dict[str, str] = {}
+        self.transport: str | None = None  # pbx.transport, once read: posts depend on it
         self.ids: dict[str, set[str]] = {}
 
     def site(self) -> Site | None:
@@ -205,7 +206,7 @@ class _Builder:
     def pbx(self, r: Reader) -> Pbx | None:
         host = r.text("host", required=True, pattern=HOST, hint="is not a host name or address")
         port = r.integer("sip_port", 5060, low=1, high=65535)
-        transport = r.choice("transport", ("udp", "tcp", "tls"), "udp")
+        transport = self.transport = r.choice("transport", ("udp", "tcp", "tls"), "udp")
         secondary = r.text("secondary_host", pattern=HOST, hint="is not a host name or address")
         bind = r.text("bind", "127.0.0.1", pattern=HOST, hint="is not an address")
         rtp_start = r.integer("rtp_start", 10000, low=1024, high=65000)
@@ -215,17 +216,7 @@ class _Builder:
         qualify = r.integer("qualify_frequency", 30, low=5, high=3600)
         tls = None
         if transport == "tls" or r.has("tls"):
-            t = r.child("tls", required=transport == "tls")
-            cert, key = t.path_value("cert_file", required=True), t.path_value("key_file", required=True)
-            ca = t.path_value("ca_file")
-            for name, file in (("cert_file", cert), ("key_file", key), ("ca_file", ca)):
-                if file is not None and ";" in str(file):
-                    t.fail(name, f"{file}: Asterisk reads ';' as the start of a comment; rename the file")
-                    cert = key = None
-            tls_port = t.integer("port", 5061, low=1, high=65535)
-            t.done()
-            if cert and key and tls_port:
-                tls = Tls(cert, key, ca, tls_port)
+            tls = self.tls(r.child("tls", required=transport == "tls"), transport)
         networks = r.child("networks")
         nets = Networks(self.cidrs(networks, "posts"), self.cidrs(networks, "desks"))
         networks.done()
@@ -239,6 +230,28 @@ class _Builder:
             return None
         return Pbx(host, port, transport, ami, secondary, bind or "127.0.0.1", rtp_start or 10000,
                    rtp_end or 20000, tls, nets, qualify or 30)
+
+    def tls(self, t: Reader, transport: str | None) -> Tls | None:
+        cert, key = t.path_value("cert_file", required=True), t.path_value("key_file", required=True)
+        ca = t.path_value("ca_file")
+        for name, file in (("cert_file", cert), ("key_file", key), ("ca_file", ca)):
+            if file is not None and ";" in str(file):
+                t.fail(name, f"{file}: Asterisk reads ';' as the start of a comment; rename the file")
+                cert = key = None
+        ca_key = t.path_value("ca_key_file")
+        if ca_key is None and ca is not None:
+            ca_key = ca.with_suffix(".key") if ca.suffix != ".key" else ca.with_name(ca.name + ".key")
+        if ca_key is not None and ca_key in (cert, key, ca):
+            t.fail("ca_key_file", f"{ca_key} is also the PBX's certificate, key or CA file: give the CA's private "
+                                  "key a file of its own")
+        tls_port = t.integer("port", 5061, low=1, high=65535)
+        desks = t.choice("desks", ("udp", "tls"), "udp")
+        if desks == "tls" and transport not in (None, "tls"):
+            t.fail("desks", "desks on TLS need pbx.transport: tls")
+        t.done()
+        if cert and key and tls_port and desks:
+            return Tls(cert, key, ca, tls_port, ca_key, desks)
+        return None
 
     def cidrs(self, r: Reader, key: str) -> tuple[str, ...]:
         out = []
@@ -305,6 +318,10 @@ class _Builder:
                 for k in ("button", "yellow", "green", "red", "tamper")}
         g.done()
         backend = r.choice("sip_backend", ("pjsua2", "pyvoip"), "pjsua2")
+        if backend == "pyvoip" and self.transport == "tls":
+            r.fail("sip_backend", "pyvoip cannot do TLS or SRTP, and pbx.transport is tls: use sip_backend: pjsua2 "
+                                  "for this post (or a site without TLS; calls then go in clear)")
+            backend = None
         answer = r.choice("auto_answer", ("after_alarm", "always", "never"), "after_alarm")
         window = r.duration("auto_answer_window", 600, low=10, high=86400)
         max_call = r.duration("max_call", 1800, low=60, high=86400)

@@ -37,10 +37,14 @@ class Secret:
 
 @dataclass(frozen=True)
 class Tls:
+    """``pbx.tls``: the PBX's certificate and key, the site CA posts check it against, and who uses TLS."""
+
     cert_file: Path
     key_file: Path
     ca_file: Path | None = None
     port: int = 5061
+    ca_key_file: Path | None = None  # the site CA's private key (``secrets init``); never goes to a post
+    desks: str = "udp"  # udp: desks stay on plain SIP/RTP inside the control room | tls: TLS and SRTP too
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
+from sip_refuge.config.files import create_file
 from sip_refuge.config.model import Secret, Site
 from sip_refuge.errors import RefugeError
 
@@ -36,13 +37,7 @@ def init_secrets(site: Site) -> list[Path]:
     for _, secret in site.secrets():
         if secret.file is None or os.path.lexists(secret.file):
             continue
-        try:
-            secret.file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(secret.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:  # something appeared there meanwhile, or the folder is not writable
-            raise RefugeError(f"cannot create secret file {secret.file}: {exc.strerror or exc}") from None
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(new_value(secret.kind) + "\n")
+        create_file(secret.file, (new_value(secret.kind) + "\n").encode(), 0o600, "secret")
         created.append(secret.file)
     return created
 

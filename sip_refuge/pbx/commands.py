@@ -75,6 +75,13 @@ def check(args: argparse.Namespace) -> int:
             # The throw-away Asterisk needs some secret; real ones are checked by `config check`.
             print(f"asterisk check: no secret yet for {', '.join(stood_in)}: checking with throw-away values "
                   "(run `sip-refuge secrets init` before rendering for real)", file=sys.stderr)
+        if site.pbx.tls is not None:
+            from sip_refuge.config.certs import stand_in_tls
+
+            site, tls_stood_in = stand_in_tls(site, Path(spare))
+            if tls_stood_in:
+                print("asterisk check: no PBX certificate yet: checking with a throw-away one (run `sip-refuge "
+                      "secrets init` before rendering for real)", file=sys.stderr)
         return _check_loaded(args, site)
 
 

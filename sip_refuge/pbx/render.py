@@ -155,10 +155,11 @@ def write(files: dict[str, str], out: Path) -> list[Path]:
 def _context(site: Site, command: str) -> dict[str, Any]:
     pbx = site.pbx
     tls_mode = pbx.transport == "tls"
+    # Posts on TLS always (a pyVoIP post is refused on a TLS site); desks stay on UDP inside the control
+    # room unless pbx.tls.desks is tls.
+    desks_tls = tls_mode and pbx.tls is not None and pbx.tls.desks == "tls"
     transports = []
-    # pyVoIP has no TLS, so a TLS site with pyVoIP posts still needs a plain transport for them.
-    needs_plain = not tls_mode or any(p.sip_backend == "pyvoip" for p in site.posts)
-    if needs_plain:
+    if not tls_mode or not desks_tls:
         proto = "tcp" if pbx.transport == "tcp" else "udp"
         transports.append(Transport(f"transport-refuge-{proto}", proto, pbx.bind, pbx.sip_port))
     if pbx.tls is not None:
@@ -171,6 +172,7 @@ def _context(site: Site, command: str) -> dict[str, Any]:
         "site_file": str(site.path),
         "command": command,
         "tls_mode": tls_mode,
+        "desks_tls": desks_tls,
         "transports": transports,
         "acls": {f"refuge-{role}": nets for role, nets in acls.items() if nets},
         "posts": [_phone(p, "post", bool(acls["posts"])) for p in site.posts],

@@ -1,7 +1,8 @@
 """The pjsua2 backend over TLS with SDES-SRTP against a real Asterisk 22, and what the built binding offers.
 
-Certificates come from the openssl command line: a throw-away CA signs the PBX's certificate for 127.0.0.1,
-and a second CA that signed nothing stands for "not the PBX the post was set up to trust".
+The site CA and the PBX's certificate (for 127.0.0.1) are made as `secrets init` makes them
+(sip_refuge/config/certs.py); a second site's CA stands for "not the PBX the post was set up to trust", and a
+certificate from the right CA for another name stands for a PBX posing under someone else's name.
 """
 
 from __future__ import annotations
@@ -10,57 +11,35 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import yaml
 
-from sip_refuge.config.loader import load_site
+from sip_refuge.config.cert_check import check_tls
+from sip_refuge.config.certs import init_tls
 from sip_refuge.config.model import Site
-from sip_refuge.pbx.asterisk import Asterisk, free_port
+from sip_refuge.pbx.asterisk import Asterisk, on_free_ports
 from sip_refuge.post import events as ev
-from tests.integration.test_post_pjsua2 import POST, Events, contact_of, make_site, start_backend, wait_until
+from tests.integration.test_post_pjsua2 import POST, Events, contact_of, start_backend, wait_until
+from tests.support.sites import tls_site
 
 pytestmark = pytest.mark.integration
 
 
-@dataclass(frozen=True)
-class Certs:
-    ca: Path  # signed the PBX's certificate
-    stranger_ca: Path  # signed nothing the PBX presents
-    cert: Path
-    key: Path
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
+    """The demo site (free ports, fresh secrets, every post on pjsua2) with ``transport: tls``: Asterisk
+    renders SDES-SRTP for its posts."""
+    return tls_site(tmp_path_factory.mktemp("tls-site"))
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    d = tmp_path_factory.mktemp("tls")
-    for name in ("ca", "stranger"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.crt",
-                 "-days", "2", "-subj", f"/CN=sip-refuge test {name}", cwd=d)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "pbx.key", "-out", "pbx.csr", "-subj", "/CN=127.0.0.1",
-             cwd=d)
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n", encoding="utf-8")
-    _openssl("x509", "-req", "-in", "pbx.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
-             "pbx.crt", "-days", "2", "-extfile", "san.ext", cwd=d)
-    return Certs(d / "ca.crt", d / "stranger.crt", d / "pbx.crt", d / "pbx.key")
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Site:
-    """The demo site (free ports, fresh secrets) with ``transport: tls``: Asterisk renders SDES-SRTP for it."""
-    path = make_site(tmp_path_factory.mktemp("tls-site")).path
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    data["pbx"]["transport"] = "tls"
-    data["pbx"]["tls"] = {"cert_file": str(certs.cert), "key_file": str(certs.key), "ca_file": str(certs.ca),
-                          "port": free_port()}
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return load_site(path)
+def stranger_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another site's CA: it signed nothing this PBX presents."""
+    other = tls_site(tmp_path_factory.mktemp("stranger"))
+    assert other.pbx.tls is not None and other.pbx.tls.ca_file is not None
+    return other.pbx.tls.ca_file
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +84,40 @@ def test_post_registers_and_self_tests_over_tls_with_srtp(site: Site, pbx: Aster
 
 
 def test_post_does_not_register_to_a_certificate_its_ca_did_not_sign(
-        site: Site, pbx: Asterisk, certs: Certs) -> None:
+        site: Site, pbx: Asterisk, stranger_ca: Path) -> None:
     """A post set up to trust another CA (as if an impostor held the PBX's address) never registers there."""
     assert site.pbx.tls is not None
-    stranger = replace(site, pbx=replace(site.pbx, tls=replace(site.pbx.tls, ca_file=certs.stranger_ca)))
+    stranger = replace(site, pbx=replace(site.pbx, tls=replace(site.pbx.tls, ca_file=stranger_ca)))
     events = Events()
     backend = start_backend(stranger, events)
     try:
         failed = events.wait(ev.RegistrationFailed, timeout=15)
-        assert failed.status != 200
+        assert failed.status != 200 and "certificate verification" in failed.reason  # PJSIP_TLS_ECERTVERIF
         assert not any(isinstance(e, ev.Registered) for _, e in events.emitted)
         assert not contact_of(pbx, POST)
     finally:
         backend.stop()
+
+
+def test_post_does_not_register_to_a_certificate_for_another_name(site: Site, tmp_path: Path) -> None:
+    """A post refuses a PBX whose certificate, signed by the site CA, names another host than pbx.host.
+
+    pjsip compares the names; `config check` says beforehand that posts will refuse it."""
+    tls = site.pbx.tls
+    assert tls is not None
+    wrong = replace(tls, cert_file=tmp_path / "wrong.crt", key_file=tmp_path / "wrong.key")
+    init_tls(replace(site, pbx=replace(site.pbx, host="pbx.invalid", tls=wrong)))  # the site CA issues it
+    misnamed = on_free_ports(replace(site, pbx=replace(site.pbx, tls=wrong)))
+    assert [f.message for f in check_tls(misnamed) if not f.warning] == [
+        f"{wrong.cert_file} is for pbx.invalid, not for pbx.host 127.0.0.1: posts that check it against ca_file "
+        "refuse the PBX; issue it for 127.0.0.1 (sip-refuge secrets init SITE --renew-pbx-cert does)"]
+    with Asterisk(misnamed) as impostor:
+        events = Events()
+        backend = start_backend(misnamed, events)
+        try:
+            failed = events.wait(ev.RegistrationFailed, timeout=15)
+            assert failed.status != 200 and "certificate verification" in failed.reason  # PJSIP_TLS_ECERTVERIF
+            assert not any(isinstance(e, ev.Registered) for _, e in events.emitted)
+            assert not contact_of(impostor, POST)
+        finally:
+            backend.stop()

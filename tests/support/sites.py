@@ -9,11 +9,13 @@ from typing import Any
 import yaml
 
 from sip_refuge.config import Site, load_site
+from sip_refuge.config.certs import init_tls
 from sip_refuge.config.secrets import init_secrets
 from sip_refuge.pbx.asterisk import free_port, on_free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "site.example.yaml"
+DEMO = REPO / "config" / "demo.yaml"
 POSTS = {"pjsua2": "sutton-market", "pyvoip": "idlewells"}  # the example site's post on each backend
 
 _used_rtp: set[int] = set()
@@ -76,4 +78,29 @@ def sidecar_site(folder: Path, *, camera: Any = None, camera_user: str = "viewer
     path = folder / "site.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     init_secrets(load_site(path, check_secrets=False))
+    return load_site(path)
+
+
+def tls_site(folder: Path, *, desks: str = "udp") -> Site:
+    """The demo site on free loopback ports with ``pbx.transport: tls``: every post on pjsua2 (pyVoIP cannot do
+    TLS), desks on ``desks`` (``pbx.tls.desks``), and the site CA and the PBX's certificate (for 127.0.0.1)
+    made as ``secrets init`` makes them, in ``folder/tls``."""
+    demo = load_site(DEMO, check_secrets=False)
+    ports = on_free_ports(demo).pbx
+    data = yaml.safe_load(DEMO.read_text(encoding="utf-8"))
+    pbx = data["pbx"]
+    pbx.update(host=ports.host, bind=ports.bind, sip_port=ports.sip_port, transport="tls")
+    pbx["tls"] = {"cert_file": "tls/pbx.crt", "key_file": "tls/pbx.key", "ca_file": "tls/ca.crt",
+                  "port": free_port(), "desks": desks}
+    pbx["rtp_start"], pbx["rtp_end"] = rtp_range()
+    pbx["ami"]["port"] = ports.ami.port
+    for post in data["posts"]:
+        post["sip_backend"] = "pjsua2"
+        post["control_port"] = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "site.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    bare = load_site(path, check_secrets=False)
+    init_secrets(bare)
+    init_tls(bare)
     return load_site(path)

@@ -185,7 +185,6 @@ def test_posts_and_desks_are_endpoints_with_their_template(tls: Site) -> None:
     sections = contexts(render(tls, command=COMMAND)["pjsip_refuge.conf"])
     pyvoip = sections["refuge-post-pyvoip"]
     assert "allow=ulaw,alaw" in pyvoip and "media_encryption=no" in pyvoip and "disallow=all" in pyvoip
-    assert "media_encryption=sdes" in sections["refuge-phone"]  # pbx.transport tls
     assert "allow=g722,ulaw,alaw" in sections["refuge-phone"]
     for post in tls.posts:
         text = render(tls, command=COMMAND)["pjsip_refuge.conf"]
@@ -196,10 +195,43 @@ def test_posts_and_desks_are_endpoints_with_their_template(tls: Site) -> None:
     assert "max_contacts=1" in sections["refuge-aor"] and "qualify_frequency=15" in sections["refuge-aor"]
 
 
-def test_tls_site_keeps_udp_only_for_pyvoip_posts(tls: Site) -> None:
-    text = render(tls, command=COMMAND)["pjsip_refuge_transport.conf"]
-    assert "[transport-refuge-tls]" in text and "cert_file=" in text and "[transport-refuge-udp]" in text
-    assert "bind=0.0.0.0:5061" in text
+def media_encryption(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("media_encryption")]
+
+
+def test_tls_site_has_posts_on_tls_with_mandatory_srtp_and_desks_on_udp(tls: Site) -> None:
+    files = render(tls, command=COMMAND)
+    transports = contexts(files["pjsip_refuge_transport.conf"])
+    assert f"cert_file={tls.path.parent}/tls/pbx.crt" in transports["transport-refuge-tls"]
+    assert "bind=0.0.0.0:5061" in transports["transport-refuge-tls"]
+    assert "bind=0.0.0.0:5060" in transports["transport-refuge-udp"]  # the desks'
+    sections = contexts(files["pjsip_refuge.conf"])
+    assert media_encryption(sections["refuge-phone"]) == ["media_encryption=no"]
+    # An endpoint's later line wins: posts get SDES-SRTP, never falling back to plain RTP.
+    assert media_encryption(sections["refuge-post-pjsua2"]) == ["media_encryption=sdes",
+                                                                "media_encryption_optimistic=no"]
+    assert media_encryption(sections["refuge-desk"]) == ["media_encryption=no"]
+    assert {f"[{p.id}](refuge-post-pjsua2)" for p in tls.posts} <= set(files["pjsip_refuge.conf"].splitlines())
+
+
+def test_desks_on_tls_get_srtp_too_and_no_plain_transport(tmp_path: Path) -> None:
+    source = tmp_path / "source.yaml"
+    source.write_text(CASES["tls"].read_text().replace("    desks: udp\n", "    desks: tls\n"))
+    files = render(make_site(tmp_path, source), command=COMMAND)
+    transports = contexts(files["pjsip_refuge_transport.conf"])
+    assert set(transports) == {"transport-refuge-tls"}
+    sections = contexts(files["pjsip_refuge.conf"])
+    for template in ("refuge-post-pjsua2", "refuge-desk"):
+        assert media_encryption(sections[template]) == ["media_encryption=sdes", "media_encryption_optimistic=no"]
+
+
+def test_site_without_tls_has_no_srtp(example: Site) -> None:
+    files = render(example, command=COMMAND)
+    assert "sdes" not in files["pjsip_refuge.conf"]
+    assert set(contexts(files["pjsip_refuge_transport.conf"])) == {"transport-refuge-udp"}
+    sections = contexts(files["pjsip_refuge.conf"])
+    for template in ("refuge-phone", "refuge-post-pjsua2", "refuge-desk"):
+        assert media_encryption(sections[template]) in ([], ["media_encryption=no"])
 
 
 def test_no_networks_means_no_acl(example: Site, tmp_path: Path) -> None:
