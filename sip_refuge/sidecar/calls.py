@@ -50,7 +50,7 @@ def endpoint_of(channel: str) -> str | None:
 class Occurrence:
     """Something the sidecar must store, and (unless INTERNAL) tell the CCTV targets (spec section 6)."""
 
-    # call.queued | call.answered | call.ended | call.unanswered | post.offline | post.online | INTERNAL ones
+    # call.queued | call.answered | call.ended | call.unanswered | post.offline | post.online, or INTERNAL
     type: str
     post: Post
     incident: str | None = None

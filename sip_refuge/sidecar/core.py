@@ -1,11 +1,11 @@
 """The sidecar's rooms, wired together. The hub holds no logic of its own: each room does one thing.
 
-    AMI follower ──events──▶ Recorder ──changes + events──▶ Outbox ──▶ store; CCTV targets
-    camera monitor ─────────▶ (lock, tracker,      │
-    telemetry (HTTP) ───────▶  boards)             └──events (once stored or held)──▶ Fanout ──▶ pages (SSE)
-                               │   └─take──▶ SnapshotCache (a worker the runner starts)
-                               ▼
-                      ReadModel (web: posts, live calls, incidents) ◀── the Flask app
+    AMI follower ───events─────▶ Recorder ──changes + events──▶ Outbox ──▶ store, CCTV targets
+    camera monitor ────────────▶ (lock, tracker,     │
+    telemetry, close-out (HTTP)▶  boards)            └─events, once stored or held─▶ Fanout ──▶ pages (SSE)
+                                   │  └─take─▶ SnapshotCache (a worker the runner starts)
+                                   ▼ state()
+                          ReadModel (posts, live calls, incidents) ◀── the Flask app
     AMI follower ──link, errors──▶ AmiLink (/healthz, /metrics)
 
 ``SidecarRunner`` builds the hub and owns every thread; tests build one on a store of their own.

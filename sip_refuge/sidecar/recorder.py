@@ -207,10 +207,11 @@ class Recorder:
         events: list[Event] = []
         if occ.type not in calls.INTERNAL:
             unanswered = occ.type == "call.unanswered"
+            # call.unanswered names its outcome as ``reason``; call.ended keeps ``outcome`` (ended, overflowed).
+            extra = {k: v for k, v in occ.detail.items() if not (unanswered and k == "outcome")}
             events.append(build_event(occ.type, self.site, post_id=post, now=now, incident=incident,
                                       reference=reference, desk_id=desk, snapshot_url=snapshot_url,
-                                      reason=outcome if unanswered else None,
-                                      extra={k: v for k, v in occ.detail.items() if not (unanswered and k == "outcome")}))
+                                      reason=outcome if unanswered else None, extra=extra))
         self._record(changes, events)
         if queued and snapshot_url is not None and self.snapshots is not None:
             self.snapshots.take(incident, post)

@@ -47,8 +47,8 @@ class SidecarCollector(Collector):
         yield from self._store_aggregates()
         yield from self._store_health()
         status = h.outbox.status()
-        yield family("counter", "refuge_delivery_attempts_failed_total", "Failed delivery attempts since start, by target.",
-                     [({"target": t.name}, t.failed) for t in status])
+        yield family("counter", "refuge_delivery_attempts_failed_total",
+                     "Failed delivery attempts since start, by target.", [({"target": t.name}, t.failed) for t in status])
         yield family("gauge", "refuge_target_up", "1 when the target's last delivery attempt succeeded.",
                      [({"target": t.name}, 1 if t.healthy else 0) for t in status])
         posts = h.views.posts()
