@@ -13,8 +13,14 @@ from sip_refuge.config.source import load_yaml
 from sip_refuge.errors import ConfigError, Problem
 
 
+def warning_text(problem: Problem) -> str:
+    return f"{problem.file}:{problem.line}: {problem.path}: warning: {problem.message}"
+
+
 def check(args: argparse.Namespace) -> int:
     site = load_site(args.site)
+    for warning in site.warnings:
+        print(warning_text(warning), file=sys.stderr)
     if getattr(args, "post", None) is None:  # a post holds only the CA's certificate, not the PBX's files
         report_tls(site, Path(args.site))
     print(f"{args.site}: ok: {len(site.posts)} posts, {len(site.desks)} desks, queue {site.queue.name} "

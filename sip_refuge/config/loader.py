@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from sip_refuge.config import cctv
 from sip_refuge.config.files import control_character, printable
 from sip_refuge.config.model import (
+    DEFAULT_CLOSE_REASONS,
     Ami,
     Camera,
     CctvTarget,
+    CloseReason,
     Desk,
     Gpio,
     HttpLimits,
@@ -45,7 +50,9 @@ WELL_KNOWN = {
     "123456", "12345678", "1234567890123456", "0000000000000000", "letmein", "asterisk", "default",
     "qwertyuiopasdfgh", "aaaaaaaaaaaaaaaa",
 }
-CCTV_TYPES = ("webhook", "milestone", "nx", "vlc", "operator")
+PREFIX = r"[A-Z][A-Z0-9]{0,7}"
+CLOSE_REASONS_MAX = 50
+CLOSE_LABEL_MAX = 80
 
 
 def load_site(path: str | Path, *, check_secrets: bool = True) -> Site:
@@ -57,11 +64,19 @@ def load_site(path: str | Path, *, check_secrets: bool = True) -> Site:
     _check_site_path(path)
     src = load_yaml(path)
     problems: list[Problem] = []
-    site = _Builder(src, problems, check_secrets).site()
+    builder = _Builder(src, problems, check_secrets)
+    site = builder.site()
     if problems or site is None:
         problems.sort(key=lambda p: p.line)
         raise ConfigError(problems)
-    return site
+    return replace(site, warnings=tuple(sorted(builder.warnings, key=lambda p: p.line)))
+
+
+def reference_prefix(site_name: str) -> str:
+    """The default incident reference prefix: the first three letters of the site's name (``Kirkby Refuge
+    Points`` -> ``KIR``), ``REF`` when it has none."""
+    letters = "".join(c for c in site_name if c.isascii() and c.isalpha()).upper()
+    return letters[:3] or "REF"
 
 
 def _check_site_path(path: Path) -> None:
@@ -87,11 +102,14 @@ class _Builder:
         self.extensions: dict[str, str] = {}
         self.transport: str | None = None  # pbx.transport, once read: posts depend on it
         self.ids: dict[str, set[str]] = {}
+        self.warnings: list[Problem] = []
 
     def site(self) -> Site | None:
         top = Reader(self.src, "", self.src.data, self.problems)
         name = top.child("site", required=True)
         site_name = name.text("name", required=True) or ""
+        prefix = name.text("reference_prefix", pattern=PREFIX,
+                           hint="must be 1 to 8 capital letters and digits, starting with a letter (KIR)")
         name.done()
         pbx = self.pbx(top.child("pbx", required=True))
         queue = self.queue(top.child("queue", required=True))
@@ -112,7 +130,7 @@ class _Builder:
         if self.problems or pbx is None or queue is None or self_test is None:
             return None
         return Site(Path(self.src.file).resolve(), site_name, pbx, queue, self_test, tuple(desks),
-                    tuple(posts), sidecar, tuple(cctv), prompts)
+                    tuple(posts), sidecar, tuple(cctv), prompts, prefix or reference_prefix(site_name))
 
     # -- helpers ---------------------------------------------------------------------------------
     def many(self, top: Reader, key: str, build: Callable[[Reader], Any]) -> list[Any]:
@@ -350,6 +368,7 @@ class _Builder:
         interval = r.duration("camera_interval", 60, low=5, high=3600)
         retention = self.retention(r.child("retention"))
         limits = self.http_limits(r.child("limits"))
+        reasons = self.close_reasons(r) if r.has("close_reasons") else DEFAULT_CLOSE_REASONS
         r.done()
         if listen is None or token is None or database is None:
             return None
@@ -358,7 +377,44 @@ class _Builder:
             r.fail("listen", f"port {port} is out of range")
             return None
         return Sidecar(host, int(port), token, database, public, grace or 0, interval or 60, retention,
-                       limits)
+                       limits, reasons)
+
+    def close_reasons(self, r: Reader) -> tuple[CloseReason, ...]:
+        """``sidecar.close_reasons``: each ``{id, label}``, or just a label (its id is the label in lowercase
+        with '-' for spaces). Ids name the reason in the API, the export and /metrics, so they stay put when
+        a label is reworded."""
+        out: list[CloseReason] = []
+        seen: set[str] = set()
+        items = list(r.items("close_reasons"))
+        if not items:
+            r.fail("close_reasons", "list at least one reason (or leave the key out for the defaults)")
+        for i, item in items:
+            if isinstance(item, str):
+                label = item.strip()
+                if not r.clean(f"close_reasons[{i}]", label):
+                    continue
+                reason_id = "-".join(label.lower().split())
+                where = f"close_reasons[{i}]"
+            else:
+                c = Reader(self.src, f"{r.at('close_reasons')}[{i}]", item, self.problems)
+                reason_id = c.text("id", required=True, pattern=ID, hint=ID_HINT) or ""
+                label = c.text("label", required=True) or ""
+                c.done()
+                where = f"close_reasons[{i}].id"
+                if not reason_id or not label:
+                    continue
+            if not label or len(label) > CLOSE_LABEL_MAX:
+                r.fail(f"close_reasons[{i}]", f"a label is 1 to {CLOSE_LABEL_MAX} characters")
+            elif not re.fullmatch(ID, reason_id):
+                r.fail(where, f"{reason_id!r} cannot be an id ({ID_HINT}): give {{id, label}}")
+            elif reason_id in seen:
+                r.fail(where, f"{reason_id!r} is listed twice")
+            else:
+                seen.add(reason_id)
+                out.append(CloseReason(reason_id, label))
+        if len(out) > CLOSE_REASONS_MAX:
+            r.fail("close_reasons", f"at most {CLOSE_REASONS_MAX} reasons: an operator picks one in a hurry")
+        return tuple(out) or DEFAULT_CLOSE_REASONS
 
     def retention(self, r: Reader) -> Retention:
         years, d = 100 * 365 * 86400, Retention()
@@ -390,83 +446,23 @@ class _Builder:
         return limits
 
     def target(self, r: Reader) -> CctvTarget | None:
-        kind = r.choice("type", CCTV_TYPES, required=True)
-        name = self.claim(r, "cctv", "name", r.text("name", kind, pattern=ID, hint=ID_HINT))
-        options: dict[str, object] = {}
-        secret: Secret | None = None
-        if kind == "webhook":
-            options["url"] = self.url(r, "url", ("http", "https"))
-            secret = self.secret(r, kind="webhook")
-            headers = r.child("headers")
-            options["headers"] = self.plain_mapping(headers)
-            body_template = options["body_template"] = r.text("body_template", multiline=True)
-            self.check_webhook(r, body_template, secret)
-        elif kind == "milestone":
-            options["host"] = r.text("host", required=True, pattern=HOST, hint="is not a host name or address")
-            options["port"] = r.integer("port", 1234, low=1, high=65535)
-            template = options["template"] = r.text("template", "{type} {post_id}")
-            self.check_milestone(r, template)
-            options["echo"] = r.flag("echo", True)  # XProtect "Compatible" format echoes what it received
-        elif kind == "nx":
-            options["url"] = self.url(r, "url", ("http", "https"))
-            options["username"] = r.text("username", required=True)
-            secret = self.secret(r, "password")
-            options["api"] = r.choice("api", ("legacy", "v4"), "legacy")
-            # Nx servers ship a self-signed certificate: false, or the path of the CA that signed it.
-            verify = r.raw("verify", False)
-            if verify is not None and not isinstance(verify, bool | str):
-                r.fail("verify", "must be true, false or the path of a CA certificate")
-            elif isinstance(verify, str) and not r.clean("verify", verify):
-                verify = None
-            options["verify"] = True if verify is None else verify
-            cams = r.child("cameras")
-            options["cameras"] = self.plain_mapping(cams)
-        elif kind == "vlc":
-            options["url"] = self.url(r, "url", ("http",))
-            secret = self.secret(r, "password")
-        elif kind == "operator":
-            pass
-        r.done()
-        if kind is None or name is None:
+        kind_name = r.choice("type", (*cctv.KINDS, *cctv.DEPRECATED), required=True)
+        if kind_name in cctv.DEPRECATED:
+            # An old site file keeps working: the entry is read (so its mistakes still show) and left out.
+            self.warnings.append(self.src.problem(r.at("type"), f"{kind_name!r} is deprecated: "
+                                                                f"{cctv.DEPRECATED[kind_name]}"))
+            r.text("name", kind_name, pattern=ID, hint=ID_HINT)
             return None
-        return CctvTarget(kind, name, options, secret)
+        name = self.claim(r, "cctv", "name", r.text("name", kind_name, pattern=ID, hint=ID_HINT))
+        kind = cctv.kind(kind_name or "")
+        if kind is None:
+            return None
+        options, secret = kind.read(r, self)
+        if options is None or name is None:
+            return None
+        return CctvTarget(kind.name, name, options, secret)
 
     def plain_mapping(self, r: Reader) -> dict[str, str]:
         """A mapping of free names to one-line values (webhook headers, Nx camera ids)."""
         r.known.update(r.value)
         return {k: str(v) for k, v in r.value.items() if r.clean(k, str(v))}
-
-    # The targets' own checks, run here so ``config check`` finds what would otherwise stop the sidecar's
-    # start. Imported when needed: the webhook target pulls in Jinja, requests and standardwebhooks.
-    def check_milestone(self, r: Reader, template: str | None) -> None:
-        if template is None:
-            return
-        from sip_refuge.sidecar.targets.milestone import check_template
-
-        try:
-            check_template(template)
-        except RefugeError as exc:
-            r.fail("template", str(exc))
-
-    def check_webhook(self, r: Reader, body_template: str | None, secret: Secret | None) -> None:
-        if body_template:
-            from sip_refuge.sidecar.targets.webhook import compile_template
-
-            try:
-                compile_template(body_template)
-            except RefugeError as exc:
-                r.fail("body_template", str(exc))
-        if secret is None or not self.check_secrets:
-            return
-        try:
-            value = secret.read()
-        except RefugeError:
-            return  # already reported by check_secret_value
-        from standardwebhooks import Webhook
-
-        try:
-            Webhook(value)
-        except Exception as exc:  # noqa: BLE001 - the library raises several kinds for a malformed key
-            r.fail("secret_file" if secret.file is not None else "secret_env",
-                   f"the secret in {secret.describe()} is not a valid Standard Webhooks key (whsec_ and base64:"
-                   f" {type(exc).__name__})")

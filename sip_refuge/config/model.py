@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sip_refuge.config.files import checked_secret, read_secret_file
-from sip_refuge.errors import RefugeError
+from sip_refuge.errors import Problem, RefugeError
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,27 @@ class HttpLimits:
 
 
 @dataclass(frozen=True)
+class CloseReason:
+    """One reason an operator may give when closing an incident (``sidecar.close_reasons``)."""
+
+    id: str  # stable: the API, the export, the metrics label and the CCTV event use it
+    label: str  # what the operator reads
+
+
+# The rail regulator's help-point review asks control rooms to report calls by reason; these cover a street
+# refuge's usual outcomes. A site lists its own in ``sidecar.close_reasons``.
+DEFAULT_CLOSE_REASONS = (
+    CloseReason("assistance", "Assistance given"),
+    CloseReason("police", "Police dispatched"),
+    CloseReason("ambulance", "Ambulance"),
+    CloseReason("advice", "Advice"),
+    CloseReason("no-one-there", "No one there"),
+    CloseReason("misuse", "Misuse"),
+    CloseReason("test", "Test"),
+)
+
+
+@dataclass(frozen=True)
 class Sidecar:
     host: str
     port: int
@@ -180,15 +201,21 @@ class Sidecar:
     camera_interval: int = 60
     retention: Retention = Retention()
     limits: HttpLimits = field(default_factory=HttpLimits)
+    close_reasons: tuple[CloseReason, ...] = DEFAULT_CLOSE_REASONS
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """The type-specific keys of one CCTV target, validated: each kind subclasses this (``config/cctv``)."""
 
 
 @dataclass(frozen=True)
 class CctvTarget:
-    """One CCTV/VMS target; ``options`` holds the type-specific keys, already validated."""
+    """One CCTV/VMS target; ``options`` is its kind's options dataclass (``sip_refuge.config.cctv``)."""
 
-    type: str  # webhook | milestone | nx | vlc | operator
+    type: str  # a kind of sip_refuge.config.cctv.KINDS: webhook | milestone | nx | vlc
     name: str
-    options: dict[str, object]
+    options: TargetOptions
     secret: Secret | None = None
 
 
@@ -204,6 +231,14 @@ class Site:
     sidecar: Sidecar | None
     cctv: tuple[CctvTarget, ...]
     prompts_dir: Path | None = None
+    reference_prefix: str = "REF"  # incident references read PREFIX-0412 (site.reference_prefix)
+    # Things that still work but should change (a deprecated key or target type), located like mistakes:
+    # ``config check`` prints them and the sidecar logs them at start.
+    warnings: tuple[Problem, ...] = ()
+
+    @property
+    def close_reasons(self) -> tuple[CloseReason, ...]:
+        return self.sidecar.close_reasons if self.sidecar else DEFAULT_CLOSE_REASONS
 
     def post(self, post_id: str) -> Post:
         for post in self.posts:

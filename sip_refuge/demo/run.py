@@ -28,8 +28,8 @@ from typing import Any
 
 from sip_refuge.config import Site, load_site
 from sip_refuge.config.secrets import init_secrets
+from sip_refuge.control import ask, control_port
 from sip_refuge.errors import RefugeError
-from sip_refuge.post.control import ask, control_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SITE = REPO / "config" / "demo.yaml"
@@ -50,7 +50,7 @@ def ports_of(site: Site) -> list[tuple[str, int, str]]:
            ("tcp", site.sidecar.port, "sidecar"), ("tcp", CAMERA_CONTROL, "camera control")]
     out += [("tcp", control_port(site, p), f"post {p.id} control") for p in site.posts]
     for target in site.cctv:
-        url = str(target.options.get("url") or "")
+        url = str(getattr(target.options, "url", None) or "")
         if url.startswith("http://127.0.0.1:"):
             out.append(("tcp", int(url.split(":")[2].split("/")[0]), f"CCTV stand-in {target.name}"))
     for post in site.posts:
@@ -165,7 +165,7 @@ class Demo:
         pbx = stack.enter_context(Asterisk(site, command="sip-refuge demo"))
         say(f">> Asterisk running (logs: {pbx.messages_log})")
         for target in site.cctv:
-            url = str(target.options.get("url") or "")
+            url = str(getattr(target.options, "url", None) or "")
             if target.type == "webhook" and target.secret is not None and url.startswith("http://127.0.0.1:"):
                 printer = WebhookPrinter(int(url.split(":")[2].split("/")[0]), target.secret.read(), say)
                 printer.start()

@@ -8,25 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import socketserver
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from sip_refuge.config.model import Post, Site
+# The client side (the port, one request) is shared with the sidecar and the CLI: it lives in sip_refuge.control.
+from sip_refuge.control import DEFAULT_BASE_PORT, MAX_LINE, ask, control_port
 from sip_refuge.errors import RefugeError
 
-DEFAULT_BASE_PORT = 7400  # post N of the site listens on 7400 + N unless it sets control_port
-MAX_LINE = 4096
+__all__ = ["DEFAULT_BASE_PORT", "ControlServer", "ask", "control_port"]
 
 log = logging.getLogger(__name__)
-
-
-def control_port(site: Site, post: Post) -> int:
-    if post.control_port is not None:
-        return post.control_port
-    return DEFAULT_BASE_PORT + [p.id for p in site.posts].index(post.id)
 
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -72,20 +65,3 @@ class ControlServer:
         self.server.server_close()
         self.thread.join(5)
 
-
-def ask(port: int, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-    """Send one request to a running agent; a clear error when none listens."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
-            conn.sendall(json.dumps(request).encode() + b"\n")
-            data = conn.makefile("rb").readline(1 << 20)
-    except OSError as exc:
-        raise RefugeError(f"no post agent answers on 127.0.0.1:{port} ({exc.strerror or exc}); "
-                          "is `sip-refuge post` running?") from None
-    try:
-        reply = json.loads(data)
-    except ValueError:
-        reply = None
-    if not isinstance(reply, dict):
-        raise RefugeError(f"the agent on 127.0.0.1:{port} gave no usable answer ({data[:80]!r})")
-    return reply

@@ -30,10 +30,12 @@ log = logging.getLogger(__name__)
 
 # Only the events the sidecar uses; Asterisk still sends the rest of the read classes, we drop them early.
 # Newstate and DialBegin show an alarm call that never joined the queue (no desk could take it at that
-# moment: it went straight to the overflow route), so it still gets its incident.
+# moment: it went straight to the overflow route), so it still gets its incident. HangupRequest and
+# SoftHangupRequest tell a caller who hangs up while queued from one whose wait ran out (both leave the queue
+# with QueueCallerAbandon in Asterisk 22).
 FOLLOWED = ("QueueCallerJoin", "QueueCallerLeave", "QueueCallerAbandon", "AgentCalled", "AgentConnect",
-            "AgentComplete", "AgentRingNoAnswer", "DialBegin", "DialEnd", "Newstate", "Hangup", "ContactStatus",
-            "FullyBooted", "Shutdown")
+            "AgentComplete", "AgentRingNoAnswer", "DialBegin", "DialEnd", "Newstate", "HangupRequest",
+            "SoftHangupRequest", "Hangup", "ContactStatus", "FullyBooted", "Shutdown")
 
 
 @dataclass

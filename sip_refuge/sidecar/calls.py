@@ -3,6 +3,15 @@
 The AMI connection (panoramisk) only feeds events in; this tracker decides what they mean, so the
 whole mapping is unit-tested with explicit times. Every refuge call is keyed by the caller channel's
 ``Uniqueid``: queue events carry it as ``Uniqueid`` and ``Hangup`` carries it for the caller channel.
+
+A call that leaves the queue unanswered is one of two things, and Asterisk 22 reports both the same way
+(``QueueCallerAbandon`` then ``QueueCallerLeave``: app_queue records a timeout as abandoned too):
+- the caller hung up while waiting: Asterisk reported the hang-up request (``HangupRequest`` or
+  ``SoftHangupRequest`` of the caller's channel) *before* the abandon. The call is ``abandoned`` and over.
+- ``queue.max_wait`` passed, or no desk can answer: no hang-up came first, and the dialplan sends the caller,
+  still connected, to the overflow route. The call is ``overflowed``, and stays live (on the pages, in
+  ``/api/v1/posts``) until the caller's channel hangs up; then ``call.ended`` closes it.
+The event orders are in tests/unit/test_calls.py, as a real Asterisk 22 sent them.
 """
 
 from __future__ import annotations
@@ -19,7 +28,16 @@ log = logging.getLogger(__name__)
 
 REACHABLE = ("Reachable", "Created", "Updated", "NonQualified")  # ContactStatus values of a usable contact
 ALARM_KINDS = ("alarm", "overflow")  # REFUGE_KIND of a post's alarm call (the dialplan sets it)
+HANGING_UP = ("HangupRequest", "SoftHangupRequest")  # the caller (or Asterisk) asked the channel to hang up
+UP = "6"  # ChannelState of an answered channel
 _ENDPOINT = re.compile(r"^PJSIP/(?P<name>[a-z0-9][a-z0-9-]*?)(?:-[0-9a-f]{8})?$")
+
+# Occurrences the recorder keeps in the incident's timeline (and the live view) but sends to no CCTV target.
+CALL_RUNG = "call.rung"  # the queue rang a desk
+CALL_REQUEUED = "call.requeued"  # an overflowed call is back in the queue (a site without an overflow route)
+CALL_OVERFLOWED = "call.overflowed"  # that call overflowed again (call.unanswered is sent once per call)
+CALL_OVERFLOW_ANSWERED = "call.overflow_answered"  # the overflow route answered the caller
+INTERNAL = frozenset({CALL_RUNG, CALL_REQUEUED, CALL_OVERFLOWED, CALL_OVERFLOW_ANSWERED})
 
 
 def endpoint_of(channel: str) -> str | None:
@@ -30,9 +48,10 @@ def endpoint_of(channel: str) -> str | None:
 
 @dataclass(frozen=True)
 class Occurrence:
-    """Something the sidecar must store and tell the CCTV targets (spec section 6 event types)."""
+    """Something the sidecar must store, and (unless INTERNAL) tell the CCTV targets (spec section 6)."""
 
-    type: str  # call.queued | call.answered | call.ended | call.unanswered | post.offline | post.online
+    # call.queued | call.answered | call.ended | call.unanswered | post.offline | post.online, or INTERNAL
+    type: str
     post: Post
     incident: str | None = None
     desk: Desk | None = None
@@ -49,7 +68,20 @@ class Call:
     answered_by: Desk | None = None
     answered_at: float | None = None
     answering: bool = False  # a desk picked up (DialEnd ANSWER): QueueCallerLeave then AgentConnect follow
-    outcome: str | None = None  # answered calls: ended; others: overflowed | abandoned
+    hanging_up: bool = False  # the caller's channel was asked to hang up: leaving the queue now is abandoning
+    overflowed_at: float | None = None  # left the queue unanswered and went on to the overflow route
+    overflows: int = 0
+    overflow_answered: bool = False
+    outcome: str | None = None  # once over: ended (a desk answered) | overflowed | abandoned
+
+    @property
+    def state(self) -> str:
+        """queued | answered | overflowed while live; the outcome once over."""
+        if self.outcome is not None:
+            return self.outcome
+        if self.answered_by is not None:
+            return "answered"
+        return "overflowed" if self.overflowed_at is not None else "queued"
 
 
 @dataclass
@@ -73,6 +105,7 @@ class CallTracker:
 
     # -- queries ---------------------------------------------------------------------------------
     def live_calls(self) -> list[Call]:
+        """Calls whose caller is still connected: queued, answered, or overflowed (to the overflow route)."""
         return [c for c in self.calls.values() if c.outcome is None]
 
     def is_online(self, post_id: str) -> bool | None:
@@ -81,7 +114,9 @@ class CallTracker:
     # -- AMI events ------------------------------------------------------------------------------
     def handle(self, event: Mapping[str, str], now: float) -> list[Occurrence]:
         name = event.get("Event", "")
-        out = self.discover(event, now) if name != "QueueCallerJoin" else []
+        if "Queue" in event and event["Queue"] != self.site.queue.name:
+            return []  # another queue (a backup queue as the overflow route, say): its agents are not our desks
+        out = self.discover(event, now) if name not in ("QueueCallerJoin", *HANGING_UP) else []
         handler = getattr(self, f"_on_{name}", None)
         if handler is not None:
             out += handler(event, now)
@@ -107,15 +142,21 @@ class CallTracker:
             log.info("post %s: found answered by %s", post.id, desk.id)
             out.append(Occurrence("call.answered", post, call.incident, desk, {"resync": True}))
         elif kind == "overflow" and not in_queue:
-            out += self._end(uid, now, "overflowed", {})
+            out += self._overflow(call, now)
         return out
 
     def _on_QueueCallerJoin(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
-        if e.get("Queue") != self.site.queue.name:
-            return []
         post = self.posts.get(endpoint_of(e.get("Channel", "")) or "")
         uid = e.get("Uniqueid", "")
-        if post is None or not uid or uid in self.calls:
+        if post is None or not uid:
+            return []
+        known = self.calls.get(uid)
+        if known is not None:
+            if known.outcome is None and known.overflowed_at is not None:
+                # No overflow route: the dialplan put the alarm back in the queue. Desks may answer it yet.
+                known.overflowed_at, known.answering, known.hanging_up = None, False, False
+                log.info("post %s: overflowed call back in the queue (incident %s)", post.id, known.incident)
+                return [Occurrence(CALL_REQUEUED, post, known.incident)]
             return []
         call = Call(str(uuid.uuid4()), post, uid, now)
         self.calls[uid] = call
@@ -126,15 +167,17 @@ class CallTracker:
     def _on_AgentCalled(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
         call = self.calls.get(e.get("Uniqueid", ""))
         desk = endpoint_of(e.get("Interface", "") or e.get("DestChannel", ""))
-        if call and desk and desk not in call.rung:
+        if call is None or desk is None or call.outcome is not None:
+            return []
+        if desk not in call.rung:
             call.rung.append(desk)
-        return []
+        return [Occurrence(CALL_RUNG, call.post, call.incident, self.desks.get(desk), {"desk": desk})]
 
     def _on_DialEnd(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
         # Asterisk reports an answer as DialEnd ANSWER, QueueCallerLeave, AgentConnect, in that order: the
         # leave in between is the caller going to the desk, not a timeout.
         call = self.calls.get(e.get("Uniqueid", ""))
-        if call is not None and e.get("DialStatus") == "ANSWER":
+        if call is not None and e.get("DialStatus") == "ANSWER" and call.overflowed_at is None:
             call.answering = True
         return []
 
@@ -149,36 +192,68 @@ class CallTracker:
                            {"wait_seconds": round(now - call.queued_at, 3), "member": e.get("MemberName")})]
 
     def _on_AgentComplete(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
-        return self._end(e.get("Uniqueid", ""), now, "ended", {"reason": e.get("Reason")})
+        call = self.calls.get(e.get("Uniqueid", ""))
+        return self._end(call, now, "ended", {"reason": e.get("Reason")}) if call else []
+
+    def _on_HangupRequest(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
+        call = self.calls.get(e.get("Uniqueid", ""))
+        if call is not None:
+            call.hanging_up = True
+        return []
+
+    _on_SoftHangupRequest = _on_HangupRequest
 
     def _on_QueueCallerAbandon(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
-        return self._end(e.get("Uniqueid", ""), now, "abandoned", {})
+        return self._left_queue(e.get("Uniqueid", ""), now)
 
     def _on_QueueCallerLeave(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
-        # Leaving unanswered means max_wait passed or no desk can take it: the dialplan overflows it.
+        return self._left_queue(e.get("Uniqueid", ""), now)
+
+    def _left_queue(self, uid: str, now: float) -> list[Occurrence]:
+        call = self.calls.get(uid)
+        if call is None or call.answering or call.answered_by is not None or call.outcome is not None \
+                or call.overflowed_at is not None:
+            return []  # answered (or answering), over, or already judged by the abandon before this leave
+        if call.hanging_up:
+            return self._end(call, now, "abandoned", {})
+        return self._overflow(call, now)
+
+    def _overflow(self, call: Call, now: float) -> list[Occurrence]:
+        call.overflowed_at = now
+        call.overflows += 1
+        detail: dict[str, object] = {"outcome": "overflowed", "duration_seconds": round(now - call.queued_at, 3)}
+        log.info("post %s: call overflowed, the caller goes on to the overflow route (incident %s)", call.post.id,
+                 call.incident)
+        kind = "call.unanswered" if call.overflows == 1 else CALL_OVERFLOWED
+        return [Occurrence(kind, call.post, call.incident, None, detail)]
+
+    def _on_Newstate(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
         call = self.calls.get(e.get("Uniqueid", ""))
-        if call is None or call.answering or call.answered_by is not None or call.outcome is not None:
+        if call is None or call.outcome is not None or call.overflowed_at is None or call.overflow_answered \
+                or e.get("ChannelState") != UP:
             return []
-        return self._end(call.uniqueid, now, "overflowed", {})
+        call.overflow_answered = True  # the caller's channel was answered in the overflow route
+        return [Occurrence(CALL_OVERFLOW_ANSWERED, call.post, call.incident)]
 
     def _on_Hangup(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
         call = self.calls.get(e.get("Uniqueid", ""))
         if call is None:
             return []
-        out = [] if call.outcome else self._end(call.uniqueid, now, "ended" if call.answered_by else "abandoned",
-                                                 {"cause": e.get("Cause-txt")})
+        out = self._end(call, now, "ended" if call.answered_by else "overflowed" if call.overflowed_at is not None
+                        else "abandoned", {"cause": e.get("Cause-txt")})
         del self.calls[call.uniqueid]  # the caller channel is gone: nothing more will refer to it
         return out
 
-    def _end(self, uid: str, now: float, outcome: str, detail: dict[str, object]) -> list[Occurrence]:
-        call = self.calls.get(uid)
-        if call is None or call.outcome is not None:
+    def _end(self, call: Call, now: float, outcome: str, detail: dict[str, object]) -> list[Occurrence]:
+        """The call is over: ``ended`` (a desk answered), ``overflowed`` (its caller hung up in the overflow
+        route) or ``abandoned`` (its caller hung up before anyone answered)."""
+        if call.outcome is not None:
             return []
         call.outcome = outcome
         detail = {k: v for k, v in detail.items() if v is not None}
         detail["outcome"] = outcome
         detail["duration_seconds"] = round(now - call.queued_at, 3)
-        kind = "call.ended" if outcome == "ended" else "call.unanswered"
+        kind = "call.unanswered" if outcome == "abandoned" else "call.ended"
         log.info("post %s: call %s (incident %s)", call.post.id, outcome, call.incident)
         return [Occurrence(kind, call.post, call.incident, call.answered_by, detail)]
 
@@ -230,14 +305,18 @@ class CallTracker:
         return min(pending) if pending else None
 
     # -- after (re)connecting to AMI ---------------------------------------------------------------
-    def adopt(self, incident: str, post_id: str, uniqueid: str, now: float, answered_by: str | None) -> None:
+    def adopt(self, incident: str, post_id: str, uniqueid: str, now: float, answered_by: str | None, *,
+              overflowed: bool = False) -> Call | None:
         """Follow again a call a previous sidecar process opened (from the store); ``resync`` then judges it."""
         if post_id not in self.posts or any(c.incident == incident for c in self.calls.values()):
-            return
+            return None
         call = Call(incident, self.posts[post_id], uniqueid or f"unknown:{incident}", now,
                     answered_by=self.desks.get(answered_by or ""))
         call.answered_at = now if call.answered_by else None
+        if overflowed and call.answered_by is None:
+            call.overflowed_at, call.overflows = now, 1
         self.calls[call.uniqueid] = call
+        return call
 
     def resync(self, now: float, contacts: Mapping[str, str] | None, channels: set[str] | None,
                queue_entries: Sequence[Mapping[str, str]], *, restarted: bool = False,
@@ -259,8 +338,8 @@ class CallTracker:
             if call.uniqueid in fresh:
                 continue
             if (call.uniqueid not in channels) if channels is not None else restarted:
-                out += self._end(call.uniqueid, now, "ended" if call.answered_by else "abandoned",
-                                 {"resync": True})
+                out += self._end(call, now, "ended" if call.answered_by else "overflowed"
+                                 if call.overflowed_at is not None else "abandoned", {"resync": True})
                 del self.calls[call.uniqueid]
         for entry in queue_entries:
             if entry.get("Uniqueid") not in gone:

@@ -28,10 +28,11 @@ POST_ONLINE = "post.online"
 CAMERA_FAULT = "camera.fault"
 CAMERA_OK = "camera.ok"
 SELFTEST_FAILED = "selftest.failed"
+INCIDENT_CLOSED = "incident.closed"
 
 EVENT_TYPES = (
     CALL_QUEUED, CALL_ANSWERED, CALL_ENDED, CALL_UNANSWERED,
-    POST_OFFLINE, POST_ONLINE, CAMERA_FAULT, CAMERA_OK, SELFTEST_FAILED,
+    POST_OFFLINE, POST_ONLINE, CAMERA_FAULT, CAMERA_OK, SELFTEST_FAILED, INCIDENT_CLOSED,
 )
 
 
@@ -112,6 +113,7 @@ def build_event(
     post_id: str,
     now: datetime,
     incident: str | None = None,
+    reference: str | None = None,
     desk_id: str | None = None,
     snapshot_url: str | None = None,
     reason: str | None = None,
@@ -120,8 +122,10 @@ def build_event(
 ) -> Event:
     """Build one event of ``type_`` about ``post_id``; raises SidecarError for an unknown type, post or desk.
 
-    ``reason`` (camera.fault, selftest.failed, call.unanswered: "overflow" or "abandoned") and ``extra`` are
-    added to ``data`` beside the fields the spec names; receivers ignore what they do not know.
+    ``reference`` is the incident's short human reference (``KIR-0412``) beside its id. ``reason``
+    (camera.fault, selftest.failed, call.unanswered: "overflowed" or "abandoned", incident.closed: the close-out
+    reason's id) and ``extra`` are added to ``data`` beside the fields the spec names; receivers ignore what
+    they do not know.
     """
     if type_ not in EVENT_TYPES:
         raise SidecarError(f"unknown event type {type_!r} (known: {', '.join(EVENT_TYPES)})")
@@ -133,6 +137,7 @@ def build_event(
     timestamp = iso_utc(now)
     data: dict[str, Any] = {
         "incident": incident,
+        "reference": reference,
         "post": _post_data(post),
         "camera": {"rtsp_url": camera_url(post.camera, reveal=False) if post.camera else None},
         "desk": None if desk is None else {
@@ -145,6 +150,17 @@ def build_event(
         data.update({k: v for k, v in extra.items() if k not in data})
     body = {"type": type_, "timestamp": timestamp, "data": data}
     return Event(event_id or new_event_id(), type_, timestamp, incident, post.id, body)
+
+
+def closed_event(site: Site, *, incident: str, reference: str | None, post_id: str, now: datetime,
+                 reason: str, label: str, note: str | None, outcome: str | None, closed_by: str | None,
+                 desk_id: str | None = None) -> Event:
+    """``incident.closed``: an operator closed the incident with a close-out reason (its id in ``reason``, its
+    words in ``reason_label``) and an optional note. ``outcome`` is how the call itself ended (ended,
+    overflowed, abandoned); ``desk`` the desk that answered it, if one did."""
+    return build_event(INCIDENT_CLOSED, site, post_id=post_id, now=now, incident=incident, reference=reference,
+                       desk_id=desk_id, reason=reason,
+                       extra={"reason_label": label, "note": note, "outcome": outcome, "closed_by": closed_by})
 
 
 def event_from_json(event_id: str, incident: str | None, post_id: str | None, body_json: str) -> Event:

@@ -81,4 +81,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_timestamp ON events(timestamp);
     CREATE INDEX telemetry_received ON telemetry(received);
     """,
+    # 3: the incident's short reference (KIR-0412) and its close-out by an operator.
+    """
+    ALTER TABLE incidents ADD COLUMN reference TEXT;           -- PREFIX-NNNN, shown beside the id
+    ALTER TABLE incidents ADD COLUMN ref_number INTEGER;       -- the NNNN, a sequence over the whole file
+    ALTER TABLE incidents ADD COLUMN closed_at TEXT;           -- ISO UTC; NULL while not closed
+    ALTER TABLE incidents ADD COLUMN closed_by TEXT;           -- who closed it (operator, or the admin token)
+    ALTER TABLE incidents ADD COLUMN close_reason TEXT;        -- an id of sidecar.close_reasons
+    ALTER TABLE incidents ADD COLUMN close_note TEXT;          -- the operator's note, bounded
+    CREATE UNIQUE INDEX incidents_ref_number ON incidents(ref_number);
+    CREATE INDEX incidents_close_reason ON incidents(close_reason);
+    """,
 )

@@ -38,6 +38,11 @@ class Incident:
     outcome: str | None
     snapshot: str | None
     timeline: tuple[TimelineEntry, ...] = ()
+    reference: str | None = None  # PREFIX-NNNN; None for incidents recorded before references existed
+    closed_at: str | None = None
+    closed_by: str | None = None
+    close_reason: str | None = None
+    close_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,9 +2,9 @@
 
 Threads: the AMI follower (its own asyncio loop), one outbox worker per CCTV target, the camera
 monitor, a ticker for timers (post offline after grace; storing writes held while the database failed),
-the retention pruner, the HTTP server's event loop (this, the main thread: every connection, event
-stream and live view) with its request threads for the Flask app, and one decoder per camera while
-anyone watches it live.
+the retention pruner, the snapshot taker, the HTTP server's event loop (this, the main thread: every
+connection, event stream and live view) with its request threads for the Flask app, and one decoder per
+camera while anyone watches it live.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from sip_refuge.config import Site, load_site
+from sip_refuge.config.commands import warning_text
 from sip_refuge.config.secrets import Masker
 from sip_refuge.errors import SidecarError
 from sip_refuge.logs import setup_logging
@@ -47,23 +48,28 @@ class SidecarRunner:
         self.hub = Hub(site, self.store, self.outbox, base_url=base,
                        snapshot=(lambda post_id: self.monitor.snapshot(post_id)) if watch else None)
         self.hub.pruner = Pruner(self.store, self.conf.retention)
+        recorder = self.hub.recorder
         if watch:
             from sip_refuge.sidecar.cameras import CameraMonitor  # opencv only when cameras are checked
 
             # Seeded from the store, so a restarted sidecar does not repeat camera.fault for a known fault.
             known = {k: (bool(v.ok), v.reason or "") for k, v in self.store.camera_statuses().items()
                      if v.ok is not None}
-            self.monitor = CameraMonitor.for_site(site, on_change=self.hub.on_camera_change, initial=known)
-        self.ami = AmiFollower(site.pbx.ami, site.queue.name, on_event=self.hub.on_ami_event,
-                               on_resync=self.hub.on_resync, on_link=self.hub.on_ami_link,
-                               on_error=self.hub.on_ami_error)
+            self.monitor = CameraMonitor.for_site(site, on_change=recorder.on_camera_change, initial=known)
+        self.ami = AmiFollower(site.pbx.ami, site.queue.name, on_event=recorder.on_ami_event,
+                               on_resync=recorder.on_resync, on_link=self.hub.link.on_link,
+                               on_error=self.hub.link.on_error)
         self.threads: list[threading.Thread] = []
         self.server: Any = None
 
     def start(self) -> None:
+        for warning in self.site.warnings:
+            log.warning("%s", warning_text(warning))
         self.ami.start()
         self._thread("outbox", lambda: self.outbox.run(self.stop_event))
         self._thread("ticker", self._tick)
+        if self.hub.snapshots is not None:
+            self._thread("snapshots", self.hub.snapshots.run)
         pruner = self.hub.pruner
         if pruner is not None:
             self._thread("retention", lambda: pruner.run(self.stop_event))
@@ -78,7 +84,7 @@ class SidecarRunner:
     def _tick(self) -> None:
         while not self.stop_event.is_set():
             try:
-                deadline = self.hub.tick()
+                deadline = self.hub.recorder.tick()
             except Exception:  # noqa: BLE001 - thread boundary: keep timing posts out
                 log.exception("sidecar timer failed")
                 deadline = None
@@ -111,19 +117,19 @@ class SidecarRunner:
         """SIGINT/SIGTERM, in the server's loop; the server stops once this returns (a second one is ignored)."""
         log.info("sidecar stopping (signal %d)", signum)
         self.stop_event.set()
-        self.hub.close_subscribers()  # event streams end cleanly, with the end of their body
+        self.hub.fanout.close()  # event streams end cleanly, with the end of their body
 
     def _close_server(self) -> None:
         # The server has stopped (its streams ended, its request threads joined); the live views' decoders
         # stop with their last viewer, and are joined here.
         self.stop_event.set()
-        self.hub.close_subscribers()
+        self.hub.fanout.close()
         if self.monitor is not None:
             self.monitor.close_feeds()
 
     def stop(self) -> None:
         self.stop_event.set()
-        self.hub.close()  # event streams, then the snapshot worker
+        self.hub.close()  # event streams, and the snapshot worker (joined below with the other threads)
         self.ami.stop()
         for thread in self.threads:
             thread.join(10)

@@ -12,7 +12,6 @@ I/O error clears with the next write that commits, a corrupt page stays until th
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import sqlite3
@@ -21,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from sip_refuge.errors import SidecarError
 from sip_refuge.sidecar import storefile
@@ -41,8 +40,6 @@ DELIVERED = "delivered"
 TABLES = {"incidents", "timeline", "events", "deliveries", "post_status", "camera_status", "telemetry"}
 _IN_CHUNK = 500  # ids per IN (...) list; SQLite allows 999 bound variables in older builds
 _INCIDENT_FIELDS = ("state", "answered_by", "answered_at", "ended", "outcome", "snapshot")
-CSV_COLUMNS = ("id", "post_id", "state", "created", "answered_by", "answered_at", "ended", "outcome",
-               "snapshot", "timeline")
 
 
 def _opt_bool(value: object) -> bool | None:
@@ -319,11 +316,33 @@ class Store:
 
     # -- incidents --------------------------------------------------------------------------------------
 
-    def open_incident(self, incident_id: str, post_id: str, at: datetime, state: str = "queued") -> bool:
-        """Create the incident; False if it exists (AMI re-sync may announce a call twice)."""
-        cur = self._exec("INSERT OR IGNORE INTO incidents (id, post_id, state, created) VALUES (?, ?, ?, ?)",
-                         (incident_id, post_id, state, iso_utc(at)))
+    def open_incident(self, incident_id: str, post_id: str, at: datetime, state: str = "queued", *,
+                      reference: tuple[str, int] | None = None) -> bool:
+        """Create the incident, with its ``reference`` (text, number); False if it exists (AMI re-sync may
+        announce a call twice)."""
+        text, number = reference if reference is not None else (None, None)
+        cur = self._exec("INSERT OR IGNORE INTO incidents (id, post_id, state, created, reference, ref_number)"
+                         " VALUES (?, ?, ?, ?, ?, ?)", (incident_id, post_id, state, iso_utc(at), text, number))
         return cur.rowcount == 1
+
+    def last_reference_number(self) -> int:
+        """The highest reference number given so far (0 before the first)."""
+        return int(self._scalar("SELECT COALESCE(MAX(ref_number), 0) FROM incidents"))
+
+    def close_incident(self, incident_id: str, *, reason: str, note: str | None, by: str | None,
+                       at: datetime) -> bool:
+        """Record an operator's close-out of an ended incident; False when it is not there, not ended, or
+        already closed (an incident is closed once)."""
+        cur = self._exec("UPDATE incidents SET closed_at = ?, closed_by = ?, close_reason = ?, close_note = ?"
+                         " WHERE id = ? AND state = 'ended' AND closed_at IS NULL",
+                         (iso_utc(at), by, reason, note, incident_id))
+        return cur.rowcount == 1
+
+    def close_counts(self) -> dict[str, int]:
+        """``{close reason: count}`` over every closed incident, for /metrics."""
+        rows = self._all("SELECT close_reason, COUNT(*) FROM incidents WHERE closed_at IS NOT NULL"
+                         " GROUP BY close_reason")
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def update_incident(self, incident_id: str, **fields: str | None) -> None:
         """Set some of state, answered_by, answered_at, ended, outcome, snapshot."""
@@ -357,7 +376,8 @@ class Store:
                         f"SELECT * FROM timeline WHERE incident IN ({marks}) ORDER BY seq", chunk):
                     lines[t["incident"]].append(TimelineEntry(t["at"], t["kind"], json.loads(t["detail"])))
         return [Incident(r["id"], r["post_id"], r["state"], r["created"], r["answered_by"], r["answered_at"],
-                         r["ended"], r["outcome"], r["snapshot"], tuple(lines[r["id"]])) for r in rows]
+                         r["ended"], r["outcome"], r["snapshot"], tuple(lines[r["id"]]), r["reference"],
+                         r["closed_at"], r["closed_by"], r["close_reason"], r["close_note"]) for r in rows]
 
     def incident(self, incident_id: str) -> Incident | None:
         found = self._incidents("WHERE id = ?", (incident_id,), None)
@@ -386,21 +406,6 @@ class Store:
                         bounds)
         assert row is not None  # an aggregate always yields one row
         return ({b: int(row[2 + i] or 0) for i, b in enumerate(bounds)}, float(row[1]), int(row[0]))
-
-    def export_json(self, out: TextIO, limit: int | None = None) -> None:
-        json.dump([i.to_dict() for i in self.incidents(limit)], out, indent=1)
-        out.write("\n")
-
-    def export_csv(self, out: TextIO, limit: int | None = None) -> None:
-        """One row per incident; the timeline is one cell, ``AT kind; AT kind ...``, for spreadsheets."""
-        writer = csv.writer(out)
-        writer.writerow(CSV_COLUMNS)
-        for inc in self.incidents(limit):
-            timeline = "; ".join(f"{t.at} {t.kind}" + (f" {json.dumps(t.detail)}" if t.detail else "")
-                                 for t in inc.timeline)
-            writer.writerow([inc.id, inc.post_id, inc.state, inc.created, inc.answered_by or "",
-                             inc.answered_at or "", inc.ended or "", inc.outcome or "", inc.snapshot or "",
-                             timeline])
 
     # -- post and camera status, telemetry --------------------------------------------------------------
 

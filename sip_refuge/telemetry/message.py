@@ -171,8 +171,9 @@ def _read(f: Fields) -> Telemetry:
 
 def shown_status(state: object, detail: object) -> dict[str, object]:
     """A post's last reported status, as the sidecar keeps it, in the form pages and the JSON API show: ``state``,
-    ``registered``, ``faults``, ``mock_gpio``, ``last_self_test``. A status stored by an earlier version (which
-    kept whatever a post sent) may not read as a message would: such a field shows as unknown."""
+    ``registered``, ``faults``, ``mock_gpio``, ``last_self_test``, ``sip_counters``. A status stored by an
+    earlier version (which kept whatever a post sent) may not read as a message would: such a field shows as
+    unknown."""
     f = Fields({**(detail if isinstance(detail, Mapping) else {}), "state": state}, "", clip=False)
 
     def last_self_test() -> dict[str, object] | None:
@@ -184,7 +185,8 @@ def shown_status(state: object, detail: object) -> dict[str, object]:
             "registered": _or_unknown(lambda: f.maybe_flag("registered"), None),
             "faults": list(_or_unknown(lambda: f.names("faults"), tuple[str, ...]())),
             "mock_gpio": _or_unknown(lambda: f.maybe_flag("mock_gpio"), None) is True,
-            "last_self_test": _or_unknown(last_self_test, None)}
+            "last_self_test": _or_unknown(last_self_test, None),
+            "sip_counters": _or_unknown(lambda: f.counters("sip_counters"), {})}
 
 
 def _or_unknown(read: Callable[[], T], unknown: T) -> T:

@@ -29,6 +29,7 @@ from sip_refuge.sidecar.web.admission import Admission
 from sip_refuge.sidecar.web.server import HttpServer
 from sip_refuge.sidecar.web.stream import Stream
 from tests.support.http_load import Streams, closed_by_server, connect, head, read_answer
+from tests.support.telemetry import message
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -259,15 +260,15 @@ def test_the_event_stream_runs_in_the_loop_with_keepalives_and_ends_when_the_hub
         with Streams(http.port) as streams:
             streams.open("/api/v1/events", 3, ["127.0.0.2"])
             streams.wait("three subscribers", lambda s: s.status == 200, 10)
-            wait_for(lambda: len(hub._subscribers) == 3, 10, "three hub subscribers")
+            wait_for(lambda: len(hub.fanout) == 3, 10, "three subscribers of the fan-out")
             for state in ("idle", "ringing"):
-                hub.on_telemetry("idlewells", {"kind": "state", "state": state})
+                hub.recorder.on_telemetry("idlewells", message("idlewells", state=state))
             streams.wait("both events on each stream", lambda s: s.seen == ["post.status", "post.status"], 10)
             streams.wait("keep-alive comments", lambda s: s.comments >= 2, 10)
             assert all(s.seen == ["post.status", "post.status"] for s in streams.snapshot())
-            hub.close_subscribers()  # what the runner does first when the sidecar stops
+            hub.fanout.close()  # what the runner does first when the sidecar stops
             streams.wait("every stream ended", lambda s: s.ended, 10)
-        assert hub._subscribers == []
+        assert len(hub.fanout) == 0
     finally:
         http.stop()
         store.close()

@@ -90,7 +90,10 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
             return monitor.snapshot(post_id)
 
         hub = Hub(site, store, Outbox(store, []), base_url="http://127.0.0.1", snapshot=snapshot)
-        monitor = CameraMonitor.for_site(site, on_change=hub.on_camera_change, interval=300)
+        assert hub.snapshots is not None
+        snapshots = threading.Thread(target=hub.snapshots.run, name="snapshots")  # as the runner starts it
+        snapshots.start()
+        monitor = CameraMonitor.for_site(site, on_change=hub.recorder.on_camera_change, interval=300)
         # One probe each now, in this thread: the dashboard then has camera states and thumbnails to show.
         for post in site.posts:
             monitor.probe(post.id)
@@ -103,9 +106,10 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
         finally:
             # As the runner stops: streams end, the server joins its threads, then the live views' decoders.
             stop.set()
-            hub.close_subscribers()
+            hub.close()
             server.stop()
             monitor.close_feeds()
+            snapshots.join(30)
             store.close()
 
 
@@ -119,27 +123,27 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
 def no_call_left(sidecar: Sidecar) -> Iterator[None]:
     """Each test starts without a live call, even when the one before failed half-way through a call."""
     yield
-    for call in sidecar.hub.tracker.live_calls():
-        sidecar.hub.on_ami_event({"Event": "Hangup", "Uniqueid": call.uniqueid, "Cause-txt": "test cleanup"})
+    for call in sidecar.hub.recorder.tracker.live_calls():
+        sidecar.hub.recorder.on_ami_event({"Event": "Hangup", "Uniqueid": call.uniqueid, "Cause-txt": "test cleanup"})
 
 
 # -- AMI as Asterisk's queue reports a refuge call --------------------------------------------------------
 
 def queue_call(hub: Hub, post_id: str) -> str:
     uid = f"1700000000.{next(_uniqueids)}"
-    hub.on_ami_event({"Event": "QueueCallerJoin", "Queue": hub.site.queue.name,
+    hub.recorder.on_ami_event({"Event": "QueueCallerJoin", "Queue": hub.site.queue.name,
                       "Channel": f"PJSIP/{post_id}-{int(uid.split('.')[1]):08x}", "Uniqueid": uid, "Position": "1"})
     for desk in hub.site.desks:
-        hub.on_ami_event({"Event": "AgentCalled", "Uniqueid": uid, "Interface": f"PJSIP/{desk.id}"})
+        hub.recorder.on_ami_event({"Event": "AgentCalled", "Uniqueid": uid, "Interface": f"PJSIP/{desk.id}"})
     return uid
 
 
 def answer(hub: Hub, uid: str, desk_id: str) -> None:
-    hub.on_ami_event({"Event": "AgentConnect", "Uniqueid": uid, "Interface": f"PJSIP/{desk_id}"})
+    hub.recorder.on_ami_event({"Event": "AgentConnect", "Uniqueid": uid, "Interface": f"PJSIP/{desk_id}"})
 
 
 def hang_up(hub: Hub, uid: str) -> None:
-    hub.on_ami_event({"Event": "AgentComplete", "Uniqueid": uid, "Reason": "agent"})
+    hub.recorder.on_ami_event({"Event": "AgentComplete", "Uniqueid": uid, "Reason": "agent"})
 
 
 # A camera frame is on screen: the image has a picture and it is the test camera's colour bars, not the
@@ -181,7 +185,7 @@ def test_event_stream_reaches_a_reader_while_the_stream_stays_open(sidecar: Side
         reply = connection.getresponse()
         assert reply.status == 200 and reply.getheader("Content-Type", "").startswith("text/event-stream")
         assert [reply.readline(), reply.readline()] == [b"retry: 2000\n", b"\n"]
-        sidecar.hub.on_camera_change("kirkby-bus-station", True, "ok")  # as the camera monitor reports it
+        sidecar.hub.recorder.on_camera_change("kirkby-bus-station", True, "ok")  # as the camera monitor reports it
         # A few hundred bytes would sit in a buffering server until the 15 s keep-alive; the 10 s socket
         # timeout turns that into a failure.
         lines = [reply.readline() for _ in range(4)]
@@ -195,7 +199,7 @@ def test_dashboard_lists_every_post_and_follows_calls_live(sidecar: Sidecar, bro
     """The dashboard shows every post, then follows a call, a self-test and a camera fault without a reload."""
     hub = sidecar.hub
     for post in hub.site.posts:
-        hub.on_ami_event({"Event": "ContactStatus", "AOR": post.id, "ContactStatus": "Reachable"})
+        hub.recorder.on_ami_event({"Event": "ContactStatus", "AOR": post.id, "ContactStatus": "Reachable"})
     page = open_page(browser, sidecar.url + "/")
     cards = page.locator("#posts > li")
     expect(cards).to_have_count(len(hub.site.posts))
@@ -227,7 +231,7 @@ def test_dashboard_lists_every_post_and_follows_calls_live(sidecar: Sidecar, bro
         ["Queued", "Rang: Operator Desk 1", "Rang: Operator Desk 2", "Answered by: Operator Desk 1", "Ended"])
 
     # Post telemetry and camera probes reach the page the same way.
-    hub.on_telemetry("sutton-market", message("sutton-market", "selftest",
+    hub.recorder.on_telemetry("sutton-market", message("sutton-market", "selftest",
                                               last_self_test={"at": datetime.now(UTC).isoformat(), "passed": True,
                                                               "detail": "echo heard"}))
     expect(page.locator("#post-sutton-market")).to_contain_text("Passed", timeout=WAIT_MS)
@@ -400,7 +404,7 @@ def test_hostile_telemetry_from_one_post_never_breaks_the_pages(sidecar: Sidecar
     expect(idlewells.locator("button.press")).to_have_count(0)  # "yes" is not true
 
     # The page keeps following the other posts: a good report from one of them still shows.
-    hub.on_telemetry("kirkby-bus-station", message("kirkby-bus-station", "fault", faults=["tamper"]))
+    hub.recorder.on_telemetry("kirkby-bus-station", message("kirkby-bus-station", "fault", faults=["tamper"]))
     expect(page.locator("#post-kirkby-bus-station")).to_contain_text("tamper", timeout=WAIT_MS)
     page.close()
 

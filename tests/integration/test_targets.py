@@ -299,13 +299,3 @@ def test_real_vlc_plays_the_calling_posts_camera(tmp_path: Path) -> None:
         with pytest.raises(TargetError, match="answered HTTP 401"):
             make_target(site.cctv[0]).deliver(ev.Revealer(site)(calls(site, 1)[0][0]))
 
-
-def test_operator_target_publishes_in_process_without_the_password(tmp_path: Path) -> None:
-    """The built-in pop-up target hands each event to the page feed, without the camera password."""
-    site = site_with(tmp_path, "  - type: operator")
-    seen: list[ev.Event] = []
-    outbox = Outbox(Store(tmp_path / "db.sqlite3"), [make_target(site.cctv[0], publish=seen.append)],
-                    reveal=ev.Revealer(site))
-    outbox.publish(calls(site, 1)[0][0])
-    assert outbox.step(time.time()) is None
-    assert seen[0].body["data"]["camera"]["rtsp_url"] == "rtsp://viewer@10.20.5.11:554/stream1"

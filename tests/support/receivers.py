@@ -109,8 +109,22 @@ class _WebhookHandler(_Quiet):
         self.reply(status)
 
 
+# What a receiver written from docs/spec.md section 6 relies on, per event type (beyond type and timestamp).
+SPEC_DATA = {
+    "call.queued": ("incident", "reference", "post", "camera", "desk", "snapshot_url"),
+    "call.answered": ("incident", "reference", "post", "desk"),
+    "call.ended": ("incident", "reference", "post", "outcome"),
+    "call.unanswered": ("incident", "reference", "post", "reason"),
+    "incident.closed": ("incident", "reference", "post", "reason", "reason_label", "note", "outcome", "closed_by"),
+    "post.offline": ("post",), "post.online": ("post",), "camera.fault": ("post", "reason"),
+    "camera.ok": ("post",), "selftest.failed": ("post", "reason"),
+}
+
+
 class WebhookReceiver(_Server):
-    """Verifies every request with ``standardwebhooks`` and de-duplicates by ``webhook-id``, as a VMS should."""
+    """Verifies every request with ``standardwebhooks`` and de-duplicates by ``webhook-id``, as a VMS should.
+    Each event is also checked against the spec's fields for its type: ``malformed`` lists those that miss one
+    (an unknown type counts too), while unknown extra fields are ignored, as the spec asks of receivers."""
 
     handler = _WebhookHandler
 
@@ -123,6 +137,7 @@ class WebhookReceiver(_Server):
         self.requests = 0
         self.duplicates = 0
         self.rejected = 0
+        self.malformed: list[str] = []  # "TYPE: what is missing", for events that break the spec
         self.fail_with: int | None = None  # answer this status instead of accepting
 
     def handle(self, path: str, body: bytes, headers: dict[str, str]) -> int:
@@ -144,8 +159,25 @@ class WebhookReceiver(_Server):
                 self.ids.append(event_id)
                 self.events.append(payload)
                 self.headers.append(headers)
+                self._check(payload)
             self.cond.notify_all()
             return 204
+
+
+    def _check(self, payload: dict[str, Any]) -> None:
+        kind, data = payload.get("type"), payload.get("data")
+        needed = SPEC_DATA.get(str(kind))
+        if needed is None or not isinstance(data, dict):
+            self.malformed.append(f"{kind}: not an event type of the spec, or no data")
+            return
+        missing = [k for k in needed if k not in data]
+        if missing:
+            self.malformed.append(f"{kind}: no {', '.join(missing)}")
+
+    def closed(self, incident: str) -> list[dict[str, Any]]:
+        """The ``incident.closed`` events received for ``incident``."""
+        with self.cond:
+            return [e for e in self.events if e["type"] == "incident.closed" and e["data"]["incident"] == incident]
 
 
 class BlackHole(Waitable):
@@ -445,7 +477,7 @@ cctv:
 """
 
 
-def make_site(directory: Path, cctv: str = "  - type: operator") -> Any:
+def make_site(directory: Path, cctv: str = "  []") -> Any:
     """Write and load a two-post site with its secrets (the camera of ``sutton-market`` has a password)."""
     from sip_refuge.config.loader import load_site
     from sip_refuge.config.secrets import new_value

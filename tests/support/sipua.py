@@ -467,7 +467,10 @@ class SipPeer:
                    f"CSeq: {d.cseq} INVITE", f"Contact: {self.contact}", "Allow: INVITE, ACK, CANCEL, BYE, OPTIONS",
                    *auth]
         call.sent_at = time.monotonic()
-        call.branch = self._request("INVITE", call.uri, headers, call.rtp.sdp(int(time.time())))
+        # The branch is the call's before the INVITE leaves: the reader thread may answer a 401 with the
+        # authenticated INVITE (a new branch) before _request returns here, and a CANCEL must use the latest.
+        call.branch = "z9hG4bK" + secrets.token_hex(8)
+        self._request("INVITE", call.uri, headers, call.rtp.sdp(int(time.time())), branch=call.branch)
 
     def send_cancel(self, call: OutgoingCall) -> None:
         d = call.dialog

@@ -96,12 +96,12 @@ class BootingAsterisk:
 
 def follower(site: Site, hub: Hub, resynced: asyncio.Event | None = None) -> AmiFollower:
     def on_resync(snap: Any) -> None:
-        hub.on_resync(snap)
+        hub.recorder.on_resync(snap)
         if resynced is not None:
             resynced.set()
 
-    return AmiFollower(site.pbx.ami, site.queue.name, on_event=hub.on_ami_event, on_resync=on_resync,
-                       on_link=hub.on_ami_link, on_error=hub.on_ami_error)
+    return AmiFollower(site.pbx.ami, site.queue.name, on_event=hub.recorder.on_ami_event, on_resync=on_resync,
+                       on_link=hub.link.on_link, on_error=hub.link.on_error)
 
 
 def run(coroutine: Any) -> None:
@@ -142,8 +142,8 @@ def test_a_resync_refused_while_asterisk_boots_is_retried_quickly_then_at_fully_
     assert [m.split("retrying in ")[1].split(" s")[0] for m in retries] == ["0.25", "0.5", "1"]
     assert "AMI resync failed (Invalid/unknown command: CoreShowChannels" in caplog.text
     assert "Traceback" not in caplog.text
-    assert ami.last_error is None and hub.ami_last_error is None
-    [call] = hub.live_calls()
+    assert ami.last_error is None and hub.link.status().last_error is None
+    [call] = hub.views.live_calls()
     assert call["post"] == "sutton-market" and call["state"] == "queued"
 
 
@@ -155,7 +155,7 @@ def test_a_call_that_joins_while_the_resync_reads_is_not_closed_by_it(site: Site
     asterisk = BootingAsterisk([], during=lambda: ami._event(asterisk, join))
     ami.connected = True
     run(ami._resync(asterisk))  # type: ignore[arg-type]
-    assert [c["post"] for c in hub.live_calls()] == ["idlewells"]
+    assert [c["post"] for c in hub.views.live_calls()] == ["idlewells"]
     assert [t.kind for t in hub.store.incidents()[0].timeline] == ["queued"]
 
 
@@ -165,7 +165,7 @@ def test_a_call_that_hangs_up_while_the_resync_reads_is_not_opened_by_it(site: S
     asterisk = BootingAsterisk([QUEUED], during=lambda: ami._event(asterisk, hangup))
     ami.connected = True
     run(ami._resync(asterisk))  # type: ignore[arg-type]
-    assert hub.live_calls() == [] and hub.store.incidents() == []
+    assert hub.views.live_calls() == [] and hub.store.incidents() == []
 
 
 def test_the_resync_finds_alarm_calls_it_never_saw_join(site: Site, hub: Hub) -> None:
@@ -177,8 +177,10 @@ def test_the_resync_finds_alarm_calls_it_never_saw_join(site: Site, hub: Hub) ->
     assert set(incidents) == {"sutton-market", "idlewells", "kirkby-bus-station"}  # no desk, no call-back
     assert incidents["sutton-market"].state == "queued"
     assert (incidents["idlewells"].state, incidents["idlewells"].answered_by) == ("answered", "desk-1")
-    assert (incidents["kirkby-bus-station"].state, incidents["kirkby-bus-station"].outcome) == ("ended", "overflowed")
-    assert sorted(c["post"] for c in hub.live_calls()) == ["idlewells", "sutton-market"]
+    # Its caller is still connected, in the overflow route: live, not over.
+    assert (incidents["kirkby-bus-station"].state, incidents["kirkby-bus-station"].outcome) == ("overflowed", None)
+    live = {c["post"]: c["state"] for c in hub.views.live_calls()}
+    assert live == {"idlewells": "answered", "sutton-market": "queued", "kirkby-bus-station": "overflowed"}
 
 
 def test_alarm_channels_are_told_from_desks_and_call_backs() -> None:
@@ -195,10 +197,13 @@ def test_a_live_alarm_that_never_joined_the_queue_gets_its_incident(site: Site) 
     answered_by_overflow = flatten(Message({"Event": "Newstate", "Channel": "PJSIP/idlewells-00000000",
                                             "Uniqueid": "1796161509.0", "ChannelStateDesc": "Up",
                                             "ChanVariable": ["REFUGE_POST=idlewells", "REFUGE_KIND=overflow"]}))
-    queued, unanswered = tracker.handle(answered_by_overflow, 10.0)
+    queued, unanswered, reached = tracker.handle({**answered_by_overflow, "ChannelState": "6"}, 10.0)
     assert (queued.type, queued.post.id, queued.detail["late"]) == ("call.queued", "idlewells", True)
     assert unanswered.type == "call.unanswered" and unanswered.detail["outcome"] == "overflowed"
-    assert tracker.handle({**answered_by_overflow, "Event": "Hangup"}, 40.0) == []
+    assert reached.type == "call.overflow_answered"
+    assert [c.post.id for c in tracker.live_calls()] == ["idlewells"]  # live while its caller is connected
+    [ended] = tracker.handle({**answered_by_overflow, "Event": "Hangup"}, 40.0)
+    assert ended.type == "call.ended" and ended.detail["outcome"] == "overflowed"
     # Seen only when it hangs up (the sidecar logged in late): still recorded, as abandoned.
     hangup = flatten(Message({"Event": "Hangup", "Channel": "PJSIP/sutton-market-00000001",
                               "Uniqueid": "1796161509.1", "ChanVariable": ["REFUGE_KIND=alarm"]}))

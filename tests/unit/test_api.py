@@ -63,12 +63,12 @@ def test_posts_list_every_post_of_the_site(client: FlaskClient) -> None:
 
 
 def test_a_call_becomes_an_incident_with_its_timeline(client: FlaskClient, hub: Hub) -> None:
-    hub.on_ami_event({"Event": "QueueCallerJoin", "Queue": "refuge", "Channel": "PJSIP/idlewells-00000001",
+    hub.recorder.on_ami_event({"Event": "QueueCallerJoin", "Queue": "refuge", "Channel": "PJSIP/idlewells-00000001",
                       "Uniqueid": "9.1", "Position": "1"})
-    hub.on_ami_event({"Event": "AgentCalled", "Uniqueid": "9.1", "Interface": "PJSIP/desk-1"})
-    hub.on_ami_event({"Event": "AgentConnect", "Uniqueid": "9.1", "Interface": "PJSIP/desk-1"})
+    hub.recorder.on_ami_event({"Event": "AgentCalled", "Uniqueid": "9.1", "Interface": "PJSIP/desk-1"})
+    hub.recorder.on_ami_event({"Event": "AgentConnect", "Uniqueid": "9.1", "Interface": "PJSIP/desk-1"})
     assert client.get("/api/v1/posts/idlewells").get_json()["call"]["state"] == "answered"
-    hub.on_ami_event({"Event": "AgentComplete", "Uniqueid": "9.1", "Reason": "agent"})
+    hub.recorder.on_ami_event({"Event": "AgentComplete", "Uniqueid": "9.1", "Reason": "agent"})
     [incident] = client.get("/api/v1/incidents").get_json()["incidents"]
     assert incident["post_id"] == "idlewells" and incident["answered_by"] == "desk-1"
     assert incident["outcome"] == "ended"
@@ -212,7 +212,7 @@ def test_a_status_stored_by_an_earlier_version_cannot_break_the_pages(client: Fl
 def test_healthz_and_metrics(client: FlaskClient, hub: Hub) -> None:
     health = client.get("/healthz")
     assert health.status_code == 503 and health.get_json()["ami"]["connected"] is False
-    hub.on_ami_link(True)
+    hub.link.on_link(True)
     assert client.get("/healthz").get_json()["status"] == "ok"
     text = client.get("/metrics").data.decode()
     assert "refuge_ami_connected 1" in text and 'refuge_post_up{post="idlewells"} 0' in text

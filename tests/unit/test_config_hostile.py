@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from sip_refuge.config import load_site
+from sip_refuge.config.cctv.webhook import WebhookOptions
 from sip_refuge.config.files import MAX_SECRET_BYTES, MAX_SITE_BYTES
 from sip_refuge.config.secrets import init_secrets
 from sip_refuge.config.source import MAX_DEPTH
@@ -165,7 +166,8 @@ def test_a_multi_line_body_template_is_still_accepted(full_site: Path) -> None:
                                          """body_template: |\n      {"post": {{ post.id | tojson }},\n       "n": 1}""")
     full_site.write_text(text)
     site = load_site(full_site)
-    assert "\n" in str(site.cctv[0].options["body_template"])
+    options = site.cctv[0].options
+    assert isinstance(options, WebhookOptions) and "\n" in str(options.body_template)
 
 
 def test_semicolon_in_a_tls_path_is_refused(full_site: Path) -> None:

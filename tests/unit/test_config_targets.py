@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sip_refuge.config import load_site
+from sip_refuge.config import cctv, load_site
 from sip_refuge.config.secrets import init_secrets
 from sip_refuge.errors import ConfigError
 
@@ -91,3 +92,97 @@ def test_loading_a_site_does_not_import_the_webhook_libraries() -> None:
             "print(sorted(m for m in ('jinja2', 'flask', 'standardwebhooks') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+# -- the registry of target kinds ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(cctv.KINDS))
+def test_each_target_module_declares_the_kind_options_and_reader_the_loader_uses(name: str) -> None:
+    kind = cctv.KINDS[name]
+    module = importlib.import_module(f"sip_refuge.sidecar.targets.{name}")
+    assert (module.KIND, module.Options, module.read) == (kind.name, kind.options, kind.read)
+    assert callable(module.from_config)
+
+
+def test_every_kind_loads_into_its_options_dataclass_and_builds_its_target(site_copy: Path) -> None:
+    (site_copy.parent / "secrets" / "nx.secret").write_text("nx-admin-password-1\n")
+    (site_copy.parent / "secrets" / "nx.secret").chmod(0o600)
+    add_targets(site_copy, "  - {type: milestone, name: xprotect, host: 10.0.0.9, port: 1235, echo: false}\n"
+                           "  - {type: nx, name: nx, url: 'https://10.0.0.8:7001', username: admin,"
+                           " password_file: secrets/nx.secret, api: v4, cameras: {idlewells: cam-2}}\n"
+                           "  - {type: vlc, name: wall, url: 'http://10.0.0.7:8080', password_file: secrets/nx.secret}\n")
+    site = load_site(site_copy)
+    by_name = {t.name: t for t in site.cctv}
+    assert by_name["xprotect"].options == cctv.milestone.MilestoneOptions("10.0.0.9", 1235, "{type} {post_id}", False)
+    assert by_name["nx"].options == cctv.nx.NxOptions("https://10.0.0.8:7001", "admin", "v4", True,
+                                                      {"idlewells": "cam-2"})
+    assert by_name["wall"].options == cctv.vlc.VlcOptions("http://10.0.0.7:8080")
+    assert isinstance(by_name["vms-hook"].options, cctv.webhook.WebhookOptions)
+    from sip_refuge.sidecar.targets import make_target
+
+    built = [make_target(t) for t in site.cctv]
+    assert [type(t).__name__ for t in built] == ["WebhookTarget", "MilestoneTarget", "NxTarget", "VlcTarget"]
+    for target in built:
+        target.close()
+
+
+def test_the_operator_target_still_loads_with_a_warning_and_makes_no_target(site_copy: Path) -> None:
+    add_targets(site_copy, "  - type: operator                        # the built-in pop-up page\n")
+    site = load_site(site_copy)
+    assert [t.type for t in site.cctv] == ["webhook"]
+    [warning] = site.warnings
+    assert warning.path == "cctv[1].type" and "'operator' is deprecated" in warning.message
+    assert warning.line == site_copy.read_text().splitlines().index(
+        "  - type: operator                        # the built-in pop-up page") + 1
+    done = subprocess.run([sys.executable, "-m", "sip_refuge.cli", "config", "check", str(site_copy)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{site_copy}:{warning.line}: cctv[1].type: warning: 'operator' is deprecated" in done.stderr
+
+
+def test_an_unknown_target_type_names_the_known_ones(site_copy: Path) -> None:
+    add_targets(site_copy, "  - {type: genetec, name: gsc}\n")
+    [problem] = problems_of(site_copy)
+    assert "cctv[1].type: 'genetec' must be one of: webhook, milestone, nx, vlc, operator" in problem
+
+
+# -- close-out reasons and references ---------------------------------------------------------------------------
+
+def with_sidecar_lines(path: Path, lines: str) -> None:
+    text = path.read_text()
+    path.write_text(text.replace("  camera_interval: 60s", "  camera_interval: 60s\n" + lines, 1))
+
+
+def test_close_reasons_default_to_the_list_and_take_labels_or_ids(site_copy: Path) -> None:
+    assert [r.id for r in load_site(site_copy).close_reasons] == \
+        ["assistance", "police", "ambulance", "advice", "no-one-there", "misuse", "test"]
+    with_sidecar_lines(site_copy, "  close_reasons: [Advice given, {id: fire, label: Fire brigade}]")
+    reasons = load_site(site_copy).close_reasons
+    assert [(r.id, r.label) for r in reasons] == [("advice-given", "Advice given"), ("fire", "Fire brigade")]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[]", "close_reasons: list at least one reason"),
+    ("[Fire, fire]", "close_reasons[1]: 'fire' is listed twice"),
+    ("[{id: Fire!, label: Fire}]", "close_reasons[0].id: 'Fire!' must be lowercase"),
+    ("[{id: fire}]", "close_reasons[0].label: is required"),
+    ("[\"Ça va\"]", "close_reasons[0]: 'ça-va' cannot be an id"),
+    ("[" + "x" * 81 + "]", "close_reasons[0]: a label is 1 to 80 characters"),
+])
+def test_bad_close_reasons_are_located(site_copy: Path, value: str, message: str) -> None:
+    with_sidecar_lines(site_copy, f"  close_reasons: {value}")
+    assert any(message in p for p in problems_of(site_copy)), problems_of(site_copy)
+
+
+def test_the_reference_prefix_comes_from_the_site_name_unless_given(site_copy: Path) -> None:
+    assert load_site(site_copy).reference_prefix == "ASH"
+    text = site_copy.read_text()
+    site_copy.write_text(text.replace("  name: Ashfield Refuge Points", "  name: 42 Kirkby\n  reference_prefix: K1", 1))
+    assert load_site(site_copy).reference_prefix == "K1"
+    site_copy.write_text(text.replace("  name: Ashfield Refuge Points", "  name: 42\n  reference_prefix: kir", 1))
+    [problem] = problems_of(site_copy)
+    assert "site.reference_prefix: 'kir' must be 1 to 8 capital letters" in problem
+    from sip_refuge.config.loader import reference_prefix
+
+    assert (reference_prefix("42 Kirkby Points"), reference_prefix("Ça Gare"), reference_prefix("12")) == \
+        ("KIR", "AGA", "REF")

@@ -27,13 +27,14 @@ def site(tmp_path: Path) -> Site:
 
 def test_call_queued_has_exactly_the_spec_shape(site: Site) -> None:
     event = ev.build_event(ev.CALL_QUEUED, site, post_id="sutton-market", now=NOW, incident="inc-1",
-                           snapshot_url="http://sidecar/snapshots/inc-1.jpg")
+                           reference="REC-0001", snapshot_url="http://sidecar/snapshots/inc-1.jpg")
     body = json.loads(event.to_json())
     assert body == {
         "type": "call.queued",
         "timestamp": "2026-11-26T21:04:05.123Z",
         "data": {
             "incident": "inc-1",
+            "reference": "REC-0001",
             "post": {"id": "sutton-market", "name": "Sutton Market Place",
                      "location": {"address": "Market Place, Sutton-in-Ashfield", "lat": 53.1246, "lon": -1.2617}},
             "camera": {"rtsp_url": "rtsp://viewer@10.20.5.11:554/stream1"},

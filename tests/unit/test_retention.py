@@ -95,13 +95,13 @@ def test_a_post_flooding_telemetry_is_trimmed_as_it_grows(site: Site, store: Sto
     """Between the hourly prunes, the hub trims a post's history each time it grew by 1/8 of its budget."""
     hub = Hub(site, store, Outbox(store, []), base_url="http://x")
     budget = 64 * 1024
-    hub._telemetry_budget = TelemetryBudget(budget)  # as `retention: {telemetry_per_post: 64KB}` sets it
+    hub.recorder._telemetry_budget = TelemetryBudget(budget)  # as `retention: {telemetry_per_post: 64KB}` sets it
     report = message("sutton-market", reason="y" * 900)
     for _ in range(400):  # 400 KB sent
-        hub.on_telemetry("sutton-market", report)
+        hub.recorder.on_telemetry("sutton-market", report)
     stored = sum(len(json.dumps(b, separators=(",", ":"))) for _, b in store.telemetry("sutton-market", 10_000))
     assert budget // 2 < stored <= budget + budget // 8 + 1000
-    assert hub.posts()[0]["state"] == "idle"
+    assert hub.views.posts()[0]["state"] == "idle"
     hub.close()
 
 

@@ -17,14 +17,16 @@ from flask.testing import FlaskClient
 from panoramisk.message import Message
 
 from sip_refuge.config import Site, load_site
+from sip_refuge.config.model import Retention
 from sip_refuge.config.secrets import init_secrets
-from sip_refuge.sidecar import core
 from sip_refuge.sidecar.ami import AmiFollower, Snapshot
 from sip_refuge.sidecar.cameras import CameraError
 from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.outbox import Outbox, TargetStatus
+from sip_refuge.sidecar.snapshots import SnapshotCache
 from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.web import create_app
+from tests.support.metrics import Scrape
 from tests.support.telemetry import report
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
@@ -56,9 +58,9 @@ def client(hub: Hub) -> FlaskClient:
 
 def follower(site: Site, hub: Hub | None = None, **options: Any) -> AmiFollower:
     return AmiFollower(site.pbx.ami, site.queue.name, on_event=lambda e: None,
-                       on_resync=hub.on_resync if hub else lambda s: None,
-                       on_link=hub.on_ami_link if hub else lambda up: None,
-                       on_error=hub.on_ami_error if hub else None, **options)
+                       on_resync=hub.recorder.on_resync if hub else lambda s: None,
+                       on_link=hub.link.on_link if hub else lambda up: None,
+                       on_error=hub.link.on_error if hub else None, **options)
 
 
 # -- M1: a refused AMI login ----------------------------------------------------------------------------
@@ -129,21 +131,21 @@ def test_failed_resync_is_retried_until_it_works(site: Site, hub: Hub, client: F
     resynced = asyncio.Event()  # set on the follower's loop, where resyncs are applied
 
     def on_resync(snap: Snapshot) -> None:
-        hub.on_resync(snap)
+        hub.recorder.on_resync(snap)
         resynced.set()
 
     def on_error(error: str | None) -> None:
         errors.append(error)
-        hub.on_ami_error(error)
+        hub.link.on_error(error)
 
     ami = AmiFollower(site.pbx.ami, site.queue.name, on_event=lambda e: None, on_resync=on_resync,
-                      on_link=hub.on_ami_link, on_error=on_error, resync_retry=0.01)
+                      on_link=hub.link.on_link, on_error=on_error, resync_retry=0.01)
     manager = FakeManager(fail=2)  # the first two attempts fail at their first action
     loop = asyncio.new_event_loop()
 
     async def scenario() -> None:
         ami.connected = True
-        hub.on_ami_link(True)
+        hub.link.on_link(True)
         await ami._resync(manager)  # type: ignore[arg-type]
         await resynced.wait()  # the retries run on this loop's timers
 
@@ -198,7 +200,7 @@ class FakeMonitor:
 def test_healthz_is_degraded_by_a_failing_target_and_shows_cameras(
         hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
     client = create_app(hub, token=TOKEN, cameras=FakeMonitor()).test_client()
-    hub.on_ami_link(True)
+    hub.link.on_link(True)
     statuses = [TargetStatus("vms-hook", consecutive_failures=2, last_error="HTTP 500"),
                 TargetStatus("xprotect", consecutive_failures=3, last_error="refused")]
     monkeypatch.setattr(hub.outbox, "status", lambda: statuses)
@@ -213,7 +215,7 @@ def test_healthz_is_degraded_by_a_failing_target_and_shows_cameras(
 
 
 def test_healthz_without_camera_checks_has_no_camera_summary(client: FlaskClient, hub: Hub) -> None:
-    hub.on_ami_link(True)
+    hub.link.on_link(True)
     assert client.get("/healthz").get_json()["cameras"] is None
 
 
@@ -240,12 +242,14 @@ def test_metrics_show_post_faults_and_the_last_self_test(client: FlaskClient) ->
                           json=report("kirkby-bus-station", faults="tamper"))
     assert refused.status_code == 422
     text = client.get("/metrics").data.decode()
-    assert 'refuge_post_fault{post="idlewells",fault="button_stuck"} 1' in text
-    assert text.count('refuge_post_fault{post="idlewells",fault="tamper"} 1') == 1
+    scrape = Scrape(text)
+    assert scrape.value("refuge_post_fault", post="idlewells", fault="button_stuck") == 1
+    assert scrape.value("refuge_post_fault", post="idlewells", fault="tamper") == 1
+    assert sorted(f["fault"] for f in scrape.labelled("refuge_post_fault")) == ["button_stuck", "tamper"]
     assert "kirkby-bus-station" not in "".join(line for line in text.splitlines() if "refuge_post_fault{" in line)
-    assert 'refuge_selftest_ok{post="idlewells"} 1' in text
-    assert 'refuge_selftest_ok{post="sutton-market"} 0' in text
-    assert 'refuge_selftest_ok{post="kirkby-bus-station"}' not in text  # unknown: absent
+    assert scrape.value("refuge_selftest_ok", post="idlewells") == 1
+    assert scrape.value("refuge_selftest_ok", post="sutton-market") == 0
+    assert scrape.value("refuge_selftest_ok", post="kirkby-bus-station") is None  # unknown: absent
     client.post(url.format("idlewells"), headers=AUTH, json=report("idlewells", "fault", active=False, faults=[]))
     assert "refuge_post_fault{" not in client.get("/metrics").data.decode()
 
@@ -307,25 +311,86 @@ def test_metrics_do_not_load_the_incident_history(client: FlaskClient, hub: Hub,
 
 # -- M5: the snapshot cache and its single worker --------------------------------------------------------------
 
-def test_snapshots_are_bounded_and_taken_by_one_worker(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core, "SNAPSHOTS_KEPT", 5)
+def test_snapshots_are_bounded_and_taken_by_one_worker() -> None:
     threads: set[str] = set()
 
     def source(post_id: str) -> bytes:
         threads.add(threading.current_thread().name)
         return f"jpeg of {post_id}".encode()
 
+    cache = SnapshotCache(source, kept=5)
+    for i in range(8):
+        cache.take(f"inc-{i}", "idlewells")
+    assert cache.get("inc-7") is None  # nothing is taken until the runner starts the worker
+    worker = threading.Thread(target=cache.run, name="snapshots")
+    worker.start()
+    assert cache.get("inc-7", wait=10) == b"jpeg of idlewells"  # jobs run in order: all done now
+    assert threads == {"snapshots"}
+    assert [cache.get(f"inc-{i}") for i in range(3)] == [None, None, None]
+    assert all(cache.get(f"inc-{i}") for i in range(3, 8))
+    cache.close()
+    worker.join(10)
+    assert not worker.is_alive()
+    cache.take("late", "idlewells")  # after close: no snapshot
+    assert cache.get("late", wait=0.1) is None
+
+
+# -- /metrics made by prometheus_client ------------------------------------------------------------------------
+
+SPEC_FAMILIES = {  # docs/spec.md section 7, HTTP: every family, its type and its labels
+    "refuge_calls": ("counter", {"outcome"}), "refuge_answer_seconds": ("histogram", {"le"}),
+    "refuge_deliveries": ("gauge", {"target", "status"}),
+    "refuge_delivery_attempts_failed": ("counter", {"target"}), "refuge_target_up": ("gauge", {"target"}),
+    "refuge_posts_online": ("gauge", set()), "refuge_post_up": ("gauge", {"post"}),
+    "refuge_post_fault": ("gauge", {"post", "fault"}), "refuge_selftest_ok": ("gauge", {"post"}),
+    "refuge_camera_faults": ("gauge", set()), "refuge_ami_connected": ("gauge", set()),
+    "refuge_store_up": ("gauge", set()), "refuge_store_errors": ("counter", set()),
+    "refuge_store_held_writes": ("gauge", set()), "refuge_store_held_bytes": ("gauge", set()),
+    "refuge_store_lost_writes": ("counter", {"kind"}), "refuge_store_pruned": ("counter", {"table"}),
+    "refuge_http_connections": ("gauge", set()), "refuge_http_connections_limit": ("gauge", set()),
+    "refuge_http_workers_busy": ("gauge", set()), "refuge_http_workers_limit": ("gauge", set()),
+    "refuge_http_streams": ("gauge", {"kind"}), "refuge_http_streams_limit": ("gauge", {"kind"}),
+    "refuge_http_refused": ("counter", {"cap"}), "refuge_http_rejected": ("counter", {"reason"}),
+    "refuge_http_timeouts": ("counter", {"phase"}),
+    "refuge_incidents_closed": ("counter", {"reason"}), "refuge_calls_live": ("gauge", {"state"}),
+}
+
+
+def test_metrics_keep_every_family_type_and_label_of_the_spec(site: Site) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sip_refuge.config.model import HttpLimits
+    from sip_refuge.sidecar.retention import Pruner
+    from sip_refuge.sidecar.web.admission import Admission
+    from tests.unit.test_store import ScriptedTarget
+
     with Store(":memory:") as store:
-        hub = Hub(site, store, Outbox(store, []), base_url="http://x", snapshot=source)
-        for i in range(8):
-            hub._take_snapshot(f"inc-{i}", "idlewells")
-        assert hub.snapshot("inc-7", wait=10) == b"jpeg of idlewells"  # jobs run in order: all done now
-        assert threads == {"snapshots"}
-        assert [hub.snapshot(f"inc-{i}") for i in range(3)] == [None, None, None]
-        assert all(hub.snapshot(f"inc-{i}") for i in range(3, 8))
-        worker = hub._snapshot_worker
-        assert worker is not None
+        hub = Hub(site, store, Outbox(store, [ScriptedTarget("hook")]), base_url="http://x")
+        hub.pruner = Pruner(store, site.sidecar.retention if site.sidecar else Retention())
+        admission = Admission(HttpLimits())
+        admission.refused("per_client")
+        admission.rejected("body_too_large")
+        admission.timed_out("header")
+        client = create_app(hub, token=TOKEN, http=admission.status).test_client()
+        client.post("/api/v1/posts/idlewells/telemetry", headers=AUTH,
+                    json=report("idlewells", "fault", faults=["tamper"],
+                                last_self_test={"at": "2024-01-01T00:00:00Z", "passed": True}))
+        hub.recorder.on_ami_event({"Event": "QueueCallerJoin", "Queue": "refuge", "Uniqueid": "1.1",
+                                   "Channel": "PJSIP/idlewells-00000001"})
+        hub.recorder.on_ami_event({"Event": "AgentConnect", "Uniqueid": "1.1", "Interface": "PJSIP/desk-1"})
+        hub.outbox.step(0.0)
+        answer = client.get("/metrics")
+        assert answer.content_type == "text/plain; version=0.0.4; charset=utf-8"
+        families = {f.name: f for f in text_string_to_metric_families(answer.data.decode())}
+        for name, (kind, labels) in SPEC_FAMILIES.items():
+            assert name in families, f"{name} is missing"
+            family = families[name]
+            assert family.type == kind, name
+            assert all(set(s.labels) == labels for s in family.samples if not s.name.endswith(("_sum", "_count"))), \
+                (name, [s.labels for s in family.samples])
+        assert Scrape(answer.data.decode()).value("refuge_calls_live", state="answered") == 1
+        # A scraper that asks for OpenMetrics gets it.
+        openmetrics = client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        assert openmetrics.content_type.startswith("application/openmetrics-text")
+        assert openmetrics.data.decode().rstrip().endswith("# EOF")
         hub.close()
-        assert not worker.is_alive()
-        hub._take_snapshot("late", "idlewells")  # after close: no snapshot, no new thread
-        assert hub.snapshot("late") is None and hub._snapshot_worker is worker

@@ -23,6 +23,7 @@ from sip_refuge.config.model import Site
 from sip_refuge.config.secrets import Masker
 from sip_refuge.errors import SidecarError
 from sip_refuge.sidecar import events as ev
+from sip_refuge.sidecar import export
 from sip_refuge.sidecar.migrations import MIGRATIONS
 from sip_refuge.sidecar.outbox import Backoff, Outbox
 from sip_refuge.sidecar.store import CameraStatus, PostStatus, Store
@@ -259,12 +260,12 @@ def test_incidents_come_back_newest_first_with_timelines(store: Store) -> None:
 def test_export_json_and_csv(store: Store) -> None:
     fill_incidents(store)
     out = io.StringIO()
-    store.export_json(out)
+    export.write_json(store.incidents(limit=None), out)
     exported = json.loads(out.getvalue())
     assert exported[1]["id"] == "inc-1" and exported[1]["timeline"][0] == {
         "at": "2026-11-26T20:59:59.000Z", "kind": "pressed", "detail": {"source": "telemetry"}}
     out = io.StringIO()
-    store.export_csv(out)
+    export.write_csv(store.incidents(limit=None), out)
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert [r["id"] for r in rows] == ["inc-2", "inc-1"]
     assert rows[1]["outcome"] == "answered" and rows[1]["answered_by"] == "desk-1"

@@ -70,8 +70,8 @@ class Sidecar:
         self.hook = ScriptedTarget("hook")
         self.outbox = Outbox(self.store, [self.hook], clock=self.clock, backlog=backlog)
         self.hub = Hub(site, self.store, self.outbox, base_url="http://127.0.0.1:8080")
-        self.hub.on_ami_link(True)
-        self.page = self.hub.subscribe()
+        self.hub.link.on_link(True)
+        self.page = self.hub.fanout.subscribe()
         self.client: FlaskClient = create_app(self.hub, token=TOKEN).test_client()
 
     def call(self, uid: str, post: str = "sutton-market") -> None:
@@ -82,7 +82,7 @@ class Sidecar:
                       {"Event": "AgentConnect", "Uniqueid": uid, "Interface": "PJSIP/desk-1"},
                       {"Event": "AgentComplete", "Uniqueid": uid, "Reason": "agent"},
                       {"Event": "Hangup", "Uniqueid": uid}):
-            self.hub.on_ami_event(event)
+            self.hub.recorder.on_ami_event(event)
 
     def paged(self) -> list[str]:
         out: list[str] = []
@@ -140,7 +140,7 @@ def test_full_disk_degrades_health_at_once_delivers_from_memory_and_stores_when_
 
         disk.free()
         side.clock.now += 2  # the next attempt at storing what is held
-        side.hub.tick()
+        side.hub.recorder.tick()
         stored = side.store.incidents()
         assert sorted(i.id for i in stored) == sorted(by_incident)
         assert all(i.state == "ended" and i.answered_by == "desk-1" for i in stored)
@@ -163,7 +163,7 @@ def test_full_memory_gives_up_telemetry_first_and_reports_a_lost_call_loudly(
         disk.fill()
         report = message("bus-station", reason="x" * 900)
         for _ in range(40):  # a flood of reports from one post
-            side.hub.on_telemetry("bus-station", report)
+            side.hub.recorder.on_telemetry("bus-station", report)
         held = side.outbox.backlog.status()
         assert held.lost.get("telemetry", 0) > 0 and held.bytes <= held.limit
         side.call("1700000000.1")  # fits: telemetry makes room
@@ -183,7 +183,7 @@ def test_full_memory_gives_up_telemetry_first_and_reports_a_lost_call_loudly(
 
         disk.free()
         side.clock.now += 2
-        side.hub.tick()
+        side.hub.recorder.tick()
         assert side.outbox.backlog.status().writes == 0
         assert {i.id for i in side.store.incidents(limit=None)} == sent  # the record has what CCTV got
         # A lost write stays reported until someone restarts the sidecar after reading the log.
@@ -202,7 +202,7 @@ def test_a_write_that_fails_for_another_reason_reaches_no_page(site: Site, tmp_p
             store.add_timeline("no-such-incident", "answered", datetime.now(UTC))
 
         with pytest.raises(StoreError) as raised:
-            side.hub._record(orphan_step, [event])
+            side.hub.recorder._record(orphan_step, [event])
         assert not raised.value.storage
         assert side.paged() == [] and side.outbox.backlog.status().writes == 0
         assert side.store.event(event.id) is None and side.store.fault is None
@@ -331,7 +331,7 @@ def test_damage_found_while_running_makes_health_degraded(site: Site, tmp_path: 
         assert body["status"] == "degraded" and body["database"]["error_kind"] == "corrupt"
         assert any("damaged" in p and "admin-guide" in p for p in body["problems"])
         side.clock.now += 2
-        side.hub.tick()
+        side.hub.recorder.tick()
         assert side.client.get("/healthz").get_json()["database"]["error_kind"] == "corrupt"  # it stays
     finally:
         side.close()

@@ -288,13 +288,13 @@ def test_any_json_is_read_or_refused_with_a_telemetry_error(value: object) -> No
 def test_a_status_stored_by_an_earlier_version_shows_only_what_reads() -> None:
     """Earlier sidecars stored whatever a post sent: it shows as unknown, never as a broken value."""
     hostile = {"faults": 5, "registered": math.nan, "mock_gpio": "yes",
-               "last_self_test": {"at": math.inf, "passed": True}}
+               "last_self_test": {"at": math.inf, "passed": True}, "sip_counters": {"refused": -1}}
     assert shown_status("<b>", hostile) == {"state": None, "registered": None, "faults": [], "mock_gpio": False,
-                                            "last_self_test": None}
+                                            "last_self_test": None, "sip_counters": {}}
     assert shown_status("idle", {"faults": "abc", "last_self_test": "junk"})["faults"] == []
     assert shown_status(None, None)["last_self_test"] is None
-    good = {"faults": ["tamper"], "registered": True, "mock_gpio": True,
+    good = {"faults": ["tamper"], "registered": True, "mock_gpio": True, "sip_counters": {"refused": 3},
             "last_self_test": {"at": 1795727045.5, "passed": False, "detail": "no echo"}}
     assert shown_status("fault", good) == {
-        "state": "fault", "registered": True, "faults": ["tamper"], "mock_gpio": True,
+        "state": "fault", "registered": True, "faults": ["tamper"], "mock_gpio": True, "sip_counters": {"refused": 3},
         "last_self_test": {"at": "2026-11-26T21:04:05.500Z", "passed": False, "detail": "no echo"}}

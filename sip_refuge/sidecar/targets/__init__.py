@@ -3,14 +3,18 @@
 A target's ``deliver`` either returns (the target accepted the event) or raises :class:`TargetError`; the
 outbox does the retrying. Every network call has a timeout, so a dead target costs its own worker a bounded
 wait and nothing else. Modules are imported lazily: a site without Nx never imports the Nx code.
+
+Each module here declares its ``KIND``, its ``Options`` dataclass and its site-file ``read``er, taken from
+:mod:`sip_refuge.config.cctv` (which holds the registry, so that reading a site never imports the sidecar),
+and builds its target with ``from_config``.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from typing import Protocol
 
+from sip_refuge.config import cctv
 from sip_refuge.config.model import CctvTarget
 from sip_refuge.errors import RefugeError, SidecarError
 from sip_refuge.sidecar.events import Event
@@ -32,11 +36,6 @@ class Target(Protocol):
     def close(self) -> None: ...
 
 
-Publish = Callable[[Event], None]
-
-KINDS = ("webhook", "milestone", "nx", "vlc", "operator")  # each a module here with ``from_config``
-
-
 def read_secret(config: CctvTarget) -> str:
     """The target's secret, with a message naming the target when it is missing."""
     if config.secret is None:
@@ -47,11 +46,12 @@ def read_secret(config: CctvTarget) -> str:
         raise SidecarError(f"cctv target {config.name}: {exc}") from None
 
 
-def make_target(config: CctvTarget, *, timeout: float = DEFAULT_TIMEOUT, publish: Publish | None = None) -> Target:
-    """Build the target a site file entry describes. ``publish`` feeds the operator pop-up (in-process)."""
-    if config.type not in KINDS:
+def make_target(config: CctvTarget, *, timeout: float = DEFAULT_TIMEOUT) -> Target:
+    """Build the target a site file entry describes (its kind's module is imported now)."""
+    if cctv.kind(config.type) is None:
         raise SidecarError(f"cctv target {config.name}: unknown type {config.type!r}")
     module = importlib.import_module(f"{__name__}.{config.type}")
-    factory = module.from_config
-    target: Target = factory(config, timeout=timeout, publish=publish)
+    if not isinstance(config.options, module.Options):
+        raise SidecarError(f"cctv target {config.name}: {type(config.options).__name__} are not {config.type} options")
+    target: Target = module.from_config(config, timeout=timeout)
     return target

@@ -9,19 +9,18 @@ wait for it. The camera is added to XProtect once, so the message names the post
 from __future__ import annotations
 
 import socket
-import string
 from collections.abc import Mapping
 from typing import Any
 
+from sip_refuge.config.cctv import milestone as schema
+from sip_refuge.config.cctv.milestone import DEFAULT_PORT, DEFAULT_TEMPLATE, check_template
 from sip_refuge.config.model import CctvTarget
-from sip_refuge.errors import SidecarError
 from sip_refuge.sidecar.events import Event
-from sip_refuge.sidecar.targets import DEFAULT_TIMEOUT, Publish, TargetError
+from sip_refuge.sidecar.targets import DEFAULT_TIMEOUT, TargetError
 
-DEFAULT_PORT = 1234
-DEFAULT_TEMPLATE = "{type} {post_id}"
-FIELDS = ("type", "post_id", "post_name", "incident", "desk_id", "desk_name", "workstation", "timestamp",
-          "event_id", "reason", "snapshot_url")
+KIND = schema.KIND
+Options = schema.MilestoneOptions
+read = schema.read
 
 
 def message_fields(event: Event) -> dict[str, str]:
@@ -30,23 +29,11 @@ def message_fields(event: Event) -> dict[str, str]:
     desk = data.get("desk") or {}
     values = {
         "type": event.type, "post_id": event.post_id, "post_name": post.get("name"),
-        "incident": event.incident, "desk_id": desk.get("id"), "desk_name": desk.get("name"),
-        "workstation": desk.get("workstation"), "timestamp": event.timestamp, "event_id": event.id,
+        "incident": event.incident, "reference": data.get("reference"), "desk_id": desk.get("id"),
+        "desk_name": desk.get("name"), "workstation": desk.get("workstation"), "timestamp": event.timestamp, "event_id": event.id,
         "reason": data.get("reason"), "snapshot_url": data.get("snapshot_url"),
     }
     return {k: "" if v is None else str(v) for k, v in values.items()}
-
-
-def check_template(template: str) -> None:
-    """Reject unknown fields at start-up, so a typo is not found on the first emergency call."""
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as exc:
-        raise SidecarError(f"milestone template {template!r}: {exc}") from None
-    unknown = names - set(FIELDS)
-    if unknown:
-        raise SidecarError(f"milestone template {template!r}: unknown fields {', '.join(sorted(unknown))} "
-                           f"(known: {', '.join(FIELDS)})")
 
 
 class MilestoneTarget:
@@ -95,10 +82,8 @@ class MilestoneTarget:
         pass  # a connection per event: the event server expects short-lived clients
 
 
-def from_config(config: CctvTarget, *, timeout: float = DEFAULT_TIMEOUT,
-                publish: Publish | None = None) -> MilestoneTarget:
+def from_config(config: CctvTarget, *, timeout: float = DEFAULT_TIMEOUT) -> MilestoneTarget:
     options = config.options
-    port = options.get("port", DEFAULT_PORT)
-    template = options.get("template") or DEFAULT_TEMPLATE
-    return MilestoneTarget(config.name, str(options["host"]), int(port) if isinstance(port, int) else DEFAULT_PORT,
-                           str(template), echo=bool(options.get("echo", True)), timeout=timeout)
+    assert isinstance(options, Options)
+    return MilestoneTarget(config.name, options.host, options.port, options.template, echo=options.echo,
+                           timeout=timeout)

@@ -19,13 +19,17 @@ from urllib.parse import urlsplit
 import requests
 from requests.auth import HTTPDigestAuth
 
+from sip_refuge.config.cctv import nx as schema
+from sip_refuge.config.cctv.nx import APIS
 from sip_refuge.config.model import CctvTarget
 from sip_refuge.errors import SidecarError
 from sip_refuge.sidecar.events import Event
-from sip_refuge.sidecar.targets import DEFAULT_TIMEOUT, Publish, TargetError, read_secret
+from sip_refuge.sidecar.targets import DEFAULT_TIMEOUT, TargetError, read_secret
 
+KIND = schema.KIND
+Options = schema.NxOptions
+read = schema.read
 SOURCE = "sip-refuge"
-APIS = ("legacy", "v4")
 
 
 def describe(event: Event) -> tuple[str, str]:
@@ -36,7 +40,8 @@ def describe(event: Event) -> tuple[str, str]:
     caption = f"{event.type} {post.get('name') or event.post_id}"
     parts = [f"post {event.post_id}", str((post.get("location") or {}).get("address") or "")]
     if event.incident:
-        parts.append(f"incident {event.incident}")
+        reference = data.get("reference")
+        parts.append(f"incident {reference} ({event.incident})" if reference else f"incident {event.incident}")
     if desk:
         parts.append(f"desk {desk.get('id')} workstation {desk.get('workstation') or '-'}")
     if data.get("reason"):
@@ -132,11 +137,8 @@ class NxTarget:
         self._session.close()
 
 
-def from_config(config: CctvTarget, *, timeout: float = DEFAULT_TIMEOUT, publish: Publish | None = None) -> NxTarget:
+def from_config(config: CctvTarget, *, timeout: float = DEFAULT_TIMEOUT) -> NxTarget:
     options = config.options
-    cameras = options.get("cameras")
-    verify = options.get("verify", True)
-    return NxTarget(config.name, str(options["url"]), str(options["username"]), read_secret(config),
-                    cameras={str(k): str(v) for k, v in cameras.items()} if isinstance(cameras, dict) else {},
-                    api=str(options.get("api", "legacy")),
-                    verify=verify if isinstance(verify, bool | str) else True, timeout=timeout)
+    assert isinstance(options, Options)
+    return NxTarget(config.name, options.url, options.username, read_secret(config), cameras=options.cameras,
+                    api=options.api, verify=options.verify, timeout=timeout)

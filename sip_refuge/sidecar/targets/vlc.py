@@ -14,10 +14,14 @@ from urllib.parse import urlsplit
 
 import requests
 
+from sip_refuge.config.cctv import vlc as schema
 from sip_refuge.config.model import CctvTarget
 from sip_refuge.sidecar.events import CALL_QUEUED, Event
-from sip_refuge.sidecar.targets import DEFAULT_TIMEOUT, Publish, TargetError, read_secret
+from sip_refuge.sidecar.targets import DEFAULT_TIMEOUT, TargetError, read_secret
 
+KIND = schema.KIND
+Options = schema.VlcOptions
+read = schema.read
 PLAYS_ON = frozenset({CALL_QUEUED})
 
 
@@ -55,5 +59,7 @@ class VlcTarget:
         self._session.close()
 
 
-def from_config(config: CctvTarget, *, timeout: float = DEFAULT_TIMEOUT, publish: Publish | None = None) -> VlcTarget:
-    return VlcTarget(config.name, str(config.options["url"]), read_secret(config), timeout=timeout)
+def from_config(config: CctvTarget, *, timeout: float = DEFAULT_TIMEOUT) -> VlcTarget:
+    options = config.options
+    assert isinstance(options, Options)
+    return VlcTarget(config.name, options.url, read_secret(config), timeout=timeout)

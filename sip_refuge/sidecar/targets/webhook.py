@@ -10,36 +10,25 @@ signature then covers the rendered body, as the receiver sees it.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from jinja2 import StrictUndefined, Template, TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import TemplateError
 from standardwebhooks import Webhook
 
+from sip_refuge.config.cctv import webhook as schema
+from sip_refuge.config.cctv.webhook import compile_template
 from sip_refuge.config.model import CctvTarget
 from sip_refuge.errors import SidecarError
 from sip_refuge.sidecar.events import Event
-from sip_refuge.sidecar.targets import DEFAULT_TIMEOUT, Publish, TargetError, read_secret
+from sip_refuge.sidecar.targets import DEFAULT_TIMEOUT, TargetError, read_secret
 
+KIND = schema.KIND
+Options = schema.WebhookOptions
+read = schema.read
 USER_AGENT = "sip-refuge-sidecar"
-
-
-def _tojson(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def compile_template(source: str) -> Template:
-    """Compile a body template; raises SidecarError at start-up rather than on the first call."""
-    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
-    env.filters["tojson"] = _tojson
-    try:
-        return env.from_string(source)
-    except TemplateError as exc:
-        raise SidecarError(f"body_template: {exc}") from None
 
 
 def template_context(event: Event) -> dict[str, Any]:
@@ -47,7 +36,7 @@ def template_context(event: Event) -> dict[str, Any]:
     data = event.body.get("data", {})
     return {
         "event": event.body, "id": event.id, "type": event.type, "timestamp": event.timestamp, "data": data,
-        "incident": event.incident, "post": data.get("post"), "desk": data.get("desk"),
+        "incident": event.incident, "reference": data.get("reference"), "post": data.get("post"), "desk": data.get("desk"),
         "rtsp_url": (data.get("camera") or {}).get("rtsp_url"), "snapshot_url": data.get("snapshot_url"),
     }
 
@@ -99,11 +88,8 @@ class WebhookTarget:
         self._session.close()
 
 
-def from_config(config: CctvTarget, *, timeout: float = DEFAULT_TIMEOUT,
-                publish: Publish | None = None) -> WebhookTarget:
+def from_config(config: CctvTarget, *, timeout: float = DEFAULT_TIMEOUT) -> WebhookTarget:
     options = config.options
-    raw = options.get("headers")
-    headers = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
-    template = options.get("body_template")
-    return WebhookTarget(config.name, str(options["url"]), read_secret(config), headers=headers,
-                         body_template=str(template) if template else None, timeout=timeout)
+    assert isinstance(options, Options)
+    return WebhookTarget(config.name, options.url, read_secret(config), headers=options.headers,
+                         body_template=options.body_template, timeout=timeout)

@@ -1,13 +1,15 @@
-"""The JSON API (spec section 5): posts, incidents, snapshots and post telemetry."""
+"""The JSON API (spec section 5): posts, incidents, snapshots, close-out and post telemetry."""
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
-from flask import Blueprint, Response, abort, jsonify, request
+from flask import Blueprint, Response, abort, g, jsonify, request
 
+from sip_refuge.control import ask, control_port
 from sip_refuge.errors import RefugeError
+from sip_refuge.sidecar.closeout import CloseRefused
+from sip_refuge.sidecar.store import StoreError
 from sip_refuge.sidecar.web.context import hub, require_post_token, require_token
 from sip_refuge.telemetry import Telemetry, TelemetryError
 
@@ -18,14 +20,15 @@ SNAPSHOT_WAIT = 10.0  # seconds: the snapshot of a just-queued call needs the ca
 
 def _post_or_404(post_id: str) -> dict[str, Any]:
     try:
-        return hub().post(post_id)
+        return hub().views.post(post_id)
     except RefugeError:
         abort(404, description=f"no post {post_id!r}")
 
 
 @bp.get("/posts")
 def posts() -> Response:
-    return jsonify(posts=hub().posts(), calls=hub().live_calls())
+    """Every post, every live call (longest waiting first, with its times), and ``now``."""
+    return jsonify(hub().views.overview())
 
 
 @bp.get("/posts/<post_id>")
@@ -38,19 +41,17 @@ def incidents() -> Response:
     limit = request.args.get("limit", "100")
     if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 10000:  # "²".isdigit() is True
         abort(400, description="limit must be a whole number from 1 to 10000")
-    store = hub().store
+    views = hub().views
     if request.args.get("format") == "csv":
-        out = io.StringIO()
-        store.export_csv(out, int(limit))
-        return Response(out.getvalue(), mimetype="text/csv",
+        return Response(views.export_csv(int(limit)), mimetype="text/csv",
                         headers={"Content-Disposition": "attachment; filename=incidents.csv"})
     post_id = request.args.get("post")
-    return jsonify(incidents=[i.to_dict() for i in store.incidents(int(limit), post_id)])
+    return jsonify(incidents=[i.to_dict() for i in views.incidents(int(limit), post_id)])
 
 
 @bp.get("/incidents/<incident_id>")
 def incident(incident_id: str) -> Response:
-    found = hub().store.incident(incident_id)
+    found = hub().views.incident(incident_id)
     if found is None:
         abort(404, description=f"no incident {incident_id!r}")
     return jsonify(found.to_dict())
@@ -58,10 +59,37 @@ def incident(incident_id: str) -> Response:
 
 @bp.get("/incidents/<incident_id>/snapshot.jpg")
 def snapshot(incident_id: str) -> Response:
-    image = hub().snapshot(incident_id, wait=SNAPSHOT_WAIT)
+    image = hub().views.snapshot(incident_id, wait=SNAPSHOT_WAIT)
     if image is None:
         abort(404, description="no snapshot for this incident")
     return Response(image, mimetype="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@bp.get("/close-reasons")
+def close_reasons() -> Response:
+    """The reasons an operator may close an incident with (``sidecar.close_reasons``)."""
+    return jsonify(reasons=hub().views.close_reasons())
+
+
+@bp.post("/incidents/<incident_id>/close")
+@require_token
+def close(incident_id: str) -> tuple[Response, int]:
+    """Close an ended incident with ``{"reason": ID, "note": TEXT}``: 200 with the incident; 404 (no such
+    incident), 409 (closed already, or its caller is still connected), 422 (a bad reason or note)."""
+    if not request.is_json:
+        abort(400, description="body: must be JSON (Content-Type: application/json)")
+    body = request.get_json(silent=True)
+    if body is None:
+        abort(400, description="body: not valid JSON")
+    # Who closed it: the operator's session when there is one (set by the access decorators), else the token.
+    by = str(g.get("operator") or "admin-token")
+    try:
+        closed = hub().recorder.close_incident(incident_id, body, by=by)
+    except CloseRefused as exc:
+        abort(exc.status, description=str(exc))
+    except StoreError as exc:
+        abort(503, description=f"the incident log cannot be read now ({exc}); try again")
+    return jsonify(closed.to_dict()), 200
 
 
 @bp.post("/posts/<post_id>/telemetry")
@@ -76,7 +104,7 @@ def telemetry(post_id: str) -> tuple[Response, int]:
         abort(exc.status, description=str(exc))
     if message.post != post_id:
         abort(422, description=f"post: {message.post!r} is not the post this URL is for ({post_id!r})")
-    hub().on_telemetry(post_id, message)
+    hub().recorder.on_telemetry(post_id, message)
     return jsonify(accepted=True), 202
 
 
@@ -88,8 +116,6 @@ def press(post_id: str) -> tuple[Response, int]:
     Only an agent on this host can be reached, and a real-GPIO agent refuses: on a real post the
     button is the only way to raise an alarm.
     """
-    from sip_refuge.post.control import ask, control_port
-
     _post_or_404(post_id)
     site = hub().site
     try:

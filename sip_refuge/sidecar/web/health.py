@@ -1,4 +1,4 @@
-"""``/healthz`` (JSON) and ``/metrics`` (Prometheus text format).
+"""``/healthz`` (JSON) and ``/metrics`` (Prometheus exposition, built in ``web/metrics.py``).
 
 The database is degraded at once when a write fails (a full disk, an I/O error, a damaged page), while
 writes wait in memory, and after any write was lost because that memory was full: that stays until the
@@ -9,18 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
 
 from sip_refuge.sidecar.core import Hub
-from sip_refuge.sidecar.store import StoreError
 from sip_refuge.sidecar.storefile import CORRUPT
 from sip_refuge.sidecar.web import admission
 from sip_refuge.sidecar.web.context import cameras, http_status, hub
+from sip_refuge.sidecar.web.metrics import exposition
 
 bp = Blueprint("health", __name__)
 
 FAILING_TARGET = 3  # consecutive failed attempts after which a CCTV target makes /healthz degraded
-ANSWER_BUCKETS = (5, 10, 15, 20, 30, 45, 60, 120)  # seconds; ASME A17.1 asks for an answer within 30 s
 
 
 @bp.get("/healthz")
@@ -31,9 +30,10 @@ def healthz() -> tuple[Response, int]:
                 "last_error": t.last_error, "last_error_at": t.last_error_at,
                 "consecutive_failures": t.consecutive_failures} for t in status]
     database, db_problems = _database(h)
+    link = h.link.status()
     problems: list[str] = []
-    if not h.ami_connected:
-        problems.append("ami: not connected" + (f" ({h.ami_last_error})" if h.ami_last_error else ""))
+    if not link.connected:
+        problems.append("ami: not connected" + (f" ({link.last_error})" if link.last_error else ""))
     problems += db_problems
     problems += [f"target {t.name}: {t.consecutive_failures} failed attempts in a row"
                  + (f" ({t.last_error})" if t.last_error else "")
@@ -41,8 +41,8 @@ def healthz() -> tuple[Response, int]:
     http = http_status()
     problems += admission.problems(http)
     body: dict[str, Any] = {
-        "ami": {"connected": h.ami_connected, "since": h.ami_last_change, "last_error": h.ami_last_error,
-                "last_error_at": h.ami_last_error_at, "resynced_at": h.ami_resynced_at},
+        "ami": {"connected": link.connected, "since": link.since, "last_error": link.last_error,
+                "last_error_at": link.last_error_at, "resynced_at": link.resynced_at},
         "database": database,
         "targets": targets,
         "cameras": _camera_summary(cameras()),
@@ -104,77 +104,5 @@ def _camera_summary(monitor: Any) -> dict[str, Any] | None:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    h = hub()
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            label = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-            lines.append(f"{name}{{{label}}} {value:g}" if label else f"{name} {value:g}")
-
-    try:
-        outcomes = h.store.outcome_counts()
-        within, total, count = h.store.answer_waits(ANSWER_BUCKETS)
-        counts = h.store.delivery_counts()
-    except StoreError:
-        pass  # the store cannot be read: refuge_store_up says so, the other families still come
-    else:
-        metric("refuge_calls_total", "counter", "Refuge calls by outcome (queued and answered are still live).",
-               [({"outcome": k}, float(v)) for k, v in sorted(outcomes.items())])
-        lines.append("# HELP refuge_answer_seconds Time from queued to answered by a desk.")
-        lines.append("# TYPE refuge_answer_seconds histogram")
-        for bound in ANSWER_BUCKETS:
-            lines.append(f'refuge_answer_seconds_bucket{{le="{bound}"}} {within[bound]:g}')
-        lines.append(f'refuge_answer_seconds_bucket{{le="+Inf"}} {count:g}')
-        lines.append(f"refuge_answer_seconds_sum {total:g}")
-        lines.append(f"refuge_answer_seconds_count {count}")
-        metric("refuge_deliveries", "gauge", "Stored deliveries by CCTV target and status.",
-               [({"target": t, "status": s}, float(n)) for t, by in sorted(counts.items())
-                for s, n in sorted(by.items())])
-    _store_metrics(h, metric)
-    status = h.outbox.status()
-    metric("refuge_delivery_attempts_failed_total", "counter", "Failed delivery attempts since start, by target.",
-           [({"target": t.name}, float(t.failed)) for t in status])
-    metric("refuge_target_up", "gauge", "1 when the target's last delivery attempt succeeded.",
-           [({"target": t.name}, 1.0 if t.healthy else 0.0) for t in status])
-    posts = h.posts()
-    metric("refuge_posts_online", "gauge", "Posts whose SIP contact is reachable.",
-           [({}, float(sum(1 for p in posts if p["online"])))])
-    metric("refuge_post_up", "gauge", "1 when the post's SIP contact is reachable.",
-           [({"post": p["id"]}, 1.0 if p["online"] else 0.0) for p in posts])
-    metric("refuge_post_fault", "gauge", "1 for each device fault a post's agent reports (tamper, button_stuck...).",
-           [({"post": p["id"], "fault": f}, 1.0) for p in posts for f in sorted(set(p["faults"]))])
-    metric("refuge_selftest_ok", "gauge", "1 when the post's last self-test passed, 0 when it failed.",
-           [({"post": p["id"]}, 1.0 if p["last_self_test"]["passed"] else 0.0) for p in posts
-            if p["last_self_test"] is not None])
-    metric("refuge_camera_faults", "gauge", "Cameras currently in fault.",
-           [({}, float(sum(1 for p in posts if p["camera"] and p["camera"]["ok"] is False)))])
-    metric("refuge_ami_connected", "gauge", "1 while the sidecar is connected to Asterisk's AMI.",
-           [({}, 1.0 if h.ami_connected else 0.0)])
-    for family in admission.metrics(http_status()):
-        metric(*family)
-    return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
-
-
-def _store_metrics(h: Hub, metric: Any) -> None:
-    held = h.outbox.backlog.status()
-    metric("refuge_store_up", "gauge", "1 while the database takes every write (nothing held in memory).",
-           [({}, 0.0 if h.store.fault is not None or held.writes else 1.0)])
-    metric("refuge_store_errors_total", "counter", "Failed database operations since start.",
-           [({}, float(h.store.errors))])
-    metric("refuge_store_held_writes", "gauge", "Writes held in memory because the database could not take them.",
-           [({}, float(held.writes))])
-    metric("refuge_store_held_bytes", "gauge", "Estimated memory used by the writes held.", [({}, float(held.bytes))])
-    metric("refuge_store_lost_writes_total", "counter",
-           "Writes lost because the memory for held writes was full, by kind (call or telemetry).",
-           [({"kind": k}, float(held.lost.get(k, 0))) for k in ("call", "telemetry")])
-    if h.pruner is not None:
-        pruned = h.pruner.status().pruned
-        metric("refuge_store_pruned_total", "counter", "Rows deleted by retention since start, by table.",
-               [({"table": t}, float(pruned.get(t, 0))) for t in ("events", "telemetry", "incidents")])
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    body, content_type = exposition(hub(), http_status(), request.headers.get("Accept"))
+    return Response(body, content_type=content_type)

@@ -15,7 +15,9 @@ INCIDENTS_SHOWN = 50  # the dashboard's history; older incidents are in the CSV/
 
 # Incident timeline steps (store kinds) as the dashboard shows them; its script gets the same words.
 STEP_LABELS = {"pressed": "Button pressed", "queued": "Queued", "desk_rung": "Rang", "answered": "Answered by",
-               "ended": "Ended", "unanswered": "Unanswered"}
+               "ended": "Ended", "unanswered": "Unanswered", "overflowed": "Overflowed",
+               "overflow_answered": "Overflow route answered", "requeued": "Back in the queue",
+               "closed": "Closed"}
 
 
 def _names(site: Site) -> dict[str, dict[str, str]]:
@@ -26,8 +28,8 @@ def _names(site: Site) -> dict[str, dict[str, str]]:
 @bp.get("/")
 def dashboard() -> str:
     h = hub()
-    return render_template("dashboard.html", site=h.site, posts=h.posts(), calls=h.live_calls(),
-                           incidents=h.store.incidents(INCIDENTS_SHOWN), names=_names(h.site),
+    return render_template("dashboard.html", site=h.site, posts=h.views.posts(), calls=h.views.live_calls(),
+                           incidents=h.views.incidents(INCIDENTS_SHOWN), names=_names(h.site),
                            step_labels=STEP_LABELS)
 
 
@@ -39,7 +41,7 @@ def operator() -> str:
         desk = h.site.desk(desk_id)
     except RefugeError:
         abort(404, description=f"no desk {desk_id!r}")
-    return render_template("operator.html", site=h.site, desk=desk, calls=h.live_calls(), names=_names(h.site))
+    return render_template("operator.html", site=h.site, desk=desk, calls=h.views.live_calls(), names=_names(h.site))
 
 
 @bp.get("/cameras/<post_id>/thumbnail.jpg")

@@ -20,8 +20,8 @@ from typing import Protocol
 
 from flask import Blueprint, Response
 
-from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.events import Event
+from sip_refuge.sidecar.fanout import Fanout
 from sip_refuge.sidecar.web.context import hub
 
 bp = Blueprint("stream", __name__)
@@ -52,7 +52,7 @@ class _Nudges:
     """Sets asyncio events from other threads with one loop call per burst rather than one per event.
 
     One published event wakes every open stream, and each ``call_soon_threadsafe`` is a system call made
-    by the publishing thread (with the hub's lock held): 200 streams would cost it 200.
+    by the publishing thread (with the recorder's lock held): 200 streams would cost it 200.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -127,18 +127,19 @@ def _take_all(subscription: queue.Queue[Event | None]) -> list[Event | None]:
 
 
 class EventStream(Stream):
-    """The hub's events for one page; it ends when the sidecar stops or the page falls too far behind."""
+    """The recorder's events for one page, from the fan-out; it ends when the sidecar stops or the page falls
+    too far behind."""
 
     kind = "events"
 
-    def __init__(self, source: Hub) -> None:
-        self.hub = source
+    def __init__(self, source: Fanout) -> None:
+        self.fanout = source
 
     def close(self) -> None:
         pass  # nothing to let go of: each iteration subscribes, and unsubscribes when it ends
 
     def __iter__(self) -> Iterator[bytes]:
-        subscription = self.hub.subscribe()
+        subscription = self.fanout.subscribe()
         try:
             yield RETRY
             while True:
@@ -151,11 +152,11 @@ class EventStream(Stream):
                     return
                 yield _frame(event)
         finally:
-            self.hub.unsubscribe(subscription)
+            self.fanout.unsubscribe(subscription)
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         ready = asyncio.Event()
-        subscription = self.hub.subscribe(wake=waker(ready))
+        subscription = self.fanout.subscribe(wake=waker(ready))
         beat = _Beat(ready)
         try:
             yield RETRY
@@ -173,7 +174,7 @@ class EventStream(Stream):
                     return
         finally:
             beat.cancel()
-            self.hub.unsubscribe(subscription)
+            self.fanout.unsubscribe(subscription)
 
 
 class _Beat:
@@ -245,5 +246,5 @@ class LiveView(Stream):
 @bp.get("/api/v1/events")
 def events() -> Response:
     # direct_passthrough: the server must get the Stream itself, not Werkzeug's wrapper around it.
-    return Response(EventStream(hub()), mimetype="text/event-stream", direct_passthrough=True,
+    return Response(EventStream(hub().fanout), mimetype="text/event-stream", direct_passthrough=True,
                     headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

@@ -48,6 +48,7 @@
       : badge("", "Unknown")} ${when(str(t.at))}`;
     const c = object(p.call);
     const call = !c ? "None" : c.state === "answered" ? badge("ok", `Answered by ${desk(str(c.desk))}`)
+      : c.state === "overflowed" ? badge("bad", "Overflowed: on the overflow route")
       : badge("wait", "Queued: ringing desks");
     const faultList = strings(p.faults);
     const faults = faultList.length ? `<dt>Faults</dt><dd>${faultList.map((f) => badge("bad", f)).join(" ")}</dd>` : "";
@@ -79,7 +80,8 @@
   function renderCalls(calls) {
     const items = list(calls).map(object).filter(Boolean).map((c) => `<li class="${esc(c.state)}" data-incident="${esc(c.incident)}">`
       + `<strong>${esc(c.post_name)}</strong>: `
-      + `${c.state === "answered" ? `answered by ${esc(desk(c.desk))}` : "waiting, ringing desks"}</li>`);
+      + `${c.state === "answered" ? `answered by ${esc(desk(c.desk))}` : c.state === "overflowed"
+        ? "overflowed, the caller is on the overflow route" : "waiting, ringing desks"}</li>`);
     put(document.getElementById("calls"), items.join("") || '<li class="none">No calls in progress</li>');
   }
 
@@ -95,7 +97,8 @@
   function outcome(i) {
     if (i.outcome === "ended") return badge("", "Ended");
     if (i.outcome) return badge("bad", i.outcome.charAt(0).toUpperCase() + i.outcome.slice(1));
-    return i.state === "answered" ? badge("ok", "Connected") : badge("wait", "Waiting");
+    return i.state === "answered" ? badge("ok", "Connected")
+      : i.state === "overflowed" ? badge("bad", "Overflowed (live)") : badge("wait", "Waiting");
   }
 
   function step(t) {
