@@ -186,7 +186,7 @@ def shown_status(state: object, detail: object) -> dict[str, object]:
             "faults": list(_or_unknown(lambda: f.names("faults"), tuple[str, ...]())),
             "mock_gpio": _or_unknown(lambda: f.maybe_flag("mock_gpio"), None) is True,
             "last_self_test": _or_unknown(last_self_test, None),
-            "sip_counters": _or_unknown(lambda: f.counters("sip_counters"), {})}
+            "sip_counters": _or_unknown(lambda: f.counters("sip_counters"), dict[str, int]())}
 
 
 def _or_unknown(read: Callable[[], T], unknown: T) -> T:
