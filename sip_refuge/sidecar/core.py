@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sip_refuge.config.model import Retention, Site
+from sip_refuge.config.secrets import incident_snapshot_url
 from sip_refuge.sidecar.ami import Snapshot
 from sip_refuge.sidecar.backlog import CALL, TELEMETRY
 from sip_refuge.sidecar.calls import CallTracker, Occurrence
@@ -245,7 +246,7 @@ class Hub:
         desk = occ.desk.id if occ.desk else None
         queued = occ.type == "call.queued"
         if queued and self.snapshot_source is not None and occ.post.camera is not None:
-            self._snapshot_urls[incident] = f"{self.base_url}/api/v1/incidents/{incident}/snapshot.jpg"
+            self._snapshot_urls[incident] = incident_snapshot_url(self.site, self.base_url, incident)
         snapshot_url = self._snapshot_urls.get(incident)
         step = {k: v for k, v in {**occ.detail, "desk": desk}.items() if v is not None}
 

@@ -7,8 +7,10 @@ from typing import Any
 
 from flask import Blueprint, Response, abort, jsonify, request
 
+from sip_refuge.config.secrets import snapshot_key
 from sip_refuge.errors import RefugeError
-from sip_refuge.sidecar.web.context import hub, require_post_token, require_token
+from sip_refuge.sidecar.web.context import hub, require_post_token
+from sip_refuge.sidecar.web.guard import readable_with_key, require_operator_write
 from sip_refuge.telemetry import Telemetry, TelemetryError
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -56,7 +58,18 @@ def incident(incident_id: str) -> Response:
     return jsonify(found.to_dict())
 
 
+def _snapshot_key(incident_id: str) -> str:
+    """The key of the events' ``snapshot_url`` (:func:`sip_refuge.config.secrets.incident_snapshot_url`)."""
+    site = hub().site
+    try:
+        token = site.sidecar.token.read() if site.sidecar is not None else ""
+    except RefugeError:
+        return ""
+    return snapshot_key(token, incident_id) if token else ""
+
+
 @bp.get("/incidents/<incident_id>/snapshot.jpg")
+@readable_with_key(_snapshot_key)
 def snapshot(incident_id: str) -> Response:
     image = hub().snapshot(incident_id, wait=SNAPSHOT_WAIT)
     if image is None:
@@ -81,7 +94,7 @@ def telemetry(post_id: str) -> tuple[Response, int]:
 
 
 @bp.post("/posts/<post_id>/press")
-@require_token
+@require_operator_write("press")
 def press(post_id: str) -> tuple[Response, int]:
     """Press a mock-GPIO post's button through its agent's control socket (demo and acceptance runs).
 

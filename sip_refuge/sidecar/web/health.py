@@ -16,6 +16,7 @@ from sip_refuge.sidecar.store import StoreError
 from sip_refuge.sidecar.storefile import CORRUPT
 from sip_refuge.sidecar.web import admission
 from sip_refuge.sidecar.web.context import cameras, http_status, hub
+from sip_refuge.sidecar.web.guard import monitoring
 
 bp = Blueprint("health", __name__)
 
@@ -24,6 +25,7 @@ ANSWER_BUCKETS = (5, 10, 15, 20, 30, 45, 60, 120)  # seconds; ASME A17.1 asks fo
 
 
 @bp.get("/healthz")
+@monitoring  # from sidecar.monitoring_networks without a login; from elsewhere with one (or the token)
 def healthz() -> tuple[Response, int]:
     h = hub()
     status = h.outbox.status()
@@ -103,6 +105,7 @@ def _camera_summary(monitor: Any) -> dict[str, Any] | None:
 
 
 @bp.get("/metrics")
+@monitoring
 def metrics() -> Response:
     h = hub()
     lines: list[str] = []
