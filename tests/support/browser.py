@@ -25,9 +25,9 @@ VIEWPORT: ViewportSize = {"width": 1280, "height": 800}  # the size of the scree
 class Browser:
     """One headless Chromium with its own profile in ``profile`` (a fresh, empty directory)."""
 
-    def __init__(self, profile: Path, *, beside: Browser | None = None) -> None:
+    def __init__(self, profile: Path, *, beside: Browser | None = None, ignore_https_errors: bool = False) -> None:
         """``beside``: a second browser (its own profile and cookies) on the first one's Playwright, which
-        allows only one driver per thread."""
+        allows only one driver per thread. ``ignore_https_errors``: accept a test's self-signed certificate."""
         if not CHROMIUM.exists():
             # Fail, never skip: the page tests are part of what the sidecar must show.
             raise RuntimeError(f"{CHROMIUM} is missing: apt-get install chromium")
@@ -38,7 +38,7 @@ class Browser:
             # A persistent context is the way to hand Chromium our own --user-data-dir.
             self.context = self._playwright.chromium.launch_persistent_context(
                 str(profile), executable_path=str(CHROMIUM), headless=True, chromium_sandbox=False, args=FLAGS,
-                viewport=VIEWPORT, locale="en-GB", timezone_id="Europe/London")
+                viewport=VIEWPORT, locale="en-GB", timezone_id="Europe/London", ignore_https_errors=ignore_https_errors)
         except Error:
             if self._owner:
                 self._playwright.stop()

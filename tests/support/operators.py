@@ -44,6 +44,7 @@ def client(source: str | None = None) -> requests.Session:
     session = requests.Session()
     if source is not None:
         session.mount("http://", FromAddress(source))
+        session.mount("https://", FromAddress(source))
     return session
 
 
