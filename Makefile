@@ -7,9 +7,10 @@ BIN := $(VENV)/bin
 # Debian packages the tests and the demo need. mmdebstrap builds the Asterisk root folder. The fail2ban
 # tests run a fail2ban-server of their own; on a host with systemd, Debian also enables the fail2ban
 # service (its sshd jail) at install: `systemctl disable --now fail2ban` if the machine should not have it.
+# nginx: the TLS proxy recipe's test runs its own nginx on loopback (Debian enables the nginx service too).
 DEB_PACKAGES := mmdebstrap vlc-bin vlc-plugin-base util-linux sqlite3 \
 	gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly python3-gi \
-	chromium fail2ban
+	chromium fail2ban nginx openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv deps asterisk lint test unit integration demo clean

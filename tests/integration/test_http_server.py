@@ -29,6 +29,7 @@ from sip_refuge.sidecar.web.admission import Admission
 from sip_refuge.sidecar.web.server import HttpServer
 from sip_refuge.sidecar.web.stream import Stream
 from tests.support.http_load import Streams, closed_by_server, connect, head, read_answer
+from tests.support.telemetry import message
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -253,15 +254,16 @@ def test_the_event_stream_runs_in_the_loop_with_keepalives_and_ends_when_the_hub
     site = load_site(path)
     store = Store(tmp_path / "sidecar.sqlite3")
     hub = Hub(site, store, Outbox(store, []), base_url="http://127.0.0.1")
-    app = create_app(hub, token="t0ken-for-the-server-tests-0123456789")
+    token = "t0ken-for-the-server-tests-0123456789"
+    app = create_app(hub, token=token)
     http = HttpServer(app, Admission(LIMITS), host="127.0.0.1", port=0, max_body=MAX_BODY).start()
     try:
-        with Streams(http.port) as streams:
+        with Streams(http.port, {"Authorization": f"Bearer {token}"}) as streams:  # streams need a login or it
             streams.open("/api/v1/events", 3, ["127.0.0.2"])
             streams.wait("three subscribers", lambda s: s.status == 200, 10)
             wait_for(lambda: len(hub._subscribers) == 3, 10, "three hub subscribers")
             for state in ("idle", "ringing"):
-                hub.on_telemetry("idlewells", {"kind": "state", "state": state})
+                hub.on_telemetry("idlewells", message("idlewells", state=state))
             streams.wait("both events on each stream", lambda s: s.seen == ["post.status", "post.status"], 10)
             streams.wait("keep-alive comments", lambda s: s.comments >= 2, 10)
             assert all(s.seen == ["post.status", "post.status"] for s in streams.snapshot())

@@ -28,6 +28,7 @@ from tests.support.http_load import Streams, closed_by_server, connect, head, pr
 from tests.support.rtsp_camera import TestCamera
 from tests.support.sidecar import Sidecar
 from tests.support.sites import sidecar_site
+from tests.support.telemetry import report
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -62,7 +63,7 @@ class Setup:
         """A post's report, with its own token, from 127.0.0.1 (the posts' network here)."""
         token = telemetry_token(post_id, self.site.post(post_id).secret.read())
         return self.sidecar.session.post(f"{self.sidecar.url}/api/v1/posts/{post_id}/telemetry", timeout=15,
-                                         json={"kind": "state", "state": "idle", **body},
+                                         json=report(post_id, **body),
                                          headers={"Authorization": f"Bearer {token}"})
 
 

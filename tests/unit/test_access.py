@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pty
+import select
 import shutil
 import stat
 import subprocess
@@ -185,6 +187,48 @@ def test_users_add_reads_the_password_from_stdin_never_the_command_line(tmp_path
     assert run_cli("users", "remove", str(site), "alice").returncode == 0
     gone = run_cli("users", "remove", str(site), "alice")
     assert gone.returncode == 2 and "no user 'alice'" in gone.stderr
+
+
+def in_a_terminal(argv: list[str], answers: list[bytes]) -> tuple[int, str]:
+    """Run the CLI on a pseudo-terminal, typing each answer once its prompt shows; (exit status, what it showed)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI, with the terminal as its stdin (getpass reads /dev/tty)
+        os.chdir(REPO)
+        os.execv(sys.executable, [sys.executable, "-m", "sip_refuge.cli", *argv])
+    shown, asked = b"", 0
+
+    def read() -> bool:
+        nonlocal shown
+        ready, _, _ = select.select([fd], [], [], 30)
+        try:
+            chunk = os.read(fd, 1024) if ready else b""
+        except OSError:  # the child has closed the terminal
+            chunk = b""
+        shown += chunk
+        return bool(chunk)
+
+    for answer in answers:
+        # getpass flushes what was typed before its prompt: wait for the prompt, then type.
+        while shown.count(b": ") <= asked and read():
+            pass
+        asked += 1
+        os.write(fd, answer)
+    while read():
+        pass
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), shown.decode(errors="replace")
+
+
+def test_users_add_in_a_terminal_asks_twice_without_echo(tmp_path: Path) -> None:
+    site = site_with(tmp_path)
+    status, shown = in_a_terminal(["users", "add", str(site), "carol"], [b"typed in a terminal\n"] * 2)
+    assert status == 0 and "New password for carol:" in shown and "The same again:" in shown
+    assert "typed in a terminal" not in shown  # never echoed
+    assert verify("typed in a terminal", read_users(tmp_path / "secrets" / "sidecar.users")["carol"].hash)
+    status, shown = in_a_terminal(["users", "add", str(site), "carol"], [b"another password!\n", b"a typo!\n"])
+    assert status == 2 and "the two passwords differ; nothing was changed" in shown
+    assert verify("typed in a terminal", read_users(tmp_path / "secrets" / "sidecar.users")["carol"].hash)
 
 
 def test_users_add_without_a_users_file_in_the_site_says_what_to_add(tmp_path: Path) -> None:

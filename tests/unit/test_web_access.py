@@ -314,3 +314,14 @@ def test_an_incidents_snapshot_opens_with_its_key_only(app: Flask, site: Site) -
     assert stranger.get(f"/api/v1/incidents/inc-2/snapshot.jpg?key={key}").status_code == 401  # another incident's
     assert stranger.get("/api/v1/incidents/inc-1/snapshot.jpg?key=").status_code == 401
     assert stranger.get("/api/v1/incidents/inc-1").status_code == 401  # the key opens the picture, nothing else
+
+
+def test_a_line_break_in_a_name_or_path_cannot_forge_a_log_line(app: Flask, caplog: pytest.LogCaptureFixture) -> None:
+    log_in(client(app, ATTACKER), "x\nINFO audit: login ok by root", "any password at all")
+    browser = client(app)
+    log_in(browser, "alice", PASSWORDS["alice"])
+    browser.post("/api/v1/posts/idle%0Awells/press", headers={"X-CSRF-Token": csrf_of(browser)})
+    lines = [r.getMessage() for r in caplog.records if r.name == "sip_refuge.audit"]
+    assert all("\n" not in line for line in lines), lines
+    assert audit(app)[0]["actor"] == "x\\ninfo audit: login ok by root"  # names are lowercased
+    assert audit(app)[-1]["target"] == "idle\\nwells"

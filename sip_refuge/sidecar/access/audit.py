@@ -10,12 +10,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from sip_refuge.config.files import printable
 from sip_refuge.sidecar.events import iso_utc
 from sip_refuge.sidecar.store import Store, StoreError
 
 log = logging.getLogger("sip_refuge.audit")
 
 OK = "ok"
+MAX_TEXT = 300  # characters of a name, target or detail kept
 
 
 class AuditLog:
@@ -24,6 +26,9 @@ class AuditLog:
 
     def record(self, action: str, outcome: str, *, actor: str, address: str, role: str | None = None,
                target: str | None = None, **detail: Any) -> dict[str, Any]:
+        # Names, paths and details come from clients: a line break in one must not forge a log line of its own.
+        actor, target = _shown(actor), _shown(target) if target is not None else None
+        detail = {k: _shown(v) if isinstance(v, str) else v for k, v in detail.items()}
         entry = {"at": iso_utc(self.clock()), "action": action, "outcome": outcome, "actor": actor, "role": role,
                  "address": address, "target": target, "detail": detail}
         extra = "".join(f" {k}={v}" for k, v in detail.items())
@@ -37,3 +42,7 @@ class AuditLog:
 
     def entries(self, limit: int, before: int | None = None) -> list[dict[str, Any]]:
         return self.store.audit(limit, before)
+
+
+def _shown(text: str) -> str:
+    return printable(text)[:MAX_TEXT]

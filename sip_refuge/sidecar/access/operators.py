@@ -26,7 +26,7 @@ from sip_refuge.errors import RefugeError, SidecarError
 log = logging.getLogger(__name__)
 
 KDF_AT_ONCE = 2
-KDF_WAIT = 20.0  # seconds a login waits for its turn before it is answered 503
+KDF_WAIT = 5.0  # seconds a login waits for its turn (a thread held meanwhile) before it is answered 503
 RESTAT = 1.0  # seconds between looks at the file's modification time
 
 
