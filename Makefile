@@ -9,11 +9,12 @@ BIN := $(VENV)/bin
 # come from Python's cryptography, and the wire test captures lo with a raw socket as root (no tcpdump). The
 # fail2ban tests run a fail2ban-server of their own; on a host with systemd,
 # Debian also enables the fail2ban service (its sshd jail) at install: `systemctl disable --now fail2ban` if
-# the machine should not have it.
+# the machine should not have it. nginx: the TLS proxy recipe's test runs its own nginx on loopback (Debian
+# enables the nginx service too); openssl makes its self-signed certificate.
 DEB_PACKAGES := python3-venv mmdebstrap vlc-bin vlc-plugin-base util-linux sqlite3 nftables \
 	build-essential swig xz-utils python3-dev libssl-dev libopus-dev libsrtp2-dev libspeex-dev libspeexdsp-dev libasound2-dev \
 	gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly python3-gi \
-	chromium fail2ban
+	chromium fail2ban nginx openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv deps asterisk pjsua2 lint test unit integration demo clean

@@ -60,11 +60,12 @@ def telemetry_writes(site: Site, url: str, count: int) -> list[float]:
     return times
 
 
-def dashboard_loads(url: str, count: int) -> list[float]:
+def dashboard_loads(url: str, count: int, headers: dict[str, str]) -> list[float]:
     times = []
     for _ in range(count):
         start = time.perf_counter()
         with requests.Session() as session:  # a fresh connection, as a first visit
+            session.headers.update(headers)
             for path in ("/", "/static/refuge.css", "/static/dashboard.js"):
                 reply = session.get(url + path, timeout=30)
                 if reply.status_code != 200:
@@ -75,7 +76,8 @@ def dashboard_loads(url: str, count: int) -> list[float]:
 
 def phase(site: Site, sidecar: Sidecar, port: int, events: int, views: int, args: argparse.Namespace) -> dict[str, float]:
     posts = [p.id for p in site.posts]
-    with Streams(port) as streams:
+    token = {"Authorization": f"Bearer {sidecar.token()}"}  # pages and streams need a login or the token
+    with Streams(port, token) as streams:
         if events:
             streams.open("/api/v1/events", events, [f"127.0.1.{n}" for n in range(1, 11)])
         for i in range(views):
@@ -86,7 +88,7 @@ def phase(site: Site, sidecar: Sidecar, port: int, events: int, views: int, args
         pid = sidecar.pid or 0
         cpu, wall = cpu_seconds(pid), time.monotonic()
         writes = telemetry_writes(site, sidecar.url, args.writes)
-        loads = dashboard_loads(sidecar.url, args.loads)
+        loads = dashboard_loads(sidecar.url, args.loads, token)
         cpu_share = (cpu_seconds(pid) - cpu) / (time.monotonic() - wall)
         status = process_status(pid)
         if events:

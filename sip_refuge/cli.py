@@ -18,6 +18,9 @@ from sip_refuge.logs import setup_logging
 COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("config", "check"): ("sip_refuge.config.commands", "check", "validate a site file"),
     ("secrets", "init"): ("sip_refuge.config.commands", "secrets_init", "create missing secret files"),
+    ("users", "add"): ("sip_refuge.config.commands", "users_add",
+                       "add an operator to the sidecar's users file, or set a new password (asked, never an argument)"),
+    ("users", "remove"): ("sip_refuge.config.commands", "users_remove", "remove an operator (their sessions end)"),
     ("asterisk", "render"): ("sip_refuge.pbx.commands", "render", "write the Asterisk include files"),
     ("asterisk", "check"): ("sip_refuge.pbx.commands", "check", "load the rendered config into a real Asterisk"),
     ("pbx",): ("sip_refuge.pbx.commands", "run", "run a real Asterisk on loopback with the rendered site"),
@@ -74,6 +77,21 @@ def _secrets_args(parser: argparse.ArgumentParser) -> None:
 
 
 ARGUMENTS[("secrets", "init")] = _secrets_args
+
+
+def _user_args(parser: argparse.ArgumentParser) -> None:
+    _site(parser)
+    parser.add_argument("name", metavar="NAME", help="the operator's login name")
+
+
+def _user_add_args(parser: argparse.ArgumentParser) -> None:
+    _user_args(parser)
+    parser.add_argument("--role", choices=("operator", "admin"), default="operator",
+                        help="admin may also read the audit log (default: operator)")
+
+
+ARGUMENTS[("users", "add")] = _user_add_args
+ARGUMENTS[("users", "remove")] = _user_args
 ARGUMENTS[("asterisk", "render")] = _render_args
 ARGUMENTS[("asterisk", "check")] = _templates
 ARGUMENTS[("pbx",)] = _templates

@@ -1,16 +1,19 @@
-"""``sip-refuge config check`` and ``sip-refuge secrets init``."""
+"""``sip-refuge config check``, ``sip-refuge secrets init`` and ``sip-refuge users add/remove``."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 from pathlib import Path
 
 from sip_refuge.config.loader import load_site
 from sip_refuge.config.model import Site
+from sip_refuge.config.passwords import check_new_password, hash_password
 from sip_refuge.config.secrets import init_secrets
 from sip_refuge.config.source import load_yaml
-from sip_refuge.errors import ConfigError, Problem
+from sip_refuge.config.users import check_name, read_users, remove_user, set_user
+from sip_refuge.errors import ConfigError, Problem, RefugeError
 
 
 def warning_text(problem: Problem) -> str:
@@ -23,8 +26,10 @@ def check(args: argparse.Namespace) -> int:
         print(warning_text(warning), file=sys.stderr)
     if getattr(args, "post", None) is None:  # a post holds only the CA's certificate, not the PBX's files
         report_tls(site, Path(args.site))
+    users = site.sidecar.users_file if site.sidecar is not None else None
+    operators = f", {len(read_users(users))} operators" if users is not None else ", no users_file"
     print(f"{args.site}: ok: {len(site.posts)} posts, {len(site.desks)} desks, queue {site.queue.name} "
-          f"on {site.queue.extension}, {len(site.cctv)} CCTV targets")
+          f"on {site.queue.extension}, {len(site.cctv)} CCTV targets{operators if site.sidecar else ''}")
     return 0
 
 
@@ -62,3 +67,45 @@ def report_tls(site: Site, path: Path) -> None:
             errors.append(src.problem(finding.key, finding.message))
     if errors:
         raise ConfigError(errors)
+
+
+def _users_file(site_path: str) -> Path:
+    site = load_site(site_path, check_secrets=False)
+    if site.sidecar is None or site.sidecar.users_file is None:
+        raise RefugeError(f"{site_path}: the site names no users file: add `users_file: secrets/sidecar.users` "
+                          "under `sidecar:`")
+    return site.sidecar.users_file
+
+
+def _new_password(name: str) -> str:
+    """From the terminal, typed twice and never echoed; otherwise the first line of stdin (scripts)."""
+    if sys.stdin.isatty():
+        first = getpass.getpass(f"New password for {name}: ")
+        check_new_password(first)
+        if getpass.getpass("The same again: ") != first:
+            raise RefugeError("the two passwords differ; nothing was changed")
+        return first
+    line = sys.stdin.readline()
+    if not line:
+        raise RefugeError("no password on stdin (give it as the first line, or run this in a terminal)")
+    password = line.removesuffix("\n").removesuffix("\r")
+    check_new_password(password)
+    return password
+
+
+def users_add(args: argparse.Namespace) -> int:
+    """Add an operator, or set a new password (and role) for one; the password never goes on the command line."""
+    path = _users_file(args.site)
+    name = check_name(args.name)
+    password = _new_password(name)
+    created = set_user(path, name, args.role, hash_password(password))
+    print(f"{'added' if created else 'updated'} {args.role} {name} in {path}")
+    return 0
+
+
+def users_remove(args: argparse.Namespace) -> int:
+    path = _users_file(args.site)
+    if not remove_user(path, args.name):
+        raise RefugeError(f"{path}: no user {args.name!r}")
+    print(f"removed {args.name} from {path}; a running sidecar logs out their sessions")
+    return 0

@@ -15,6 +15,7 @@ from sip_refuge.config import cctv
 from sip_refuge.config.files import control_character, printable
 from sip_refuge.config.model import (
     DEFAULT_CLOSE_REASONS,
+    MONITORING_NETWORKS,
     Ami,
     Camera,
     CctvTarget,
@@ -36,6 +37,7 @@ from sip_refuge.config.model import (
 )
 from sip_refuge.config.reader import Reader
 from sip_refuge.config.source import Source, load_yaml
+from sip_refuge.config.users import read_users
 from sip_refuge.errors import ConfigError, Problem, RefugeError
 
 ID = r"[a-z0-9][a-z0-9-]{0,39}"
@@ -369,6 +371,13 @@ class _Builder:
         retention = self.retention(r.child("retention"))
         limits = self.http_limits(r.child("limits"))
         reasons = self.close_reasons(r) if r.has("close_reasons") else DEFAULT_CLOSE_REASONS
+        users = self.users_file(r)
+        idle = r.duration("session_idle", 1800, low=60, high=86400) or 1800
+        lifetime = r.duration("session_lifetime", 12 * 3600, low=300, high=7 * 86400) or 12 * 3600
+        if idle > lifetime:
+            r.fail("session_idle", f"{idle} s is longer than session_lifetime ({lifetime} s)")
+        monitoring = self.cidrs(r, "monitoring_networks") if r.has("monitoring_networks") else MONITORING_NETWORKS
+        proxies = self.cidrs(r, "proxies")
         r.done()
         if listen is None or token is None or database is None:
             return None
@@ -377,7 +386,7 @@ class _Builder:
             r.fail("listen", f"port {port} is out of range")
             return None
         return Sidecar(host, int(port), token, database, public, grace or 0, interval or 60, retention,
-                       limits, reasons)
+                       limits, reasons, users, idle, lifetime, monitoring, proxies)
 
     def close_reasons(self, r: Reader) -> tuple[CloseReason, ...]:
         """``sidecar.close_reasons``: each ``{id, label}``, or just a label (its id is the label in lowercase
@@ -415,6 +424,21 @@ class _Builder:
         if len(out) > CLOSE_REASONS_MAX:
             r.fail("close_reasons", f"at most {CLOSE_REASONS_MAX} reasons: an operator picks one in a hurry")
         return tuple(out) or DEFAULT_CLOSE_REASONS
+
+    def users_file(self, r: Reader) -> Path | None:
+        """The operators' users file: checked like a secret (a regular file of mode 0600), and line by line."""
+        path = r.path_value("users_file")
+        if path is None or not self.check_secrets:
+            return path
+        if not os.path.lexists(path):
+            r.fail("users_file", f"{path} does not exist; run: sip-refuge secrets init SITE, then add the "
+                                 "operators with: sip-refuge users add SITE NAME")
+            return path
+        try:
+            read_users(path)
+        except RefugeError as exc:
+            r.fail("users_file", str(exc))
+        return path
 
     def retention(self, r: Reader) -> Retention:
         years, d = 100 * 365 * 86400, Retention()

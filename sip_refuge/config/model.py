@@ -169,6 +169,9 @@ class HttpLimits:
     idle_timeout: int = 30  # seconds a kept-alive connection may wait for its next request
 
 
+MONITORING_NETWORKS = ("127.0.0.1/32", "::1/128")  # the sidecar's own host
+
+
 @dataclass(frozen=True)
 class CloseReason:
     """One reason an operator may give when closing an incident (``sidecar.close_reasons``)."""
@@ -202,6 +205,11 @@ class Sidecar:
     retention: Retention = Retention()
     limits: HttpLimits = field(default_factory=HttpLimits)
     close_reasons: tuple[CloseReason, ...] = DEFAULT_CLOSE_REASONS
+    users_file: Path | None = None  # operators who may log in to the pages; None: only the bearer token reads
+    session_idle: int = 30 * 60  # seconds without a request (an open page's stream counts) before logout
+    session_lifetime: int = 12 * 3600  # seconds from login to logout, whatever happens (one shift)
+    monitoring_networks: tuple[str, ...] = MONITORING_NETWORKS  # may read /healthz and /metrics unauthenticated
+    proxies: tuple[str, ...] = ()  # reverse proxies whose X-Forwarded-For/-Proto are believed
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 from sip_refuge.config.files import create_file
 from sip_refuge.config.model import Secret, Site
+from sip_refuge.config.users import init_users_file
 from sip_refuge.errors import RefugeError
 
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]+):[^@\s/]*@", re.I)
@@ -27,7 +28,7 @@ def new_value(kind: str) -> str:
 
 
 def init_secrets(site: Site) -> list[Path]:
-    """Write every missing secret file with mode 0600; return the files created.
+    """Write every missing secret file with mode 0600, and an empty users file; return the files created.
 
     Anything already at a secret's path is left alone, a symbolic link too, dangling or not: a link
     there is never written through (``O_NOFOLLOW``, ``O_EXCL``), and validating the site afterwards
@@ -39,6 +40,9 @@ def init_secrets(site: Site) -> list[Path]:
             continue
         create_file(secret.file, (new_value(secret.kind) + "\n").encode(), 0o600, "secret")
         created.append(secret.file)
+    users = site.sidecar.users_file if site.sidecar is not None else None
+    if users is not None and init_users_file(users):
+        created.append(users)  # empty: `sip-refuge users add` puts the operators in
     return created
 
 
@@ -114,3 +118,21 @@ def telemetry_token(post_id: str, post_secret: str) -> str:
     no site-wide secret and a stolen post can only ever write as itself."""
     digest = hmac.new(post_secret.encode(), f"sip-refuge telemetry {post_id}".encode(), hashlib.sha256)
     return "post." + digest.hexdigest()
+
+
+def snapshot_key(site_token: str, incident_id: str) -> str:
+    """The ``key`` in an incident's ``snapshot_url``: whoever got the event (a CCTV system) may fetch that one
+    picture without a login or the site token. 128 bits of HMAC-SHA256 keyed with the site token, so
+    changing the token withdraws every such link at once."""
+    digest = hmac.new(site_token.encode(), f"sip-refuge snapshot {incident_id}".encode(), hashlib.sha256)
+    return digest.hexdigest()[:32]
+
+
+def incident_snapshot_url(site: Site, base_url: str, incident_id: str) -> str:
+    """An incident's snapshot URL; with its key when the site token can be read (it always can in a sidecar)."""
+    url = f"{base_url}/api/v1/incidents/{incident_id}/snapshot.jpg"
+    try:
+        token = site.sidecar.token.read() if site.sidecar is not None else ""
+    except RefugeError:
+        token = ""
+    return f"{url}?key={snapshot_key(token, incident_id)}" if token else url

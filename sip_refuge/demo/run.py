@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets as random
 import signal
 import socket
 import subprocess
@@ -27,7 +28,9 @@ from types import FrameType
 from typing import Any
 
 from sip_refuge.config import Site, load_site
+from sip_refuge.config.passwords import hash_password
 from sip_refuge.config.secrets import init_secrets
+from sip_refuge.config.users import set_user
 from sip_refuge.control import ask, control_port
 from sip_refuge.errors import RefugeError
 
@@ -38,6 +41,8 @@ CAMERA_CONTROL = 8555
 ANSWER_AFTER = 4.0  # seconds the desk phones ring before the robot operator picks up
 TALK_FOR = 20.0  # seconds the robot operator stays on the line after its message
 READY_LINE = "sip-refuge demo is ready"
+LOGIN_LINE = "operator login"
+DEMO_OPERATOR = "demo"
 
 
 def say(text: str) -> None:
@@ -75,6 +80,7 @@ class Demo:
         self.site_path, self.log_dir = site_path, log_dir
         self.stop_event = threading.Event()
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.operator = (DEMO_OPERATOR, "")
 
     # -- parts ---------------------------------------------------------------------------------
     def child(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
@@ -117,6 +123,7 @@ class Demo:
         created = init_secrets(site)
         if created:
             say(f">> created {len(created)} demo secrets in {created[0].parent}")
+        self.operator = self._operator_login(load_site(self.site_path, check_secrets=False))
         site = load_site(self.site_path)
         taken = [f"{what} ({kind} {port})" for kind, port, what in ports_of(site) if busy(kind, port)]
         if taken:
@@ -145,6 +152,16 @@ class Demo:
             return 1
         say(">> stopped; nothing left running")
         return 0
+
+    def _operator_login(self, site: Site) -> tuple[str, str]:
+        """The demo's operator (an admin, so the audit log can be read too), with a new password each run: the
+        pages need a login, and only this run's screen shows the password."""
+        users = site.sidecar.users_file if site.sidecar is not None else None
+        if users is None:
+            raise RefugeError(f"{self.site_path}: the demo site needs sidecar.users_file (config/demo.yaml has one)")
+        password = random.token_urlsafe(12)
+        set_user(users, DEMO_OPERATOR, "admin", hash_password(password))
+        return DEMO_OPERATOR, password
 
     def _signal(self, signum: int, frame: FrameType | None) -> None:
         self.stop_event.set()
@@ -223,6 +240,7 @@ class Demo:
             f" dashboard       {base}/",
             f" operator page   {base}/operator?desk={site.desks[0].id}",
             f" metrics         {base}/metrics",
+            f" {LOGIN_LINE}   name {self.operator[0]}, password {self.operator[1]}   (new each run)",
             "",
             " press a post's button (in another terminal):",
         ]
@@ -230,7 +248,7 @@ class Demo:
                   for p in site.posts]
         lines += [
             f"   .venv/bin/sip-refuge status {rel} --post {site.posts[0].id}",
-            "   or the dashboard's press button (it asks once for the API token in config/secrets/sidecar.token)",
+            "   or the dashboard's press button (logged in as the operator above)",
             "",
             " make a camera fault (black picture), and mend it:",
             f"   curl -X POST --data black http://127.0.0.1:{CAMERA_CONTROL}/mounts/{site.posts[-1].id}/mode",

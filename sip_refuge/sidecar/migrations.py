@@ -92,4 +92,19 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX incidents_ref_number ON incidents(ref_number);
     CREATE INDEX incidents_close_reason ON incidents(close_reason);
     """,
+    # 4: the audit log: logins, logouts and every write an operator or the admin token made.
+    """
+    CREATE TABLE audit (
+        seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+        at      TEXT NOT NULL,                -- ISO UTC
+        action  TEXT NOT NULL,                -- login | logout | press | incident.close | ...
+        outcome TEXT NOT NULL,                -- ok | failed | throttled | refused | HTTP status of a write
+        actor   TEXT NOT NULL,                -- user name as given (also an unknown one), or "token"
+        role    TEXT,                         -- operator | admin; NULL when nobody was logged in
+        address TEXT NOT NULL,                -- the client's address (behind a configured proxy: the real one)
+        target  TEXT,                         -- what the write was about (a post or incident id)
+        detail  TEXT NOT NULL DEFAULT '{}'    -- JSON object
+    );
+    CREATE INDEX audit_at ON audit(at);
+    """,
 )

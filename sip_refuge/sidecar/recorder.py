@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from sip_refuge.config.model import Retention, Site
+from sip_refuge.config.secrets import incident_snapshot_url
 from sip_refuge.sidecar import calls, closeout
 from sip_refuge.sidecar.ami import Snapshot
 from sip_refuge.sidecar.backlog import CALL, TELEMETRY
@@ -182,7 +183,7 @@ class Recorder:
         if queued:
             reference, number = self.references.next()
             if self.snapshots is not None and occ.post.camera is not None:
-                snapshot_url = f"{self.base_url}/api/v1/incidents/{incident}/snapshot.jpg"
+                snapshot_url = incident_snapshot_url(self.site, self.base_url, incident)
         self.board.apply(occ, at, reference=reference, snapshot_url=snapshot_url)
         desk = occ.desk.id if occ.desk else None
         step = {k: v for k, v in {**occ.detail, "desk": desk}.items() if v is not None}

@@ -21,6 +21,7 @@ from sip_refuge.config.commands import warning_text
 from sip_refuge.config.secrets import Masker
 from sip_refuge.errors import SidecarError
 from sip_refuge.logs import setup_logging
+from sip_refuge.sidecar.access import Access
 from sip_refuge.sidecar.ami import AmiFollower
 from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.events import Revealer
@@ -97,9 +98,14 @@ class SidecarRunner:
         from sip_refuge.sidecar.web.admission import Admission
         from sip_refuge.sidecar.web.server import HttpServer
 
-        admission = Admission(self.conf.limits, trusted=self.site.pbx.networks.posts)
-        app = create_app(self.hub, token=self.conf.token.read(), cameras=self.monitor, stop=self.stop_event,
-                         http=admission.status)
+        admission = Admission(self.conf.limits, trusted=self.site.pbx.networks.posts, proxies=self.conf.proxies)
+        token = self.conf.token.read()
+        access = Access.for_site(self.site, self.store, token)
+        if not access.operators.current():
+            log.warning("no operators in sidecar.users_file: nobody can log in to the pages (only the bearer "
+                        "token reads them); run: sip-refuge users add %s NAME", self.site.path)
+        app = create_app(self.hub, token=token, cameras=self.monitor, stop=self.stop_event,
+                         http=admission.status, access=access)
         # Bound before any thread starts: a port in use is a clear error, not a half-started sidecar.
         self.server = HttpServer(app, admission, host=self.conf.host, port=self.conf.port, max_body=MAX_BODY)
         self.start()

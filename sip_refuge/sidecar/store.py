@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 PENDING = "pending"
 DELIVERED = "delivered"
 
-TABLES = {"incidents", "timeline", "events", "deliveries", "post_status", "camera_status", "telemetry"}
+TABLES = {"incidents", "timeline", "events", "deliveries", "post_status", "camera_status", "telemetry", "audit"}
 _IN_CHUNK = 500  # ids per IN (...) list; SQLite allows 999 bound variables in older builds
 _INCIDENT_FIELDS = ("state", "answered_by", "answered_at", "ended", "outcome", "snapshot")
 
@@ -406,6 +406,20 @@ class Store:
                         bounds)
         assert row is not None  # an aggregate always yields one row
         return ({b: int(row[2 + i] or 0) for i, b in enumerate(bounds)}, float(row[1]), int(row[0]))
+
+    # -- audit log ----------------------------------------------------------------------------------------
+
+    def add_audit(self, entry: dict[str, Any]) -> None:
+        """One audit entry (``sidecar.access.audit``): at, action, outcome, actor, role, address, target, detail."""
+        values: dict[str, object] = {**entry, "detail": json.dumps(entry.get("detail") or {})}
+        self._exec("INSERT INTO audit (at, action, outcome, actor, role, address, target, detail)"
+                   " VALUES (:at, :action, :outcome, :actor, :role, :address, :target, :detail)", values)
+
+    def audit(self, limit: int = 100, before: int | None = None) -> list[dict[str, Any]]:
+        """Newest first; ``before`` a ``seq`` pages back."""
+        rows = self._all("SELECT * FROM audit WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+                         (before if before is not None else 2**63 - 1, limit))
+        return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
 
     # -- post and camera status, telemetry --------------------------------------------------------------
 

@@ -20,8 +20,8 @@ import pytest
 from playwright.sync_api import expect
 
 from sip_refuge.config import Site, load_site
-from sip_refuge.demo.run import READY_LINE, busy, ports_of
-from tests.support.browser import Browser
+from sip_refuge.demo.run import LOGIN_LINE, READY_LINE, busy, ports_of
+from tests.support.browser import Browser, log_in
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS_IMG = REPO / "docs" / "img"
@@ -75,8 +75,9 @@ def demo_site(tmp_path: Path) -> Path:
     return site
 
 
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as reply:
+def get_json(url: str, token: str) -> Any:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=5) as reply:
         return json.loads(reply.read())
 
 
@@ -125,10 +126,14 @@ def test_demo_runs_a_call_end_to_end_and_stops_cleanly(demo: RunningDemo, demo_s
     base = f"http://127.0.0.1:{site.sidecar.port}"
     post = site.posts[0]
     assert f"{base}/operator?desk=desk-1" in demo.output()
+    # The pages need a login: the demo prints its operator's password, new each run.
+    found = re.search(rf"{LOGIN_LINE} +name (\S+), password (\S+) ", demo.output())
+    assert found is not None, demo.output()
+    token = site.sidecar.token.read()
 
     with Browser(tmp_path / "chromium") as browser:
         operator = browser.page()
-        operator.goto(f"{base}/operator?desk=desk-1")
+        log_in(operator, f"{base}/operator?desk=desk-1", found.group(1), found.group(2))
         dashboard = browser.page()
         dashboard.goto(f"{base}/")
 
@@ -137,7 +142,7 @@ def test_demo_runs_a_call_end_to_end_and_stops_cleanly(demo: RunningDemo, demo_s
         assert pressed.returncode == 0, pressed.stderr
 
         def answered() -> dict[str, Any] | None:
-            incidents = get_json(f"{base}/api/v1/incidents")["incidents"]
+            incidents = get_json(f"{base}/api/v1/incidents", token)["incidents"]
             return next((i for i in incidents if i["post_id"] == post.id and i["answered_by"] == "desk-1"), None)
 
         incident = wait_for("the incident to be answered", answered, 60)

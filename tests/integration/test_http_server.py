@@ -254,10 +254,11 @@ def test_the_event_stream_runs_in_the_loop_with_keepalives_and_ends_when_the_hub
     site = load_site(path)
     store = Store(tmp_path / "sidecar.sqlite3")
     hub = Hub(site, store, Outbox(store, []), base_url="http://127.0.0.1")
-    app = create_app(hub, token="t0ken-for-the-server-tests-0123456789")
+    token = "t0ken-for-the-server-tests-0123456789"
+    app = create_app(hub, token=token)
     http = HttpServer(app, Admission(LIMITS), host="127.0.0.1", port=0, max_body=MAX_BODY).start()
     try:
-        with Streams(http.port) as streams:
+        with Streams(http.port, {"Authorization": f"Bearer {token}"}) as streams:  # streams need a login or it
             streams.open("/api/v1/events", 3, ["127.0.0.2"])
             streams.wait("three subscribers", lambda s: s.status == 200, 10)
             wait_for(lambda: len(hub.fanout) == 3, 10, "three subscribers of the fan-out")

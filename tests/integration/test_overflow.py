@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
 from sip_refuge.config import Site, load_site
@@ -245,8 +246,9 @@ def test_closing_an_ended_incident_records_it_once_and_tells_the_cctv_targets(wo
     assert world.close(incident, {"reason": "nope"}).status_code == 422
     assert world.close(incident, {"reason": "police", "note": "x" * 5000}).status_code == 422
     assert world.close("no-such-incident", {"reason": "police"}).status_code == 404
-    unauthorised = world.sidecar.session.post(f"{world.sidecar.url}/api/v1/incidents/{incident}/close",
-                                              json={"reason": "police"}, timeout=10)
+    # Neither an operator's session nor the token: refused.
+    unauthorised = requests.post(f"{world.sidecar.url}/api/v1/incidents/{incident}/close",
+                                 json={"reason": "police"}, timeout=10)
     assert unauthorised.status_code == 401
 
     done = world.close(incident, {"reason": "police", "note": "Caller reported a fight; police sent."})

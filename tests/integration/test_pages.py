@@ -19,13 +19,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import requests
 import yaml
 from playwright.sync_api import Page, Route, expect
 
 from sip_refuge.config import HttpLimits, Site, load_site
 from sip_refuge.config.secrets import init_secrets, telemetry_token
+from sip_refuge.sidecar.access import Access
 from sip_refuge.sidecar.cameras import CameraMonitor
 from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.outbox import Outbox
@@ -33,7 +36,8 @@ from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.web import MAX_BODY, create_app
 from sip_refuge.sidecar.web.admission import Admission
 from sip_refuge.sidecar.web.server import HttpServer
-from tests.support.browser import Browser
+from tests.support.browser import Browser, log_in
+from tests.support.operators import add_operator
 from tests.support.rtsp_camera import TestCamera
 from tests.support.telemetry import message, report
 
@@ -48,6 +52,9 @@ WAIT_MS = 15_000  # generous bound for page updates: these tests prove behaviour
 _uniqueids = itertools.count(1)
 
 
+OPERATOR = "alice"
+
+
 @dataclass
 class Sidecar:
     """The sidecar as the pages see it: an HTTP base URL, and the hub the test feeds AMI events to."""
@@ -57,6 +64,8 @@ class Sidecar:
     monitor: CameraMonitor
     camera: TestCamera
     camera_password: str
+    password: str  # the operator's (OPERATOR), in the site's users file
+    access: Access
 
 
 def write_site(folder: Path, camera: TestCamera, password: str) -> Site:
@@ -98,11 +107,14 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
         for post in site.posts:
             monitor.probe(post.id)
         stop = threading.Event()
+        operator_password = add_operator(site, OPERATOR)
+        access = Access.for_site(site, store, TOKEN)
         admission = Admission(HttpLimits(), trusted=site.pbx.networks.posts)
-        app = create_app(hub, token=TOKEN, cameras=monitor, stop=stop, http=admission.status)
+        app = create_app(hub, token=TOKEN, cameras=monitor, stop=stop, http=admission.status, access=access)
         server = HttpServer(app, admission, host="127.0.0.1", port=0, max_body=MAX_BODY).start()
         try:
-            yield Sidecar(f"http://127.0.0.1:{server.port}", hub, monitor, camera, password)
+            yield Sidecar(f"http://127.0.0.1:{server.port}", hub, monitor, camera, password, operator_password,
+                          access)
         finally:
             # As the runner stops: streams end, the server joins its threads, then the live views' decoders.
             stop.set()
@@ -114,8 +126,12 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+def browser(tmp_path_factory: pytest.TempPathFactory, sidecar: Sidecar) -> Iterator[Browser]:
+    """One Chromium for the module, logged in as the operator once (its pages share the session cookie)."""
     with Browser(tmp_path_factory.mktemp("chromium-profile")) as chromium:
+        page = chromium.page()
+        log_in(page, sidecar.url + "/", OPERATOR, sidecar.password)
+        page.close()
         yield chromium
 
 
@@ -181,7 +197,7 @@ def test_event_stream_reaches_a_reader_while_the_stream_stays_open(sidecar: Side
     """Waitress sends each server-sent event as it happens, not when its buffer fills or the stream ends."""
     connection = http.client.HTTPConnection("127.0.0.1", int(sidecar.url.rsplit(":", 1)[1]), timeout=10)
     try:
-        connection.request("GET", "/api/v1/events")
+        connection.request("GET", "/api/v1/events", headers={"Authorization": f"Bearer {TOKEN}"})
         reply = connection.getresponse()
         assert reply.status == 200 and reply.getheader("Content-Type", "").startswith("text/event-stream")
         assert [reply.readline(), reply.readline()] == [b"retry: 2000\n", b"\n"]
@@ -333,7 +349,7 @@ def test_operator_page_for_an_unknown_desk_is_a_404(sidecar: Sidecar) -> None:
     """An operator page for a desk the site does not have answers 404, not an empty page."""
     connection = http.client.HTTPConnection("127.0.0.1", int(sidecar.url.rsplit(":", 1)[1]), timeout=10)
     try:
-        connection.request("GET", "/operator?desk=nobody")
+        connection.request("GET", "/operator?desk=nobody", headers={"Authorization": f"Bearer {TOKEN}"})
         assert connection.getresponse().status == 404
     finally:
         connection.close()
@@ -422,3 +438,71 @@ def test_hostile_telemetry_from_one_post_never_breaks_the_pages(sidecar: Sidecar
     expect(operator.locator("#banner")).to_have_attribute("data-state", "ended", timeout=WAIT_MS)
     operator.close()
     assert browser.errors == []
+
+
+# -- operators' login (issue 11, access) ---------------------------------------------------------------------
+
+def test_an_operator_logs_in_follows_a_call_live_presses_and_logs_out(sidecar: Sidecar, browser: Browser,
+                                                                        tmp_path: Path) -> None:
+    """Chromium: the pages ask for a login; logged in they follow a call live and press with the session; logout ends it."""
+    hub = sidecar.hub
+    with Browser(tmp_path / "chromium", beside=browser) as chromium:  # not logged in: a profile of its own
+        operator = chromium.page()
+        operator.goto(sidecar.url + "/operator?desk=desk-1")
+        assert urlsplit(operator.url).path == "/login", operator.url
+        assert parse_qs(urlsplit(operator.url).query)["next"] == ["/operator?desk=desk-1"]
+        operator.screenshot(path=SCREENSHOTS / "login.png")
+        operator.fill("#name", OPERATOR)
+        operator.fill("#password", "not the password")
+        operator.click("#login")
+        expect(operator.locator("#login-message")).to_have_text("Wrong name or password.", timeout=WAIT_MS)
+        operator.fill("#password", sidecar.password)
+        with operator.expect_navigation():
+            operator.click("#login")
+        assert operator.url == sidecar.url + "/operator?desk=desk-1"
+        expect(operator.locator("#link-state")).to_have_attribute("data-state", "open", timeout=WAIT_MS)
+        [cookie] = [c for c in chromium.context.cookies() if c["name"] == "refuge_session"]
+        assert (cookie["httpOnly"], cookie["sameSite"], cookie["secure"]) == (True, "Strict", False)  # plain http
+
+        dashboard = chromium.page()  # the same browser: no second login
+        dashboard.goto(sidecar.url + "/")
+        expect(dashboard.locator("#session-user")).to_have_text(OPERATOR)
+        expect(dashboard.locator("#link-state")).to_have_attribute("data-state", "open", timeout=WAIT_MS)
+        uid = queue_call(hub, "kirkby-bus-station")
+        try:
+            expect(operator.locator("#banner")).to_have_attribute("data-state", "queued", timeout=WAIT_MS)
+            expect(operator.locator("#post-name")).to_have_text("Kirkby Bus Station")
+            expect(dashboard.locator("#calls li.queued")).to_contain_text("Kirkby Bus Station", timeout=WAIT_MS)
+        finally:
+            hang_up(hub, uid)
+        expect(dashboard.locator("#calls li.none")).to_be_visible(timeout=WAIT_MS)
+
+        # The press button of a mock post sends the session's CSRF token: the write gets through the guard to
+        # the post agent (none runs here: 503), where a write without it gets 403.
+        hub.recorder.on_telemetry("idlewells", message("idlewells", mock_gpio=True))
+        press = dashboard.locator("#post-idlewells button.press")
+        expect(press).to_be_visible(timeout=WAIT_MS)
+        press.click()
+        expect(dashboard.locator("#press-notice")).to_have_text("Press failed: HTTP 503.", timeout=WAIT_MS)
+        [pressed] = [e for e in sidecar.access.audit.entries(20) if e["action"] == "press"]
+        assert (pressed["actor"], pressed["target"], pressed["outcome"]) == (OPERATOR, "idlewells", "503")
+
+        with dashboard.expect_navigation():
+            dashboard.click("#logout")
+        assert dashboard.url.startswith(sidecar.url + "/login")
+        # The other tab's event stream ends with the session (at its next keep-alive, within 15 s), and the page
+        # goes to the login.
+        expect(operator).to_have_url(re.compile(r"/login\?next="), timeout=40_000)
+        dashboard.goto(sidecar.url + "/")
+        assert "/login" in dashboard.url
+        stolen = requests.get(sidecar.url + "/api/v1/posts", cookies={"refuge_session": cookie["value"]}, timeout=10)
+        assert stolen.status_code == 401
+        hub.recorder.on_telemetry("idlewells", message("idlewells"))
+        actions = [(e["action"], e["outcome"]) for e in reversed(sidecar.access.audit.entries(20))
+                   if e["actor"] == OPERATOR]
+        assert actions[-4:] == [("login", "failed"), ("login", "ok"), ("press", "503"), ("logout", "ok")]
+        # The only console errors are the answers this test asked for: the wrong password (401), the press with
+        # no agent (503), and the closed tab's stream and session check after the logout (401).
+        expected = re.compile(r"status of (401 \(UNAUTHORIZED\) \(\S+/(login|api/v1/events|api/v1/session)\)"
+                              r"|503 \(SERVICE UNAVAILABLE\) \(\S+/api/v1/posts/idlewells/press\))$")
+        assert [e for e in chromium.errors if not expected.search(e)] == []

@@ -94,8 +94,8 @@ class OutageReceiver(WebhookReceiver):
 class EventFeed:
     """Reads the sidecar's /api/v1/events the whole module long (reconnecting across restarts), raw."""
 
-    def __init__(self, url: str) -> None:
-        self.url, self.lock = url, threading.Lock()
+    def __init__(self, url: str, token: str = "") -> None:
+        self.url, self.token, self.lock = url, token, threading.Lock()
         self.text: list[str] = []
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="sse-reader", daemon=True)
@@ -104,7 +104,8 @@ class EventFeed:
     def _run(self) -> None:
         while not self.stopping.is_set():
             try:
-                with requests.get(self.url, stream=True, timeout=(2, 30)) as resp:
+                with requests.get(self.url, stream=True, timeout=(2, 30),
+                                  headers={"Authorization": f"Bearer {self.token}"}) as resp:
                     for line in resp.iter_lines(decode_unicode=True):
                         with self.lock:
                             self.text.append(line)
@@ -213,7 +214,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 world.desks = {d.id: world.phone(d.id) for d in site.desks}
                 wait_until(lambda: desks_ready(pbx, site), 20, "desks ready in the queue")
                 sidecar.start()
-                world.feed = EventFeed(sidecar.url + "/api/v1/events")
+                world.feed = EventFeed(sidecar.url + "/api/v1/events", sidecar.token())
                 sidecar.wait_ami()
                 wait_until(lambda: all(p["online"] for p in sidecar.posts().values()), 20, "every post online")
                 yield world
@@ -247,8 +248,10 @@ def test_call_is_queued_answered_and_ended_at_the_webhook(world: World) -> None:
                                                                   password=world.camera_password)
     assert queued["data"]["post"]["name"] == post.name
     assert queued["data"]["post"]["location"]["address"] == post.location.address
+    # The CCTV system fetches the snapshot with the key in its URL, without a login; without the key, no picture.
     snap = requests.get(queued["data"]["snapshot_url"], timeout=30)
     assert snap.status_code == 200 and snap.headers["content-type"] == "image/jpeg"
+    assert requests.get(queued["data"]["snapshot_url"].split("?")[0], timeout=30).status_code == 401
     assert snap.content[:3] == b"\xff\xd8\xff"
     image = cv2.imdecode(np.frombuffer(snap.content, np.uint8), cv2.IMREAD_COLOR)
     assert image is not None and image.shape[:2] == (360, 640)

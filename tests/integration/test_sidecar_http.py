@@ -214,7 +214,8 @@ def test_two_hundred_event_streams_and_twenty_live_views_leave_posts_and_pages_s
     """200 event streams and 20 live views add no request threads; telemetry, the dashboard and a clean stop work."""
     threads = process_status(setup.pid)["threads"]
     posts = [p.id for p in setup.site.posts]
-    with Streams(setup.port) as streams:
+    token = {"Authorization": f"Bearer {setup.sidecar.token()}"}  # the pages' reads need a login or the token
+    with Streams(setup.port, token) as streams:
         events = streams.open("/api/v1/events", 200, [f"127.0.1.{n}" for n in range(1, 11)])
         for i in range(20):
             streams.open(f"/cameras/{posts[i % len(posts)]}/live.mjpeg", 1, [f"127.0.2.{i % 4 + 1}"])
@@ -225,7 +226,7 @@ def test_two_hundred_event_streams_and_twenty_live_views_leave_posts_and_pages_s
         # One decoder per camera watched (and a little slack for FFmpeg), not a thread per stream or view.
         assert process_status(setup.pid)["threads"] - threads <= len(posts) + 2
         with connect(setup.port, "127.0.2.9") as sock:
-            sock.sendall(head("GET", f"/cameras/{posts[0]}/live.mjpeg"))
+            sock.sendall(head("GET", f"/cameras/{posts[0]}/live.mjpeg", headers=token))
             refused = read_answer(sock)
         assert refused is not None and refused.status == 503 and b"too many live views" in refused.body
         for n in range(20):

@@ -25,19 +25,23 @@ VIEWPORT: ViewportSize = {"width": 1280, "height": 800}  # the size of the scree
 class Browser:
     """One headless Chromium with its own profile in ``profile`` (a fresh, empty directory)."""
 
-    def __init__(self, profile: Path) -> None:
+    def __init__(self, profile: Path, *, beside: Browser | None = None, ignore_https_errors: bool = False) -> None:
+        """``beside``: a second browser (its own profile and cookies) on the first one's Playwright, which
+        allows only one driver per thread. ``ignore_https_errors``: accept a test's self-signed certificate."""
         if not CHROMIUM.exists():
             # Fail, never skip: the page tests are part of what the sidecar must show.
             raise RuntimeError(f"{CHROMIUM} is missing: apt-get install chromium")
         self.errors: list[str] = []
-        self._playwright: Playwright = sync_playwright().start()
+        self._owner = beside is None
+        self._playwright: Playwright = sync_playwright().start() if beside is None else beside._playwright
         try:
             # A persistent context is the way to hand Chromium our own --user-data-dir.
             self.context = self._playwright.chromium.launch_persistent_context(
                 str(profile), executable_path=str(CHROMIUM), headless=True, chromium_sandbox=False, args=FLAGS,
-                viewport=VIEWPORT, locale="en-GB", timezone_id="Europe/London")
+                viewport=VIEWPORT, locale="en-GB", timezone_id="Europe/London", ignore_https_errors=ignore_https_errors)
         except Error:
-            self._playwright.stop()
+            if self._owner:
+                self._playwright.stop()
             raise
 
     def page(self) -> Page:
@@ -55,7 +59,8 @@ class Browser:
         try:
             self.context.close()
         finally:
-            self._playwright.stop()
+            if self._owner:
+                self._playwright.stop()
 
     def __enter__(self) -> Browser:
         return self
@@ -63,3 +68,17 @@ class Browser:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def log_in(page: Page, url: str, name: str, password: str) -> None:
+    """Open ``url``, which sends a browser without a session to the login page; log in there and come back."""
+    page.goto(url)
+    if "/login" not in page.url:
+        raise AssertionError(f"{url} did not ask for a login (at {page.url})")
+    page.fill("#name", name)
+    page.fill("#password", password)
+    with page.expect_navigation():
+        page.click("#login")
+    if "/login" in page.url:
+        message = page.locator("#login-message").text_content() if page.locator("#login-message").count() else ""
+        raise AssertionError(f"the login as {name} failed: {message}")

@@ -121,8 +121,9 @@ class _Open:
 class Streams:
     """Event streams and live views held open from given source addresses and read by one thread."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self, port: int, headers: dict[str, str] | None = None) -> None:
+        """``headers`` go with every request (the bearer token: streams and live views need a login or it)."""
+        self.port, self.headers = port, headers
         self.selector = selectors.DefaultSelector()
         self.streams: list[_Open] = []
         self._lock = threading.Lock()
@@ -135,7 +136,7 @@ class Streams:
         opened = []
         for i in range(count):
             sock = connect(self.port, sources[i % len(sources)])
-            sock.sendall(head("GET", path))
+            sock.sendall(head("GET", path, headers=self.headers))
             sock.setblocking(False)
             stream = _Open(sock, path)
             with self._lock:

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import requests
 
+from sip_refuge.config import load_site
+
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).with_name("sip-refuge")
@@ -53,8 +55,15 @@ class Sidecar:
         self.verbose, self.extra_args = verbose, extra_args
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        # The tests read as the admin's automation does: with the site's bearer token (sidecar.token_file).
         self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {self.token()}"
         self.starts = 0
+
+    def token(self) -> str:
+        site = load_site(self.site_file, check_secrets=False)
+        assert site.sidecar is not None
+        return site.sidecar.token.read()
 
     # -- life cycle ---------------------------------------------------------------------------------
     def start(self, *, timeout: float = 30.0) -> Sidecar:

@@ -54,14 +54,16 @@ def agent_site(folder: Path, *, sidecar_port: int | None = None) -> Site:
 
 
 def sidecar_site(folder: Path, *, camera: Any = None, camera_user: str = "viewer", camera_password: str = "",
-                 limits: dict[str, Any] | None = None) -> Site:
+                 limits: dict[str, Any] | None = None, sidecar: dict[str, Any] | None = None) -> Site:
     """The example site for a sidecar alone (no Asterisk is started: AMI stays unconnected): a free port,
     posts reporting from 127.0.0.1 only (so 127.0.0.2 and up are strangers), no CCTV target, each post's
-    camera on ``camera`` (a :class:`TestCamera`) behind a login, and ``limits`` as ``sidecar.limits``."""
+    camera on ``camera`` (a :class:`TestCamera`) behind a login, ``limits`` as ``sidecar.limits`` and
+    ``sidecar`` as more keys of the sidecar section. The users file is there, without users."""
     data = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
     data["pbx"]["networks"]["posts"] = ["127.0.0.1/32"]
     data["pbx"]["ami"]["port"] = free_port()
-    data["sidecar"].update(listen=f"127.0.0.1:{free_port()}", camera_interval="1h", limits=limits or {})
+    data["sidecar"].update({"listen": f"127.0.0.1:{free_port()}", "camera_interval": "1h", "limits": limits or {},
+                            **(sidecar or {})})
     data["cctv"] = []
     folder.mkdir(parents=True, exist_ok=True)
     if camera is not None:

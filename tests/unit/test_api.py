@@ -47,8 +47,19 @@ def hub(site: Site) -> Iterator[Hub]:
     store.close()
 
 
+def with_token(client: FlaskClient) -> FlaskClient:
+    """Reads need a login or the site token (the admin's automation); these tests read with the token."""
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {TOKEN}"
+    return client
+
+
 @pytest.fixture()
 def client(hub: Hub) -> FlaskClient:
+    return with_token(create_app(hub, token=TOKEN).test_client())
+
+
+@pytest.fixture()
+def anonymous(hub: Hub) -> FlaskClient:
     return create_app(hub, token=TOKEN).test_client()
 
 
@@ -79,9 +90,9 @@ def test_a_call_becomes_an_incident_with_its_timeline(client: FlaskClient, hub: 
     assert types == ["call.queued", "call.answered", "call.ended"]
 
 
-def test_telemetry_needs_the_token(client: FlaskClient) -> None:
+def test_telemetry_needs_the_token(client: FlaskClient, anonymous: FlaskClient) -> None:
     url = "/api/v1/posts/idlewells/telemetry"
-    assert client.post(url, json=report("idlewells")).status_code == 401
+    assert anonymous.post(url, json=report("idlewells")).status_code == 401
     assert client.post(url, json=report("idlewells"), headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.post(url, json=report("idlewells"), headers=AUTH).status_code == 202
     assert client.get("/api/v1/posts/idlewells").get_json()["state"] == "idle"
@@ -199,7 +210,7 @@ def test_a_status_stored_by_an_earlier_version_cannot_break_the_pages(client: Fl
         "faults": 5, "registered": math.nan, "last_self_test": {"at": "junk", "passed": "x"}}))
     hub.store.save_post_status(PostStatus("sutton-market", AT, None, "idle", None, {"faults": "abc"}))
     restarted = Hub(hub.site, hub.store, Outbox(hub.store, []), base_url="http://127.0.0.1:8080")
-    client = create_app(restarted, token=TOKEN).test_client()
+    client = with_token(create_app(restarted, token=TOKEN).test_client())
     page = client.get("/")
     assert page.status_code == 200 and page.data.count(b' id="post-') == len(hub.site.posts)
     posts = client.get("/api/v1/posts")
@@ -243,8 +254,8 @@ def test_fuzzed_queries_never_give_a_5xx(client: FlaskClient, query: str) -> Non
         assert response.status_code < 500, (url, response.data)
 
 
-def test_press_needs_the_token_and_a_running_agent(client: FlaskClient) -> None:
-    assert client.post("/api/v1/posts/idlewells/press").status_code == 401
+def test_press_needs_the_token_and_a_running_agent(client: FlaskClient, anonymous: FlaskClient) -> None:
+    assert anonymous.post("/api/v1/posts/idlewells/press").status_code == 401
     assert client.post("/api/v1/posts/nope/press", headers=AUTH).status_code == 404
     # No agent listens on the post's control port in this test: a clear 503, never a 5xx crash page.
     reply = client.post("/api/v1/posts/idlewells/press", headers=AUTH)

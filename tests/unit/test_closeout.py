@@ -117,7 +117,7 @@ def call(hub: Hub, uid: str, *, answer: bool = True, end: bool = True) -> str:
 
 def test_the_site_lists_its_own_reasons(parts: tuple[Hub, FlaskClient, ScriptedTarget]) -> None:
     _, client, _ = parts
-    assert client.get("/api/v1/close-reasons").get_json()["reasons"] == [
+    assert client.get("/api/v1/close-reasons", headers=AUTH).get_json()["reasons"] == [
         {"id": "assistance", "label": "Assistance given"}, {"id": "police-dispatched", "label": "Police dispatched"},
         {"id": "hoax", "label": "Hoax call"}]
 
@@ -126,7 +126,7 @@ def test_closing_stores_exports_counts_and_tells_the_targets(parts: tuple[Hub, F
     hub, client, target = parts
     inc = call(hub, "1.1")
     url = f"/api/v1/incidents/{inc}/close"
-    assert client.post(url, json={"reason": "hoax"}).status_code == 401  # the admin token (for now)
+    assert client.post(url, json={"reason": "hoax"}).status_code == 401  # a write needs an operator's session (with CSRF) or the token
     assert client.post(url, data="reason=hoax", headers=AUTH).status_code == 400
     assert client.post(url, json={"reason": "police"}, headers=AUTH).status_code == 422  # not this site's id
     done = client.post(url, json={"reason": "hoax", "note": "Children pressing it."}, headers=AUTH)
@@ -137,13 +137,13 @@ def test_closing_stores_exports_counts_and_tells_the_targets(parts: tuple[Hub, F
     again = client.post(url, json={"reason": "assistance"}, headers=AUTH)
     assert again.status_code == 409 and "already closed" in again.get_json()["detail"]
 
-    stored = client.get(f"/api/v1/incidents/{inc}").get_json()
+    stored = client.get(f"/api/v1/incidents/{inc}", headers=AUTH).get_json()
     assert stored["close_reason"] == "hoax" and stored["closed_at"] == body["closed_at"]
     assert stored["timeline"][-1]["kind"] == "closed" and stored["timeline"][-1]["detail"]["reason"] == "hoax"
-    [row] = list(csv.DictReader(io.StringIO(client.get("/api/v1/incidents?format=csv").data.decode())))
+    [row] = list(csv.DictReader(io.StringIO(client.get("/api/v1/incidents?format=csv", headers=AUTH).data.decode())))
     assert (row["reference"], row["close_reason"], row["close_note"], row["closed_by"]) == \
         ("ASH-0001", "hoax", "Children pressing it.", "admin-token")
-    scrape = Scrape(client.get("/metrics").data.decode())
+    scrape = Scrape(client.get("/metrics", headers=AUTH).data.decode())
     assert scrape.types["refuge_incidents_closed"] == "counter"
     assert [scrape.value("refuge_incidents_closed_total", reason=r) for r in ("assistance", "hoax")] == [0, 1]
 
@@ -163,7 +163,7 @@ def test_a_call_still_live_cannot_be_closed(parts: tuple[Hub, FlaskClient, Scrip
     inc = call(hub, "2.1", end=False)
     refused = client.post(f"/api/v1/incidents/{inc}/close", json={"reason": "assistance"}, headers=AUTH)
     assert refused.status_code == 409 and "still connected" in refused.get_json()["detail"]
-    assert client.get(f"/api/v1/incidents/{inc}").get_json()["closed_at"] is None
+    assert client.get(f"/api/v1/incidents/{inc}", headers=AUTH).get_json()["closed_at"] is None
     hub.recorder.on_ami_event({"Event": "Hangup", "Uniqueid": "2.1"})
     assert client.post(f"/api/v1/incidents/{inc}/close", json={"reason": "assistance"},
                        headers=AUTH).status_code == 200
@@ -174,7 +174,7 @@ def test_a_call_still_live_cannot_be_closed(parts: tuple[Hub, FlaskClient, Scrip
 def test_an_abandoned_call_closes_with_its_outcome(parts: tuple[Hub, FlaskClient, ScriptedTarget]) -> None:
     hub, client, _ = parts
     inc = call(hub, "3.1", answer=False)
-    assert client.get(f"/api/v1/incidents/{inc}").get_json()["outcome"] == "abandoned"
+    assert client.get(f"/api/v1/incidents/{inc}", headers=AUTH).get_json()["outcome"] == "abandoned"
     assert client.post(f"/api/v1/incidents/{inc}/close", json={"reason": "hoax"}, headers=AUTH).status_code == 200
     [event] = [e for _, e in hub.store.events_since(0) if e.type == "incident.closed"]
     assert event.body["data"]["outcome"] == "abandoned" and event.body["data"]["desk"] is None

@@ -13,6 +13,7 @@ import pytest
 
 from sip_refuge.config import load_site
 from sip_refuge.config.secrets import Masker, init_secrets, mask_url
+from sip_refuge.config.users import read_users
 from sip_refuge.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -163,7 +164,9 @@ def test_secrets_init_creates_strong_private_files_once(tmp_path: Path) -> None:
     shutil.copy(EXAMPLE, path)
     result = run_cli("secrets", "init", str(path))
     assert result.returncode == 0, result.stderr
-    files = sorted((tmp_path / "secrets").iterdir())
+    users = tmp_path / "secrets" / "sidecar.users"
+    assert stat.S_IMODE(users.stat().st_mode) == 0o600 and read_users(users) == {}  # operators: `users add`
+    files = sorted(f for f in (tmp_path / "secrets").iterdir() if f != users)
     assert len(files) == 9
     for file in files:
         assert stat.S_IMODE(file.stat().st_mode) == 0o600
@@ -171,7 +174,10 @@ def test_secrets_init_creates_strong_private_files_once(tmp_path: Path) -> None:
     assert (tmp_path / "secrets" / "webhook.secret").read_text().startswith("whsec_")
     before = {f: f.read_text() for f in files}
     assert run_cli("secrets", "init", str(path)).returncode == 0
+    users.write_text(users.read_text() + "# kept\n")
+    assert run_cli("secrets", "init", str(path)).returncode == 0
     assert {f: f.read_text() for f in files} == before  # never overwrites
+    assert users.read_text().endswith("# kept\n")
 
 
 def test_masking_hides_secrets_and_url_passwords(site_copy: Path) -> None:

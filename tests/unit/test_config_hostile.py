@@ -336,7 +336,8 @@ def test_secrets_init_never_writes_through_a_dangling_link(tmp_path: Path) -> No
     assert_refused(result, f"{site}:{desk1_line(site)}: desks[0].secret_file: ", "is a symbolic link",
                    "secrets init` write")
     created = sorted(p.name for p in (tmp_path / "secrets").iterdir() if not p.is_symlink())
-    assert len(created) == 8 and all(stat.S_IMODE((tmp_path / "secrets" / n).stat().st_mode) == 0o600
+    assert "sidecar.users" in created  # 8 secrets, and the users file (empty)
+    assert len(created) == 9 and all(stat.S_IMODE((tmp_path / "secrets" / n).stat().st_mode) == 0o600
                                      for n in created)
 
 

@@ -82,3 +82,15 @@ def test_refusals_show_in_health_for_a_minute_and_in_metrics_for_good() -> None:
     assert families["refuge_http_timeouts_total"] == [({"phase": "header"}, 1)]
     assert families["refuge_http_connections"] == [({}, 1)]
     assert metrics(None) == [] and problems(None) == []
+
+
+def test_a_named_proxy_has_no_per_client_cap_and_never_the_reserve() -> None:
+    """sidecar.proxies: the proxy carries many clients (its own limits cap each), and is not the sidecar's host."""
+    gate = Admission(HttpLimits(connections=10, reserve=4, per_client=3), proxies=["127.0.0.9/32"])
+    assert [gate.connect("127.0.0.9") for _ in range(6)] == [None] * 6  # past per_client: one address, many browsers
+    refusal = gate.connect("127.0.0.9")
+    assert refusal is not None and refusal.reason == "connections"  # the reserve is not for it
+    assert gate.connect("127.0.0.1") is None  # the host's own monitoring still gets in
+    assert not gate.is_priority("GET", "/metrics", "127.0.0.9") and gate.is_priority("GET", "/metrics", "127.0.0.1")
+    proxied_loopback = Admission(HttpLimits(), proxies=["127.0.0.1/32"])  # a proxy left on 127.0.0.1
+    assert not proxied_loopback.is_trusted("127.0.0.1")

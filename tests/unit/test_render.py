@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from sip_refuge.config import Site, load_site
+from sip_refuge.config.users import init_users_file
 from sip_refuge.errors import PbxError
 from sip_refuge.pbx.render import (
     INCLUDE_FILES,
@@ -45,11 +46,14 @@ def make_site(tmp_path: Path, source: Path) -> Site:
     """Copy a site file to tmp_path and give every secret a fixed value, so output is deterministic."""
     path = tmp_path / "site.yaml"
     shutil.copy(source, path)
-    for name, secret in load_site(path, check_secrets=False).secrets():
+    unchecked = load_site(path, check_secrets=False)
+    for name, secret in unchecked.secrets():
         assert secret.file is not None
         secret.file.parent.mkdir(parents=True, exist_ok=True)
         secret.file.write_text(fixed_secret(name, secret.kind) + "\n", encoding="utf-8")
         secret.file.chmod(0o600)
+    if unchecked.sidecar is not None and unchecked.sidecar.users_file is not None:
+        init_users_file(unchecked.sidecar.users_file)  # no operators: the renderer never reads it
     return load_site(path)
 
 

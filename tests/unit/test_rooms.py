@@ -160,6 +160,7 @@ def test_live_calls_list_the_longest_waiting_first(hub: Hub) -> None:
 
 def test_an_overflowed_call_is_live_in_the_api_until_its_caller_hangs_up(hub: Hub, store: Store) -> None:
     client: FlaskClient = create_app(hub, token=TOKEN).test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {TOKEN}"  # reads need a login or the token
     join(hub, "6.1")
     hub.recorder.on_ami_event({"Event": "QueueCallerAbandon", "Queue": "refuge", "Uniqueid": "6.1"})
     hub.recorder.on_ami_event({"Event": "QueueCallerLeave", "Queue": "refuge", "Uniqueid": "6.1"})

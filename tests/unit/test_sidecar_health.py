@@ -223,6 +223,7 @@ def test_healthz_without_camera_checks_has_no_camera_summary(client: FlaskClient
 
 def test_camera_routes_answer_404_for_a_post_without_a_camera(hub: Hub) -> None:
     client = create_app(hub, token=TOKEN, cameras=FakeMonitor()).test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {TOKEN}"  # cameras need a login or the token
     assert client.get("/cameras/idlewells/live.mjpeg").status_code == 404
     assert client.get("/cameras/idlewells/thumbnail.jpg").status_code == 404
     assert client.get("/cameras/nope/live.mjpeg").status_code == 404

@@ -13,6 +13,7 @@ from typing import Any
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
+from sip_refuge.sidecar.access import Access, AuditLog
 from sip_refuge.sidecar.core import Hub
 
 log = logging.getLogger(__name__)
@@ -21,19 +22,28 @@ MAX_BODY = 64 * 1024  # telemetry reports are a few hundred bytes; anything bigg
 
 
 def create_app(hub: Hub, *, token: str, cameras: Any = None, stop: threading.Event | None = None,
-               http: Callable[[], dict[str, Any]] | None = None, test_config: dict[str, Any] | None = None) -> Flask:
-    """``http`` reports the HTTP server's caps and refusals for /healthz and /metrics (the runner's server)."""
+               http: Callable[[], dict[str, Any]] | None = None, access: Access | None = None,
+               test_config: dict[str, Any] | None = None) -> Flask:
+    """``http`` reports the HTTP server's caps and refusals for /healthz and /metrics (the runner's server).
+    ``access``: operators, sessions, monitoring networks and proxies (:meth:`Access.for_site`); without it
+    only ``token`` opens anything but the login page, and /healthz, /metrics from the sidecar's own host."""
     app = Flask(__name__, template_folder="templates", static_folder="static")
     # The sidecar's server refuses a larger body before reading it; this covers any other WSGI server.
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, JSON_SORT_KEYS=False)
     if test_config:
         app.config.update(test_config)
+    access = access or Access(token, AuditLog(hub.store))
     # ``stop`` ends long-lived responses (event streams, live camera views) when the sidecar stops.
     app.extensions["refuge"] = {"hub": hub, "token": token, "cameras": cameras, "stop": stop or threading.Event(),
-                                "http": http}
+                                "http": http, "access": access}
 
-    from sip_refuge.sidecar.web import api, health, pages, stream
+    from sip_refuge.sidecar.web import api, auth, guard, health, pages, proxy, stream
 
+    # Deny unless the view says otherwise: a route added later needs a login without anyone remembering it.
+    app.before_request(guard.check_request)
+    app.after_request(guard.after_request)
+    app.wsgi_app = proxy.ForwardedFrom(app.wsgi_app, access.proxies)  # type: ignore[method-assign]
+    app.register_blueprint(auth.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(stream.bp)

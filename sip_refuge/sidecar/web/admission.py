@@ -46,10 +46,13 @@ class Refusal:
 
 class Admission:
     def __init__(self, limits: HttpLimits, trusted: Iterable[str] = (),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, proxies: Iterable[str] = ()) -> None:
+        """``proxies`` (``sidecar.proxies``): each carries many clients, so no per-client cap applies to it,
+        and it is never trusted with the reserve, even on loopback (the proxy's own limits apply)."""
         self.limits = limits
         self.worker_reserve = max(1, limits.workers // 4)
         self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in (*MONITORING, *trusted))
+        self.proxies = tuple(ipaddress.ip_network(n, strict=False) for n in proxies)
         self.clock = clock
         self._lock = threading.Lock()
         self._per_client: Counter[str] = Counter()
@@ -65,7 +68,11 @@ class Admission:
     # -- classifying ---------------------------------------------------------------------------------------
     def is_trusted(self, address: str) -> bool:
         ip = _ip(address)
-        return ip is not None and any(ip in net for net in self.trusted)
+        return ip is not None and any(ip in net for net in self.trusted) and not self.is_proxy(address)
+
+    def is_proxy(self, address: str) -> bool:
+        ip = _ip(address)
+        return ip is not None and any(ip in net for net in self.proxies)
 
     def is_priority(self, method: str, path: str, address: str) -> bool:
         """A post's telemetry write or a health check, from a posts' network or loopback."""
@@ -78,7 +85,7 @@ class Admission:
         """Admit a new connection from ``address`` (then :meth:`disconnect` it), or say why not."""
         limits, address = self.limits, _client(address)
         with self._lock:
-            if self._per_client[address] >= limits.per_client:
+            if self._per_client[address] >= limits.per_client and not self.is_proxy(address):
                 refusal = Refusal("per_client", f"too many connections from {address} (at most "
                                   f"{limits.per_client})")
             elif self._open >= limits.connections - (0 if self.is_trusted(address) else limits.reserve):

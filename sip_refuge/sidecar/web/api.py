@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, abort, g, jsonify, request
+from flask import Blueprint, Response, abort, jsonify, request
 
+from sip_refuge.config.secrets import snapshot_key
 from sip_refuge.control import ask, control_port
 from sip_refuge.errors import RefugeError
 from sip_refuge.sidecar.closeout import CloseRefused
 from sip_refuge.sidecar.store import StoreError
-from sip_refuge.sidecar.web.context import hub, require_post_token, require_token
+from sip_refuge.sidecar.web.context import hub, require_post_token
+from sip_refuge.sidecar.web.guard import readable_with_key, require_operator_write, who
 from sip_refuge.telemetry import Telemetry, TelemetryError
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -57,7 +59,18 @@ def incident(incident_id: str) -> Response:
     return jsonify(found.to_dict())
 
 
+def _snapshot_key(incident_id: str) -> str:
+    """The key of the events' ``snapshot_url`` (:func:`sip_refuge.config.secrets.incident_snapshot_url`)."""
+    site = hub().site
+    try:
+        token = site.sidecar.token.read() if site.sidecar is not None else ""
+    except RefugeError:
+        return ""
+    return snapshot_key(token, incident_id) if token else ""
+
+
 @bp.get("/incidents/<incident_id>/snapshot.jpg")
+@readable_with_key(_snapshot_key)
 def snapshot(incident_id: str) -> Response:
     image = hub().views.snapshot(incident_id, wait=SNAPSHOT_WAIT)
     if image is None:
@@ -72,7 +85,7 @@ def close_reasons() -> Response:
 
 
 @bp.post("/incidents/<incident_id>/close")
-@require_token
+@require_operator_write("incident.close")
 def close(incident_id: str) -> tuple[Response, int]:
     """Close an ended incident with ``{"reason": ID, "note": TEXT}``: 200 with the incident; 404 (no such
     incident), 409 (closed already, or its caller is still connected), 422 (a bad reason or note)."""
@@ -81,8 +94,9 @@ def close(incident_id: str) -> tuple[Response, int]:
     body = request.get_json(silent=True)
     if body is None:
         abort(400, description="body: not valid JSON")
-    # Who closed it: the operator's session when there is one (set by the access decorators), else the token.
-    by = str(g.get("operator") or "admin-token")
+    # Who closed it: the operator whose session made the request, else the admin token.
+    person = who()
+    by = person.name if person is not None and person.via == "session" else "admin-token"
     try:
         closed = hub().recorder.close_incident(incident_id, body, by=by)
     except CloseRefused as exc:
@@ -109,7 +123,7 @@ def telemetry(post_id: str) -> tuple[Response, int]:
 
 
 @bp.post("/posts/<post_id>/press")
-@require_token
+@require_operator_write("press")
 def press(post_id: str) -> tuple[Response, int]:
     """Press a mock-GPIO post's button through its agent's control socket (demo and acceptance runs).
 

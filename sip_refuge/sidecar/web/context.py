@@ -1,4 +1,8 @@
-"""Access to the hub and settings from inside a request, and the bearer-token check."""
+"""Access to the hub and settings from inside a request, and the bearer-token checks.
+
+Who may call which view is decided before it runs (:mod:`.guard`); these two mark a view for it and check
+their token themselves too, so they hold under any app that forgot the guard.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from sip_refuge.errors import RefugeError
 from sip_refuge.sidecar.core import Hub
 
 F = TypeVar("F", bound=Callable[..., Any])
+ACCESS = "refuge_access"  # a view's attribute, read by the guard: public | monitoring | read | write | admin | token | post
 
 
 def hub() -> Hub:
@@ -46,7 +51,8 @@ def _site_token_ok(given: bytes) -> bool:
 
 
 def require_token(view: F) -> F:
-    """API writes need ``Authorization: Bearer <sidecar token>`` (compared in constant time)."""
+    """Automation only: ``Authorization: Bearer <sidecar token>`` (compared in constant time), no session.
+    An operator's write uses :func:`.guard.require_operator_write` instead."""
 
     @wraps(view)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -54,6 +60,7 @@ def require_token(view: F) -> F:
             abort(401, description="a valid bearer token is required")
         return view(*args, **kwargs)
 
+    setattr(wrapped, ACCESS, "token")
     return cast(F, wrapped)
 
 
@@ -71,6 +78,7 @@ def require_post_token(view: F) -> F:
             abort(401, description="a valid bearer token is required")
         return view(*args, **kwargs)
 
+    setattr(wrapped, ACCESS, "post")
     return cast(F, wrapped)
 
 

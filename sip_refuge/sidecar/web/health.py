@@ -15,6 +15,7 @@ from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.storefile import CORRUPT
 from sip_refuge.sidecar.web import admission
 from sip_refuge.sidecar.web.context import cameras, http_status, hub
+from sip_refuge.sidecar.web.guard import monitoring
 from sip_refuge.sidecar.web.metrics import exposition
 
 bp = Blueprint("health", __name__)
@@ -23,6 +24,7 @@ FAILING_TARGET = 3  # consecutive failed attempts after which a CCTV target make
 
 
 @bp.get("/healthz")
+@monitoring  # from sidecar.monitoring_networks without a login; from elsewhere with one (or the token)
 def healthz() -> tuple[Response, int]:
     h = hub()
     status = h.outbox.status()
@@ -103,6 +105,7 @@ def _camera_summary(monitor: Any) -> dict[str, Any] | None:
 
 
 @bp.get("/metrics")
+@monitoring
 def metrics() -> Response:
     body, content_type = exposition(hub(), http_status(), request.headers.get("Accept"))
     return Response(body, content_type=content_type)

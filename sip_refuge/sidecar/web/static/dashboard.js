@@ -11,7 +11,6 @@
     "post.online", "camera.fault", "camera.ok", "selftest.failed", "post.status"];
   const THUMB_REFRESH_MS = 30000; // the camera monitor takes a new picture once a probe interval anyway
   const RECONNECT_MS = 5000;
-  const TOKEN_KEY = "sip-refuge-token";
 
   const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
   // The JSON API is the sidecar's, but a post's part of it started as that post's report: whatever shape it
@@ -121,6 +120,7 @@
 
   async function getJson(url) {
     const reply = await fetch(url, { cache: "no-store" });
+    if (reply.status === 401) window.refuge?.toLogin(); // the session is over: log in again
     if (!reply.ok) throw new Error(`${url}: HTTP ${reply.status}`);
     return reply.json();
   }
@@ -158,8 +158,12 @@
     source.onopen = () => { setLink("open", "Live"); refresh(); }; // catch up on whatever a gap missed
     source.onerror = () => {
       setLink("lost", "Connection to the sidecar lost: reconnecting…");
-      // EventSource retries by itself, except after an HTTP error: then start again a little later.
-      if (source.readyState === EventSource.CLOSED) setTimeout(connect, RECONNECT_MS);
+      // EventSource retries by itself, except after an HTTP error (a 401 once the session is over: then
+      // to the login page): start again a little later.
+      if (source.readyState === EventSource.CLOSED) {
+        window.refuge?.checkSession();
+        setTimeout(connect, RECONNECT_MS);
+      }
     };
     for (const type of EVENTS) source.addEventListener(type, refresh);
     // A camera fault is best seen in its picture: fetch the one the probe just took.
@@ -180,21 +184,18 @@
   }
   setInterval(reloadThumbs, THUMB_REFRESH_MS);
 
-  // Mock posts only: press the call button from here (for demos and tests). The token is asked once per tab.
+  // Mock posts only: press the call button from here (for demos and tests), as the logged-in operator.
   const notice = (text) => { document.getElementById("press-notice").textContent = text; };
   document.addEventListener("click", async (e) => {
     const button = e.target.closest("button.press");
-    if (!button) return;
+    if (!button || !window.refuge) return;
     const post = button.dataset.post;
-    const token = sessionStorage.getItem(TOKEN_KEY) || prompt("Sidecar API token (kept only in this browser tab):");
-    if (!token) return;
-    sessionStorage.setItem(TOKEN_KEY, token);
     try {
-      const reply = await fetch(`/api/v1/posts/${encodeURIComponent(post)}/press`,
-        { method: "POST", headers: { Authorization: `Bearer ${token}` } });
+      const reply = await window.refuge.post(`/api/v1/posts/${encodeURIComponent(post)}/press`);
       if (reply.status === 401) {
-        sessionStorage.removeItem(TOKEN_KEY);
-        notice("The token was refused: press again to enter it.");
+        window.refuge.toLogin();
+      } else if (reply.status === 403) {
+        notice("The sidecar refused the press: reload the page and try again.");
       } else if (reply.status === 404 || reply.status === 405) {
         notice("This sidecar cannot press a post's button.");
       } else {

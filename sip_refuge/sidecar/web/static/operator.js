@@ -144,6 +144,7 @@
   async function catchUp() {
     const seen = events;
     const reply = await fetch("/api/v1/posts", { cache: "no-store" });
+    if (reply.status === 401) window.refuge?.toLogin(); // the session is over: log in again
     if (!reply.ok) return;
     const body = object(await reply.json()) || {};
     posts = Object.fromEntries(list(body.posts).map(object).filter((p) => p && str(p.id)).map((p) => [p.id, p]));
@@ -174,7 +175,10 @@
     };
     source.onerror = () => {
       setLink("lost", "Connection to the sidecar lost: reconnecting…");
-      if (source.readyState === EventSource.CLOSED) setTimeout(connect, RECONNECT_MS);
+      if (source.readyState === EventSource.CLOSED) { // an HTTP error: a 401 sends the page to the login
+        window.refuge?.checkSession();
+        setTimeout(connect, RECONNECT_MS);
+      }
     };
     for (const type of ["call.queued", "call.answered", "call.ended", "call.unanswered"]) {
       source.addEventListener(type, onCall);
