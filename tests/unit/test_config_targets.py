@@ -91,3 +91,19 @@ def test_loading_a_site_does_not_import_the_webhook_libraries() -> None:
             "print(sorted(m for m in ('jinja2', 'flask', 'standardwebhooks') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("key", ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_Ab3dEf5hIj7kLm9nOp1qR", "whsec_",
+                                 "whsec_!!!!", "whsec_a", "whsec_ab", "whsec_abc=", "whsec_a===", "MfKQ9r8G", ""])
+def test_the_webhook_key_check_agrees_with_the_library(key: str) -> None:
+    """`config check` judges a key without standardwebhooks (not in the base install), as the library does."""
+    from standardwebhooks import Webhook
+
+    from sip_refuge.config.loader import webhook_key_problem
+
+    try:
+        Webhook(key)
+        library_accepts = True
+    except Exception:  # noqa: BLE001 - the library raises several kinds for a malformed key
+        library_accepts = False
+    assert (webhook_key_problem(key) is None) == library_accepts

@@ -10,36 +10,21 @@ signature then covers the rendered body, as the receiver sees it.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from jinja2 import StrictUndefined, Template, TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import TemplateError
 from standardwebhooks import Webhook
 
 from sip_refuge.config.model import CctvTarget
 from sip_refuge.errors import SidecarError
 from sip_refuge.sidecar.events import Event
 from sip_refuge.sidecar.targets import DEFAULT_TIMEOUT, Publish, TargetError, read_secret
+from sip_refuge.sidecar.targets.body_template import compile_template
 
 USER_AGENT = "sip-refuge-sidecar"
-
-
-def _tojson(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def compile_template(source: str) -> Template:
-    """Compile a body template; raises SidecarError at start-up rather than on the first call."""
-    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
-    env.filters["tojson"] = _tojson
-    try:
-        return env.from_string(source)
-    except TemplateError as exc:
-        raise SidecarError(f"body_template: {exc}") from None
 
 
 def template_context(event: Event) -> dict[str, Any]:
