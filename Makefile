@@ -4,15 +4,16 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Debian packages the tests and the demo need. mmdebstrap builds the Asterisk root folder. The fail2ban
+# Debian packages the tests and the demo need. mmdebstrap builds the Asterisk root folder and, with
+# qemu-user-static, the arm64 Raspberry Pi root of the emulated post test; systemd gives systemd-analyze. The fail2ban
 # tests run a fail2ban-server of their own; on a host with systemd, Debian also enables the fail2ban
 # service (its sshd jail) at install: `systemctl disable --now fail2ban` if the machine should not have it.
 DEB_PACKAGES := mmdebstrap vlc-bin vlc-plugin-base util-linux \
 	gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly python3-gi \
-	chromium fail2ban
+	chromium fail2ban qemu-user-static systemd git
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv deps asterisk lint test unit integration demo clean
+.PHONY: all venv deps asterisk pi-root lint test unit integration demo clean
 
 all: test
 
@@ -35,6 +36,10 @@ venv: $(BIN)/.installed
 asterisk: deps venv
 	@$(BIN)/python -m sip_refuge.pbx.asterisk
 
+# The emulated Raspberry Pi's root folder (arm64 Debian 12 under qemu, cached like Asterisk's).
+pi-root: deps venv
+	@$(BIN)/python -m tests.support.pi_root
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
@@ -42,10 +47,10 @@ lint: venv
 unit: venv
 	$(BIN)/pytest -q tests/unit
 
-integration: deps venv asterisk
+integration: deps venv asterisk pi-root
 	$(BIN)/pytest -q tests/integration
 
-test: deps venv asterisk lint
+test: deps venv asterisk pi-root lint
 	$(BIN)/pytest -q
 
 demo: deps venv asterisk
