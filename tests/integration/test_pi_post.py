@@ -42,6 +42,7 @@ from sip_refuge.config.secrets import init_secrets
 from sip_refuge.errors import RefugeError
 from sip_refuge.pbx.asterisk import Asterisk, free_port, on_free_ports
 from sip_refuge.post.control import ask, control_port
+from tests.support.checkout import git_snapshot
 from tests.support.desk_robot import DeskRobot
 from tests.support.pi_root import LOGIN_USER, PiRoot
 from tests.support.sites import rtp_range
@@ -95,26 +96,6 @@ def control_room_site(folder: Path, backends: dict[str, str]) -> Site:
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     init_secrets(load_site(path, check_secrets=False))
     return load_site(path)
-
-
-def snapshot_repository(target: Path) -> None:
-    """A git repository holding this checkout's files as they are now (tracked and new, not ignored)."""
-    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        source = REPO / name
-        if not os.path.lexists(source):
-            continue  # deleted in the working tree
-        dest = target / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_symlink():
-            dest.symlink_to(os.readlink(source))
-        else:
-            shutil.copy2(source, dest)
-    git = ["git", "-C", str(target), "-c", "user.name=sip-refuge tests", "-c", "user.email=tests@localhost"]
-    subprocess.run([*git, "init", "-q"], check=True)
-    subprocess.run([*git, "add", "-A"], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "the checkout under test"], check=True)
 
 
 def chown_tree(path: Path, uid: int, gid: int) -> None:
@@ -195,7 +176,7 @@ def installed(request: pytest.FixtureRequest, site: Site, tmp_path_factory: pyte
         # Brought from the control room, as the README says: the site file and this post's secret only.
         shutil.copy2(site.path, home / "site.yaml")
         shutil.copy2(site.post(post).secret.file or "", home / f"{post}.secret")
-        snapshot_repository(root.host_path(SOURCE))
+        git_snapshot(root.host_path(SOURCE))
         chown_tree(home, uid, gid)
         env = {"POST": post, "SIP_REFUGE_GIT": SOURCE,
                # This network's HTTPS proxy CA, as on the host (pip reaches PyPI through it); not a README step.

@@ -1,6 +1,6 @@
 """sip-refuge installed from its wheel (not editable) into fresh virtualenvs, run from a folder far from the source.
 
-The wheel is built once with ``pip wheel --no-deps`` from this checkout. Each install is a fresh venv, and every
+The wheel is built once with ``pip wheel --no-deps`` from a copy of this checkout. Each install is a fresh venv, and every
 command runs with its working folder in a temporary directory and nothing of the checkout on ``sys.path``, so
 templates, pages and prompts can only come from the installed package. The base install, ``[post]``
 and ``[post,sidecar]`` are each checked for what they hold and what they run: Asterisk's config rendered
@@ -24,6 +24,7 @@ import requests
 
 from sip_refuge.config import Site
 from sip_refuge.pbx.asterisk import Asterisk
+from tests.support.checkout import copy_checkout
 from tests.support.sites import POSTS, agent_site
 from tests.support.waiting import wait_for
 
@@ -99,9 +100,11 @@ def stop(proc: subprocess.Popen[bytes], log: Path) -> None:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``pip wheel --no-deps`` of a copy of the checkout (no stale build/ or egg-info can slip in)."""
+    source = copy_checkout(tmp_path_factory.mktemp("source"))
     out = tmp_path_factory.mktemp("wheel")
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(out), str(REPO)],
-                          cwd=out, capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(out),
+                           str(source)], cwd=out, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     (built,) = out.glob("sip_refuge-*.whl")
     return built
