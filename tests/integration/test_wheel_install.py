@@ -129,6 +129,7 @@ def full(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Venv:
 # ----------------------------------------------------------------------------------------------- tests
 
 def test_the_wheel_holds_every_template_page_and_prompt(wheel: Path) -> None:
+    """The wheel holds every Asterisk template, web template, static file and prompt of the checkout."""
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"sip_refuge/pbx/templates/{p.name}" for p in (REPO / "asterisk" / "templates").glob("*.j2")}
     web = REPO / "sip_refuge" / "sidecar" / "web"
@@ -140,6 +141,7 @@ def test_the_wheel_holds_every_template_page_and_prompt(wheel: Path) -> None:
 
 
 def test_extras_are_split_by_part(wheel: Path) -> None:
+    """The base requirements are PyYAML and Jinja2 only; [post] and [sidecar] are extras."""
     metadata = HeaderParser().parsestr(zipfile.ZipFile(wheel).read("sip_refuge-0.1.0.dist-info/METADATA").decode())
     requires = metadata.get_all("Requires-Dist") or []
     base = {r.split(">")[0].split("=")[0].split(";")[0].strip().lower() for r in requires if "extra ==" not in r}
@@ -149,6 +151,7 @@ def test_extras_are_split_by_part(wheel: Path) -> None:
 
 def test_the_base_install_checks_renders_and_names_the_extra_each_part_needs(
         wheel: Path, site: Site, tmp_path: Path) -> None:
+    """The base install checks and renders a site, and post, sidecar and config check --post name their extra."""
     base = Venv.create(tmp_path / "venv", str(wheel))
     assert base.installed() & {"gpiozero", "pyvoip", *CONTROL_ROOM_ONLY} == set()
     done = base.run("config", "check", str(site.path))
@@ -169,6 +172,7 @@ def test_the_base_install_checks_renders_and_names_the_extra_each_part_needs(
 
 def test_a_post_install_has_nothing_of_the_control_room_and_registers(
         wheel: Path, site: Site, pbx: Asterisk, tmp_path: Path) -> None:
+    """[post] installs no control-room package, passes config check --post, and its post registers to Asterisk."""
     post = Venv.create(tmp_path / "venv", f"{wheel}[post]")
     assert {"gpiozero", "pyvoip"} <= post.installed()
     assert post.installed() & set(CONTROL_ROOM_ONLY) == set()
@@ -193,6 +197,7 @@ def test_a_post_install_has_nothing_of_the_control_room_and_registers(
 
 def test_the_sidecar_without_opencv_says_so_and_runs_with_no_cameras(
         wheel: Path, site: Site, pbx: Asterisk, tmp_path: Path) -> None:
+    """Without opencv the sidecar says to install it or use --no-cameras, and with --no-cameras it serves."""
     requires = HeaderParser().parsestr(
         zipfile.ZipFile(wheel).read("sip_refuge-0.1.0.dist-info/METADATA").decode()).get_all("Requires-Dist") or []
     web_parts = [r.split(";")[0].strip() for r in requires if 'extra == "sidecar"' in r and "opencv" not in r]
@@ -213,6 +218,7 @@ def test_the_sidecar_without_opencv_says_so_and_runs_with_no_cameras(
 
 
 def test_render_and_check_from_the_installed_templates(full: Venv, site: Site, tmp_path: Path) -> None:
+    """asterisk render and check work from the installed templates; --templates still overrides them."""
     shipped = full.package_dir() / "pbx" / "templates"
     assert shipped.is_dir() and not shipped.is_symlink()
     assert f"the shipped templates in {shipped}" in full.run("asterisk", "render", "--help").stdout
@@ -237,6 +243,7 @@ def test_render_and_check_from_the_installed_templates(full: Venv, site: Site, t
 
 def test_the_sidecar_serves_its_pages_from_the_installed_package(
         full: Venv, site: Site, pbx: Asterisk, tmp_path: Path) -> None:
+    """The installed sidecar (cameras on) serves the dashboard, the operator page and its static files."""
     assert site.sidecar is not None
     url = f"http://{site.sidecar.host}:{site.sidecar.port}"
     log = tmp_path / "sidecar.log"
