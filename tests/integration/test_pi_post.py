@@ -26,7 +26,6 @@ import os
 import queue
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -46,7 +45,7 @@ from tests.support.checkout import git_snapshot
 from tests.support.desk_robot import DeskRobot
 from tests.support.pi_root import LOGIN_USER, PiRoot
 from tests.support.sites import rtp_range
-from tests.support.units import Unit
+from tests.support.units import NotifySocket, Unit, start_unit
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -191,57 +190,9 @@ def installed(request: pytest.FixtureRequest, site: Site, tmp_path_factory: pyte
         root.remove()
 
 
-class Notifications:
-    """The sd_notify socket systemd gives a Type=notify unit: an abstract datagram socket (the chroot shares
-    the network namespace, so the agent inside reaches it), collecting every message."""
-
-    def __init__(self) -> None:
-        self.name = f"sip-refuge-test-notify-{os.getpid()}-{time.monotonic_ns()}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + self.name)
-        self.messages: queue.Queue[str] = queue.Queue()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(4096)
-            except OSError:
-                return
-            self.messages.put(data.decode(errors="replace"))
-
-    def wait(self, message: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if message in self.messages.get(timeout=max(0.0, deadline - time.monotonic())).split("\n"):
-                    return
-            except queue.Empty:
-                raise AssertionError(f"no {message} on the notify socket within {timeout} s") from None
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def start_as_systemd(pi: Installed, log: Path, notify: Notifications) -> subprocess.Popen[bytes]:
-    """What systemd does for ``systemctl start sip-refuge-post@POST``, as far as the agent can tell."""
-    unit, root = pi.unit, pi.root
-    user, group = unit.service("User") or "root", unit.service("Group") or "root"
-    state = f"/var/lib/{unit.service('StateDirectory')}"
-    root.run(["install", "-d", "-o", user, "-g", group, "-m", unit.service("StateDirectoryMode") or "0755", state])
-    files = {}
-    for entry in unit.all("Service", "EnvironmentFile"):
-        path = root.host_path(entry.removeprefix("-"))
-        if path.is_file():
-            files[entry.removeprefix("-")] = path.read_text()
-    env = unit.environment(files)
-    argv = unit.exec_start(pi.post, env) + ["--gpio", "mock", "--audio", "null"]
-    watchdog = unit.service("WatchdogSec") or "30"
-    env.update(NOTIFY_SOCKET="@" + notify.name, WATCHDOG_USEC=str(int(watchdog) * 1_000_000),
-               STATE_DIRECTORY=state, PYTHONUNBUFFERED="1")
-    groups = [group, *(unit.service("SupplementaryGroups") or "").split()]
-    return root.popen(argv, log=log, user=user, groups=groups, cwd=unit.service("WorkingDirectory") or "/", env=env)
+def start_as_systemd(pi: Installed, log: Path, notify: NotifySocket) -> subprocess.Popen[bytes]:
+    """``systemctl start sip-refuge-post@POST`` as systemd would do it, plus mock GPIO and no sound card."""
+    return start_unit(pi.root, pi.unit, pi.post, ["--gpio", "mock", "--audio", "null"], log=log, notify=notify)
 
 
 def stop(proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -328,7 +279,7 @@ def test_the_unit_starts_a_post_that_registers_is_answered_and_tests_itself(
     site, post = installed.site, installed.post
     desk = site.desk(DESK)
     log = tmp_path / "post.log"
-    notify = Notifications()
+    notify = NotifySocket()
     agent = start_as_systemd(installed, log, notify)
     robot = DeskRobot(desk.id, desk.secret.read(), (site.pbx.host, site.pbx.sip_port), answer_after=None,
                       display=desk.name).start()

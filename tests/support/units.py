@@ -1,16 +1,26 @@
-"""Read a systemd unit file the way systemd does, as far as the tests need: keys, %i and ${VAR} in ExecStart.
+"""Read a systemd unit file the way systemd does, as far as the tests need, and play systemd's part.
 
-``systemd-analyze verify`` checks the syntax (tests/unit/test_units.py); this reads the values, so the
-emulated Pi can start the post's ``ExecStart`` as the user, in the folder and with the environment that
-systemd would give it (there is no running systemd in a chroot).
+``systemd-analyze verify`` checks the syntax (tests/unit/test_units.py); :class:`Unit` reads the values
+(keys, %i and ${VAR} in ExecStart), and :func:`start_unit` starts a unit's ``ExecStart`` in the emulated Pi
+as the user, in the folder, with the environment, state folder and sd_notify socket systemd would give it
+(there is no running systemd in a chroot).
 """
 
 from __future__ import annotations
 
+import os
+import queue
 import re
 import shlex
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.pi_root import PiRoot
 
 _VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
@@ -88,3 +98,58 @@ class Unit:
                 continue
             argv.append(_VAR.sub(lambda m: env.get(m.group(1) or m.group(2), ""), word))
         return argv
+
+
+class NotifySocket:
+    """The sd_notify socket systemd gives a Type=notify unit: an abstract datagram socket (a chroot shares the
+    network namespace, so an agent inside reaches it), collecting every message."""
+
+    def __init__(self) -> None:
+        self.name = f"sip-refuge-test-notify-{os.getpid()}-{time.monotonic_ns()}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name)
+        self.messages: queue.Queue[str] = queue.Queue()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                return
+            self.messages.put(data.decode(errors="replace"))
+
+    def wait(self, message: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if message in self.messages.get(timeout=max(0.0, deadline - time.monotonic())).split("\n"):
+                    return
+            except queue.Empty:
+                raise AssertionError(f"no {message} on the notify socket within {timeout} s") from None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def start_unit(root: PiRoot, unit: Unit, instance: str, extra: Sequence[str], *, log: Path,
+               notify: NotifySocket) -> subprocess.Popen[bytes]:
+    """What systemd does on ``systemctl start`` of the unit (instance ``instance``), as far as the process can
+    tell: StateDirectory made and owned, Environment and EnvironmentFile, ExecStart (+ ``extra``) as User with
+    Group and SupplementaryGroups in WorkingDirectory, NOTIFY_SOCKET and WATCHDOG_USEC."""
+    user, group = unit.service("User") or "root", unit.service("Group") or "root"
+    state = f"/var/lib/{unit.service('StateDirectory')}"
+    root.run(["install", "-d", "-o", user, "-g", group, "-m", unit.service("StateDirectoryMode") or "0755", state])
+    files = {}
+    for entry in unit.all("Service", "EnvironmentFile"):
+        path = root.host_path(entry.removeprefix("-"))
+        if path.is_file():
+            files[entry.removeprefix("-")] = path.read_text()
+    env = unit.environment(files)
+    argv = unit.exec_start(instance, env) + list(extra)
+    watchdog = unit.service("WatchdogSec") or "30"
+    env.update(NOTIFY_SOCKET="@" + notify.name, WATCHDOG_USEC=str(int(watchdog) * 1_000_000),
+               STATE_DIRECTORY=state, PYTHONUNBUFFERED="1")
+    groups = [group, *(unit.service("SupplementaryGroups") or "").split()]
+    return root.popen(argv, log=log, user=user, groups=groups, cwd=unit.service("WorkingDirectory") or "/", env=env)
