@@ -4,7 +4,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Debian packages the tests and the demo need. mmdebstrap builds the Asterisk root folder; the second line
+# Debian packages the tests and the demo need. mmdebstrap builds the Asterisk root folder and, with
+# qemu-user-static, the arm64 Raspberry Pi root of the emulated post test; systemd gives systemd-analyze. The second line
 # builds pjsua2 from pjproject source (BUILD_PACKAGES in sip_refuge/post/sip/pjsua2_build.py). TLS certificates
 # come from Python's cryptography, and the wire test captures lo with a raw socket as root (no tcpdump). The
 # fail2ban tests run a fail2ban-server of their own; on a host with systemd,
@@ -14,10 +15,10 @@ BIN := $(VENV)/bin
 DEB_PACKAGES := python3-venv mmdebstrap vlc-bin vlc-plugin-base util-linux sqlite3 nftables \
 	build-essential swig xz-utils python3-dev libssl-dev libopus-dev libsrtp2-dev libspeex-dev libspeexdsp-dev libasound2-dev \
 	gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly python3-gi \
-	chromium fail2ban nginx openssl
+	chromium fail2ban nginx openssl qemu-user-static systemd git
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv deps asterisk pjsua2 lint test unit integration demo clean
+.PHONY: all venv deps asterisk pjsua2 pi-root lint test unit integration demo clean
 
 all: test
 
@@ -49,6 +50,10 @@ pjsua2: $(BIN)/.pjsua2
 asterisk: deps venv
 	@$(BIN)/python -m sip_refuge.pbx.asterisk
 
+# The emulated Raspberry Pi's root folder (arm64 Debian 12 under qemu, cached like Asterisk's).
+pi-root: deps venv
+	@$(BIN)/python -m tests.support.pi_root
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
@@ -56,10 +61,10 @@ lint: venv
 unit: venv
 	$(BIN)/pytest -q tests/unit
 
-integration: deps venv asterisk
+integration: deps venv asterisk pi-root
 	$(BIN)/pytest -q tests/integration
 
-test: deps venv asterisk lint
+test: deps venv asterisk pi-root lint
 	$(BIN)/pytest -q
 
 demo: deps venv asterisk

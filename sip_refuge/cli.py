@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from importlib import import_module
+from pathlib import Path
 
 from sip_refuge.errors import ConfigError, RefugeError
 from sip_refuge.logs import setup_logging
@@ -32,6 +33,15 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
 }
 ARGUMENTS: dict[tuple[str, ...], Callable[[argparse.ArgumentParser], None]] = {}
 
+# The packages a part brings with its extra (setup.cfg), by the name Python imports them as: a command
+# that meets one missing says which extra installs it instead of showing a traceback.
+EXTRAS: dict[str, tuple[str, str]] = {
+    "flask": ("Flask", "sidecar"), "werkzeug": ("Flask", "sidecar"), "h11": ("h11", "sidecar"),
+    "panoramisk": ("panoramisk", "sidecar"), "standardwebhooks": ("standardwebhooks", "sidecar"),
+    "requests": ("requests", "sidecar"), "prometheus_client": ("prometheus_client", "sidecar"), "cv2": ("opencv-python-headless", "sidecar"),
+    "numpy": ("opencv-python-headless", "sidecar"), "gpiozero": ("gpiozero", "post"), "pyVoIP": ("pyVoIP", "post"),
+}
+
 
 def _site(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("site", metavar="SITE", help="the site file (YAML)")
@@ -39,9 +49,17 @@ def _site(parser: argparse.ArgumentParser) -> None:
 
 def _templates(parser: argparse.ArgumentParser) -> None:
     _site(parser)
+    # The path of the shipped templates, so an admin of an installed package finds them to copy and adapt.
+    shipped = Path(__file__).resolve().parent / "pbx" / "templates"
     parser.add_argument("--templates", metavar="DIR",
-                        help="render from this template directory (default: asterisk/templates, "
-                             "or $SIP_REFUGE_TEMPLATES)")
+                        help=f"render from this template directory (default: $SIP_REFUGE_TEMPLATES, else the "
+                             f"shipped templates in {shipped.resolve()})")
+
+
+def _check_args(parser: argparse.ArgumentParser) -> None:
+    _site(parser)
+    parser.add_argument("--post", metavar="ID",
+                        help="on a post: check only what post ID needs (its own secret, SIP backend, GPIO, PBX name)")
 
 
 def _render_args(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +110,9 @@ def _user_add_args(parser: argparse.ArgumentParser) -> None:
 
 ARGUMENTS[("users", "add")] = _user_add_args
 ARGUMENTS[("users", "remove")] = _user_args
+
+
+ARGUMENTS[("config", "check")] = _check_args
 ARGUMENTS[("asterisk", "render")] = _render_args
 ARGUMENTS[("asterisk", "check")] = _templates
 ARGUMENTS[("pbx",)] = _templates
@@ -138,6 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except RefugeError as exc:
         print(f"sip-refuge: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        missing = EXTRAS.get((exc.name or "").partition(".")[0])
+        if missing is None:
+            raise
+        package, extra = missing
+        what = " ".join(words for words in (args.command, getattr(args, "subcommand", None)) if words)
+        hint = " (or run it with --no-cameras: no camera checks, no opencv)" if package.startswith("opencv") else ""
+        print(f"sip-refuge {what}: needs {package}, which is not installed: pip install 'sip-refuge[{extra}]'{hint}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -10,10 +10,13 @@ from pathlib import Path
 from sip_refuge.config.loader import load_site
 from sip_refuge.config.model import Site
 from sip_refuge.config.passwords import check_new_password, hash_password
-from sip_refuge.config.secrets import init_secrets
+from sip_refuge.config.secrets import init_secrets, purpose
 from sip_refuge.config.source import load_yaml
 from sip_refuge.config.users import check_name, read_users, remove_user, set_user
 from sip_refuge.errors import ConfigError, Problem, RefugeError
+
+USERS_FILE = ("the operators who may log in to the sidecar's pages, empty for now: add each with "
+              "`sip-refuge users add SITE NAME`; stays in the control room")
 
 
 def warning_text(problem: Problem) -> str:
@@ -21,11 +24,19 @@ def warning_text(problem: Problem) -> str:
 
 
 def check(args: argparse.Namespace) -> int:
+    if getattr(args, "post", None):
+        # Imported here: the post's checks look at the post's packages, which a control room may not have.
+        from sip_refuge.post.preflight import check_post, summary
+
+        site, post, notes = check_post(args.site, args.post)
+        print(f"{args.site}: {summary(site, post)}")
+        for note in notes:
+            print(f"{args.site}: note: {note}")
+        return 0
     site = load_site(args.site)
     for warning in site.warnings:
         print(warning_text(warning), file=sys.stderr)
-    if getattr(args, "post", None) is None:  # a post holds only the CA's certificate, not the PBX's files
-        report_tls(site, Path(args.site))
+    report_tls(site, Path(args.site))  # not on a post (above): it holds only the CA's certificate
     users = site.sidecar.users_file if site.sidecar is not None else None
     operators = f", {len(read_users(users))} operators" if users is not None else ", no users_file"
     print(f"{args.site}: ok: {len(site.posts)} posts, {len(site.desks)} desks, queue {site.queue.name} "
@@ -35,13 +46,14 @@ def check(args: argparse.Namespace) -> int:
 
 def secrets_init(args: argparse.Namespace) -> int:
     site = load_site(args.site, check_secrets=False)
-    created = [(path, "") for path in init_secrets(site)]
+    names = {secret.file: name for name, secret in site.secrets() if secret.file is not None}
+    created = [(path, purpose(site, names[path]) if path in names else USERS_FILE) for path in init_secrets(site)]
     if site.pbx.tls is not None:
         from sip_refuge.config.certs import init_tls
 
         created += init_tls(site, renew=args.renew_pbx_cert)
     for path, what in created:
-        print(f"created {path}" + (f" ({what})" if what else ""))
+        print(f"created {path}" + (f": {what}" if what else ""))
     if not created:
         print("every secret file exists already")
     # Validate the result, so weak or unreadable existing secrets (and certificates) are reported now.

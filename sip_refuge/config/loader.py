@@ -57,16 +57,18 @@ CLOSE_REASONS_MAX = 50
 CLOSE_LABEL_MAX = 80
 
 
-def load_site(path: str | Path, *, check_secrets: bool = True) -> Site:
+def load_site(path: str | Path, *, check_secrets: bool = True, post: str | None = None) -> Site:
     """Load and validate ``path``. Raise :class:`ConfigError` listing every mistake.
 
     ``check_secrets=False`` skips reading secret values (``secrets init`` runs before they exist).
+    ``post=ID`` reads and checks only that post's own secret, the one secret a post holds
+    (``config check SITE --post ID`` on the post); the post must be in the site.
     """
     path = Path(path)
     _check_site_path(path)
     src = load_yaml(path)
     problems: list[Problem] = []
-    builder = _Builder(src, problems, check_secrets)
+    builder = _Builder(src, problems, check_secrets, post)
     site = builder.site()
     if problems or site is None:
         problems.sort(key=lambda p: p.line)
@@ -99,8 +101,11 @@ def _mode(path: Path) -> int:
 
 
 class _Builder:
-    def __init__(self, src: Source, problems: list[Problem], check_secrets: bool) -> None:
-        self.src, self.problems, self.check_secrets = src, problems, check_secrets
+    def __init__(self, src: Source, problems: list[Problem], check_secrets: bool, only_post: str | None = None) -> None:
+        self.src, self.problems = src, problems
+        # With only_post, every other secret is left unread: on a post those files are not there, by design.
+        self.check_secrets = check_secrets and only_post is None
+        self.only_post = only_post if check_secrets else None
         self.extensions: dict[str, str] = {}
         self.transport: str | None = None  # pbx.transport, once read: posts depend on it
         self.ids: dict[str, set[str]] = {}
@@ -122,6 +127,8 @@ class _Builder:
             top.fail("desks", "at least one desk is needed to answer calls")
         if not posts:
             top.fail("posts", "at least one post is needed")
+        elif self.only_post is not None and self.only_post not in self.ids.get("posts", set()):
+            top.fail("posts", f"no post with id {self.only_post!r} (posts: {', '.join(p.id for p in posts)})")
         self.check_pins(top, posts)
         sidecar = self.sidecar(top.child("sidecar")) if top.has("sidecar") else None
         cctv = self.many(top, "cctv", self.target)
@@ -198,6 +205,8 @@ class _Builder:
         except RefugeError as exc:
             missing = secret.file is not None and not os.path.lexists(secret.file)
             hint = "; run: sip-refuge secrets init SITE" if missing else ""
+            if missing and self.only_post is not None:
+                hint = "; copy this post's secret from the control room (never run `secrets init` on a post)"
             r.fail(key, f"{exc}{hint}")
             return
         if secret.file is not None and _mode(secret.file) & 0o077:
@@ -323,6 +332,8 @@ class _Builder:
                             loc.number("lon", low=-180, high=180))
         loc.done()
         secret = self.secret(r)
+        if secret is not None and post_id is not None and post_id == self.only_post:
+            self.check_secret_value(r, "secret_file" if secret.file is not None else "secret_env", secret)
         camera = None
         if r.has("camera"):
             c = r.child("camera")

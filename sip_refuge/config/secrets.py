@@ -46,6 +46,31 @@ def init_secrets(site: Site) -> list[Path]:
     return created
 
 
+def purpose(site: Site, name: str) -> str:
+    """What the secret named ``name`` (as in :meth:`Site.secrets`) is for, and where it has to go."""
+    kind, _, rest = name.partition(".")
+    if kind == "pbx":
+        return "the sidecar's password for Asterisk's manager interface (AMI, read-only); stays in the control room"
+    if kind == "desks":
+        return f"SIP password of desk phone {rest} (user name {rest}): set it in that phone"
+    if kind == "posts" and rest.endswith(".camera"):
+        post = site.post(rest.removesuffix(".camera"))
+        user = post.camera.username if post.camera else None
+        return (f"password of post {post.id}'s camera (user {user} in its rtsp_url): set the same password on the "
+                "camera; the sidecar uses it to check the camera, and CCTV targets that open the stream get it "
+                "inside the RTSP URL. It never goes to the post")
+    if kind == "posts":
+        return (f"SIP password of post {rest} (user name {rest}): copy it, and no other secret, to that post "
+                "(README.md, Installing a post)")
+    if kind == "sidecar":
+        return "bearer token for writes to the sidecar's API; stays in the control room"
+    target = next((t for t in site.cctv if t.name == rest), None)
+    what = {"webhook": "Standard Webhooks signing key: give the same key to the receiver",
+            "nx": "password of the Nx Witness user", "vlc": "password of VLC's HTTP interface",
+            }.get(target.type if target else "", "secret")
+    return f"CCTV target {rest}: {what}"
+
+
 def mask_url(text: str) -> str:
     """Hide the password in ``scheme://user:password@host`` anywhere in ``text``."""
     return _URL_PASSWORD.sub(r"\g<head>:***@", text)

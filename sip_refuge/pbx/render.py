@@ -1,5 +1,8 @@
 """Render the Asterisk configuration of a site from the Jinja2 templates in ``asterisk/templates``.
 
+The package finds them as ``sip_refuge/pbx/templates``: in a checkout that is a link to ``asterisk/templates``
+(where admins read them), in an installed wheel a copy of the files.
+
 Two sets of files come out:
 
 * :func:`render` gives the include files an admin ``#include``s into an existing PBX
@@ -29,7 +32,7 @@ from sip_refuge.config.files import control_character, printable
 from sip_refuge.config.model import Desk, Post, Site
 from sip_refuge.errors import PbxError, RefugeError
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "asterisk" / "templates"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 # The include files, in the order an admin reads about them in asterisk/README.md.
 INCLUDE_FILES = (

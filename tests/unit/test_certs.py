@@ -62,8 +62,8 @@ def test_secrets_init_makes_a_site_ca_and_a_pbx_certificate_for_both_pbx_hosts(s
     done = run_cli("secrets", "init", str(site_file))
     assert done.returncode == 0, done.stderr
     tls = site_file.parent / "tls"
-    assert f"created {tls / 'ca.key'} (the site CA's private key: keep it off posts" in done.stdout
-    assert f"created {tls / 'ca.crt'} (the site CA's certificate: copy it to every post)" in done.stdout
+    assert f"created {tls / 'ca.key'}: the site CA's private key: keep it off posts" in done.stdout
+    assert f"created {tls / 'ca.crt'}: the site CA's certificate: copy it to every post" in done.stdout
     assert f"created {tls / 'pbx.key'}" in done.stdout and f"created {tls / 'pbx.crt'}" in done.stdout
     assert done.stderr == ""  # no warning: the new certificate fits the site
     modes = {name: stat.S_IMODE((tls / name).stat().st_mode) for name in ("ca.key", "ca.crt", "pbx.key", "pbx.crt")}
