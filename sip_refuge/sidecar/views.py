@@ -2,7 +2,8 @@
 and the store. No locks of its own and no writes: every answer is built from one consistent copy.
 
 A live call carries its real times (ISO UTC) and how long its caller waited, so a page opened mid-call shows
-them; and its post's camera status, so a page can show a camera fault on a calling post.
+them; its post's camera status, so a page can show a camera fault on a calling post; and whether it sounds
+the pages' alarm (:mod:`alarm`), beside the missed calls that still do.
 """
 
 from __future__ import annotations
