@@ -138,9 +138,8 @@ class NullCard:
 class MockCard:
     """The mock card (see the module's docstring for its model), at ``rate`` for the engine above it.
 
-    :meth:`microphone` and :meth:`speaker` are the card's two ends without a clock, for pjsua2's conference bridge,
-    which has its own; :meth:`capture` adds the clock for the pyVoIP engine. Thread-safe: the two ends may be called
-    from different threads."""
+    :meth:`exchange` is one tick of the card without a clock, for pjsua2's conference bridge, which has its own;
+    :meth:`capture` and :meth:`play` add the clock for the pyVoIP engine. Thread-safe."""
 
     def __init__(self, audio_in: Path, audio_out: Path, rate: int) -> None:
         world, in_rate = read_wav(audio_in)
@@ -155,7 +154,8 @@ class MockCard:
         self._lock = threading.Lock()
         self._out_state: tuple[int, tuple[tuple[int, int], ...]] | None = None
         self._pacer = Pacer()
-        self.started: float | None = None  # monotonic time of the first frame the microphone gave
+        self._last_played = bytes(self._frame)
+        self.started: float | None = None  # monotonic time of the card's first tick
         try:
             audio_out.parent.mkdir(parents=True, exist_ok=True)
             self._out: wave.Wave_write | None = wave.open(str(audio_out), "wb")
@@ -167,13 +167,25 @@ class MockCard:
         self.out_path = audio_out
         self.played_frames = 0
 
-    # -- the card's two ends ----------------------------------------------------------------------------
-    def microphone(self, size: int | None = None) -> bytes:
-        """The next ``size`` bytes (default: one frame) the microphone hears: the world plus the speaker's echo."""
-        size = size or self._frame
+    # -- the card, one frame at a time ------------------------------------------------------------------
+    def exchange(self, speaker: bytes) -> bytes:
+        """One tick of the card: ``speaker`` is what the speaker plays now (written to ``OUT.wav`` and sent down the
+        echo path); the result is what the microphone hears now (the world plus the echo). A card plays and
+        records at once, so the echo's delay is fixed whatever the callers' timing."""
+        size = len(speaker)
         with self._lock:
             if self.started is None:
                 self.started = time.monotonic()
+            self._echo += speaker
+            echo = bytes(self._echo[:size])
+            del self._echo[:size]
+            out = self._out
+            if out is not None:
+                pcm = speaker
+                if self.file_rate != self.rate:
+                    pcm, self._out_state = audioop.ratecv(pcm, 2, 1, self.rate, self.file_rate, self._out_state)
+                out.writeframes(pcm)  # the wave module rewrites the header's sizes on every write: readable at once
+                self.played_frames += 1
             if self.dead:
                 return bytes(size)
             world = bytearray()
@@ -181,31 +193,15 @@ class MockCard:
                 take = self._world[self._pos:self._pos + size - len(world)]
                 world += take
                 self._pos = (self._pos + len(take)) % len(self._world)
-            echo = bytes(self._echo[:size]).ljust(size, b"\0")
-            del self._echo[:size]
         return audioop.add(bytes(world), audioop.mul(echo, 2, ECHO_GAIN), 2)
 
-    def speaker(self, pcm: bytes) -> None:
-        """What the speaker plays now: into the echo path and, at the input's rate, into ``OUT.wav``."""
-        with self._lock:
-            self._echo += pcm
-            if len(self._echo) > 10 * self._frame:  # never more than 200 ms behind, whatever the callers' pace
-                del self._echo[: len(self._echo) - 10 * self._frame]
-            out = self._out
-            if out is None:
-                return
-            if self.file_rate != self.rate:
-                pcm, self._out_state = audioop.ratecv(pcm, 2, 1, self.rate, self.file_rate, self._out_state)
-            out.writeframes(pcm)  # the wave module rewrites the header's sizes on every write: readable at once
-            self.played_frames += 1
-
-    # -- Card -------------------------------------------------------------------------------------------
+    # -- Card (the pyVoIP engine): the speaker's frame is heard on the next capture -------------------------
     def capture(self) -> bytes:
         self._pacer.wait()
-        return self.microphone()
+        return self.exchange(self._last_played)
 
     def play(self, pcm: bytes) -> None:
-        self.speaker(pcm)
+        self._last_played = pcm
 
     def close(self) -> None:
         with self._lock:

@@ -33,6 +33,7 @@ from sip_refuge.post.agent import build_runner
 from sip_refuge.post.control import ControlServer, ask, control_port
 from sip_refuge.post.events import Tick
 from sip_refuge.post.runner import PostRunner
+from sip_refuge.post.sound import Sound
 from sip_refuge.post.sip import SipBackend
 from tests.support.waiting import wait_for
 
@@ -127,7 +128,7 @@ class InProcessAgent(Agent):
 
     def __init__(self, site: Site, post_id: str, state_dir: Path) -> None:
         super().__init__(site, post_id, state_dir)
-        self.runner: PostRunner = build_runner(site, self.post, gpio="mock", audio_device="null", spool=self.spool)
+        self.runner: PostRunner = build_runner(site, self.post, gpio="mock", sound=Sound(), spool=self.spool)
         self.server: ControlServer | None = None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
