@@ -603,17 +603,17 @@ class PostMachine:
         if test is None or test.check != check_id:
             return  # the check of an aborted test, or a late one: nobody waits for it
         path = test.check_path
-        found = speech.match(speech.test_signal(rate), speech.samples(pcm), rate, segment=None) if pcm and rate \
-            else None
+        if not rate:
+            self._check_done(path, "the post could not play and record the chirp", now)
+            return
+        found = speech.match(speech.test_signal(rate), speech.samples(pcm), rate, segment=None) if pcm else None
         s = self.settings
-        if found is None:
-            self._check_done(path, "nothing was recorded", now)
-        elif found.correlation >= s.check_correlation and found.gain_db >= s.check_gain_db:
-            test.heard.append(f"{path}: chirp heard ({found.describe()})")
+        if found is not None and found.correlation >= s.check_correlation and found.gain_db >= s.check_gain_db:
+            test.heard.append(f"{'pbx' if path == 'call' else path}: chirp heard ({found.describe()})")
             self._check_done(path, "", now)
         else:
             what = "the echo extension returned no chirp" if path == "call" else "the microphone did not hear the speaker"
-            self._check_done(path, f"{what} ({found.describe()})", now)
+            self._check_done(path, f"{what} ({found.describe() if found else 'no audio came back'})", now)
 
     def _check_done(self, path: str, failure: str, now: float) -> None:
         test = self._test

@@ -10,9 +10,11 @@ the delay is found and the normalised peak clears :data:`HEARD`, which a silent 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,6 +37,7 @@ DESK = "desk-1"
 HEARD = 0.6  # normalised correlation a voice that came through clears; silence scores 0, an unrelated voice < 0.1
 ECHO = 0.15  # the desk's own voice scores below this (measured: 0.06 with the canceller, 0.32 without)
 RATE = 16000  # the mock card's files
+TEMPLATES = Path(__file__).resolve().parents[2] / "asterisk" / "templates"
 
 
 @dataclass(frozen=True)
@@ -134,3 +137,62 @@ def test_caller_and_operator_hear_each_other(case: Case, site: Site, pbx: Asteri
     log.info("%s: at the desk: caller %s; operator's echo %s", case, voice.describe(), echo.describe())
     assert voice.correlation >= HEARD, f"the caller's voice did not reach the desk: {voice.describe()}"
     assert echo.correlation < ECHO, f"the desk hears itself back: {echo.describe()}"
+
+
+# ------------------------------------------------------------------------------------------- self-test
+
+def silent_echo_templates(folder: Path) -> Path:
+    """The shipped templates with the self-test's Echo() replaced by a silent wait: an echo extension that
+    answers and returns nothing (test-only: no production config plays silence)."""
+    copy = folder / "templates"
+    shutil.copytree(TEMPLATES, copy)
+    dialplan = copy / "extensions_refuge.conf.j2"
+    text = dialplan.read_text(encoding="utf-8")
+    assert " same => n,Echo()\n" in text
+    dialplan.write_text(text.replace(" same => n,Echo()\n", " same => n,Wait(60)\n"), encoding="utf-8")
+    return copy
+
+
+def run_self_test(site: Site, backend: str, folder: Path, voice: np.ndarray) -> dict[str, Any]:
+    with mock_agent(site, backend, folder, voice) as agent:
+        agent.wait_status(lambda s: s["state"] == "idle" and s["registered"], 30, "idle and registered")
+        agent.selftest()
+        done = agent.wait_status(lambda s: s["last_self_test"] is not None and s["state"] != "selftest", 60,
+                                 "a self-test verdict")
+        wait_for(lambda: agent.reports("selftest", result="pass" if done["last_self_test"]["passed"] else "fail"),
+                 5, "the self-test's report")
+        report = agent.reports("selftest")[-1]
+    last: dict[str, Any] = done["last_self_test"]
+    assert report["part"] == last["part"] and report["detail"] == last["detail"]
+    log.info("%s self-test: %s", backend, last)
+    return last
+
+
+@pytest.mark.parametrize("backend", sorted(POSTS))
+def test_self_test_passes_when_speaker_microphone_and_pbx_work(backend: str, site: Site, pbx: Asterisk,
+                                                                tmp_path: Path) -> None:
+    """The acoustic self-test passes with a working mock card and the PBX's echo: both chirps are heard."""
+    last = run_self_test(site, backend, tmp_path, babble(6.0, RATE, seed=1))
+    assert last["passed"] is True and last["part"] == "", last
+    assert "pbx: chirp heard" in last["detail"] and "local: chirp heard" in last["detail"], last
+
+
+@pytest.mark.parametrize("backend", sorted(POSTS))
+def test_self_test_with_a_dead_microphone_fails_local(backend: str, site: Site, pbx: Asterisk,
+                                                      tmp_path: Path) -> None:
+    """A microphone that hears nothing (an all-zero IN.wav) fails the self-test's local part; the PBX part passes."""
+    last = run_self_test(site, backend, tmp_path, np.zeros(RATE * 2))
+    assert last["passed"] is False and last["part"] == "local", last
+    assert "microphone did not hear the speaker" in last["detail"], last
+
+
+@pytest.mark.parametrize("backend", sorted(POSTS))
+def test_self_test_with_a_silent_echo_fails_pbx(backend: str, tmp_path_factory: pytest.TempPathFactory,
+                                                tmp_path: Path) -> None:
+    """An echo extension that answers and returns nothing fails the self-test's pbx part; the local part passes."""
+    folder = tmp_path_factory.mktemp("silent-echo")
+    silent = agent_site(folder / "site")
+    with Asterisk(silent, command="pytest (silent echo)", templates=silent_echo_templates(folder)):
+        last = run_self_test(silent, backend, tmp_path, babble(6.0, RATE, seed=1))
+    assert last["passed"] is False and last["part"] == "pbx", last
+    assert "echo extension returned no chirp" in last["detail"], last
