@@ -6,13 +6,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the tests and the demo need. mmdebstrap builds the Asterisk root folder; the second line
 # builds pjsua2 from pjproject source (BUILD_PACKAGES in sip_refuge/post/sip/pjsua2_build.py); openssl makes
-# the TLS tests' certificates. The fail2ban tests run a fail2ban-server of their own; on a host with systemd,
+# the TLS tests' certificates; libspeexdsp1 is both backends' echo canceller and espeak-ng speaks the speech
+# benchmark's sentences. The fail2ban tests run a fail2ban-server of their own; on a host with systemd,
 # Debian also enables the fail2ban service (its sshd jail) at install: `systemctl disable --now fail2ban` if
 # the machine should not have it.
 DEB_PACKAGES := python3-venv mmdebstrap vlc-bin vlc-plugin-base util-linux sqlite3 nftables \
 	build-essential swig xz-utils python3-dev libssl-dev libopus-dev libsrtp2-dev libspeex-dev libspeexdsp-dev libasound2-dev \
 	gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly python3-gi \
-	chromium openssl fail2ban
+	chromium openssl fail2ban libspeexdsp1 espeak-ng
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv deps asterisk pjsua2 lint test unit integration demo clean

@@ -136,7 +136,7 @@ class AudioEngine:
         """Play the self-test's chirp on ``path`` (``local``: the speaker; ``call``: into ``stream``) and record the
         other end of that path (the raw microphone, before the canceller; or what ``stream`` brings back) for
         ``seconds``; then ``done(check_id, rate, pcm)`` on the engine's thread."""
-        signal = speech.pcm16(speech.test_signal(self.rate))
+        signal = speech.pcm16(speech.check_signal(self.rate))
         with self._lock:
             self._check = _Check(check_id, path, stream, int(seconds / 0.02), done, signal)
 

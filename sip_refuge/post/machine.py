@@ -21,7 +21,9 @@ the backend recorded (:class:`~sip_refuge.post.commands.CheckAudio`, :class:`~si
 * ``local``: the chirp played on the post's own speaker must reach its microphone (speaker, microphone, wiring).
   It runs after the first, with or without the call, so a dead PBX does not hide a dead speaker.
 
-The result names the failed part: ``local``, ``pbx`` or ``both`` (``last_self_test.part``).
+The result names the failed part (``last_self_test.part``): ``local`` or ``pbx``. When both fail it says ``local``,
+since only this post's own self-test can show a dead speaker or microphone, while a dead PBX shows everywhere
+(registrations, every post's self-test); the detail names both.
 
 **Dead media** (the rule, written down): while connected, RTP silence alone never ends a call, because a desk
 with silence suppression sends none. Silence (:class:`~sip_refuge.post.events.MediaStalled`) makes the machine
@@ -606,7 +608,8 @@ class PostMachine:
         if not rate:
             self._check_done(path, "the post could not play and record the chirp", now)
             return
-        found = speech.match(speech.test_signal(rate), speech.samples(pcm), rate, segment=None) if pcm else None
+        found = speech.match(speech.test_signal(rate), speech.samples(pcm), rate, segment=speech.CHECK_SEGMENT) \
+            if pcm else None
         s = self.settings
         if found is not None and found.correlation >= s.check_correlation and found.gain_db >= s.check_gain_db:
             test.heard.append(f"{'pbx' if path == 'call' else path}: chirp heard ({found.describe()})")
@@ -658,7 +661,7 @@ class PostMachine:
         self._test = None
         failed = [part for part, why in (("local", test.local), ("pbx", test.pbx)) if why]
         passed = not failed
-        part = "" if passed else "both" if len(failed) == 2 else failed[0]
+        part = "" if passed else failed[0]  # local first: see the module's docstring
         detail = "; ".join([f"{p}: {why}" for p, why in (("pbx", test.pbx), ("local", test.local)) if why]
                            + ([] if failed else test.heard)) or "passed"
         self.last_self_test = {"at": now, "passed": passed, "detail": detail, "part": part}

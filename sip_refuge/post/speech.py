@@ -22,6 +22,8 @@ import numpy.typing as npt
 Samples = npt.NDArray[np.float64]
 SILENCE_DBFS = -70.0  # quieter than this is no signal at all: its correlation is not computed (it would be noise)
 TEST_SIGNAL_SECONDS = 1.0
+CHECK_LEAD = 0.3  # s of silence a check plays before the chirp: the far end's media path is up by then
+CHECK_SEGMENT = 0.5  # s: a check is judged in halves, so one slip of a jitter buffer mid-chirp does not fail it
 
 
 def samples(pcm: bytes | npt.NDArray[np.int16]) -> Samples:
@@ -68,6 +70,11 @@ def test_signal(rate: int) -> Samples:
     phase = 2 * math.pi * f0 * (np.exp(k * t) - 1) / k
     fade = np.minimum(1.0, np.minimum(np.arange(n), np.arange(n)[::-1]) / (0.02 * rate))
     return 0.5 * np.sin(phase) * fade
+
+
+def check_signal(rate: int) -> Samples:
+    """What a self-test check plays: :data:`CHECK_LEAD` of silence, then :func:`test_signal`."""
+    return np.concatenate([np.zeros(int(CHECK_LEAD * rate)), test_signal(rate)])
 
 
 @dataclass(frozen=True)

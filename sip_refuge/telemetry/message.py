@@ -28,7 +28,7 @@ class SelfTestResult(StrEnum):
     ABORTED = "aborted"  # a press or a call-back came first: neither passed nor failed
 
 
-SELFTEST_PARTS = ("local", "pbx", "both")
+SELFTEST_PARTS = ("local", "pbx")
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class SelfTest:
     at: str  # ISO 8601 UTC
     passed: bool
     detail: str = ""
-    part: str = ""  # when it failed: local (speaker or microphone), pbx (network, PBX or media) or both
+    part: str = ""  # when it failed: local (speaker or microphone) or pbx (network, PBX or media)
 
 
 @dataclass(frozen=True)

@@ -64,3 +64,10 @@ def wav_seconds(path: Path) -> float:
 
 def at_rate(x: Samples, rate: int, to: int) -> Samples:
     return speech.resample(x, rate, to)
+
+
+def chirp_found(rate: int, pcm: bytes) -> speech.Match:
+    """How clearly a check's recording holds the self-test's chirp."""
+    if not rate or not pcm:
+        return speech.Match(0.0, 0.0, -120.0, -120.0, 0)
+    return speech.match(speech.test_signal(rate), speech.samples(pcm), rate, segment=speech.CHECK_SEGMENT)

@@ -236,3 +236,18 @@ def test_post_command_line_builds_the_mock_card_and_refuses_half_of_it(tmp_path:
     with pytest.raises(RefugeError, match="give one or the other"):
         sound_for(parse(["post", "site.yaml", "--post", "p", "--audio", "hw:0", "--audio-in", "a", "--audio-out", "b"]))
     assert "--audio-in" in build_parser()._subparsers._group_actions[0].choices["post"].format_help()  # type: ignore[union-attr]
+
+
+def test_config_check_warns_when_this_machine_cannot_cancel_echo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from sip_refuge.cli import main
+    from tests.support.sites import agent_site
+
+    example = str(agent_site(tmp_path).path)
+    assert main(["config", "check", example]) == 0
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setattr(aec, "available", lambda: False)
+    assert main(["config", "check", example]) == 0  # a warning, not an error
+    err = capsys.readouterr().err
+    assert "warning: posts: libspeexdsp.so.1 (Debian package libspeexdsp1) is not installed" in err
+    assert "send the operator's own voice back to the desk" in err

@@ -147,7 +147,7 @@ class BridgeAudio:
             w.setnchannels(1)
             w.setsampwidth(2)
             w.setframerate(BRIDGE_RATE)
-            w.writeframes(speech.pcm16(speech.test_signal(BRIDGE_RATE)))
+            w.writeframes(speech.pcm16(speech.check_signal(BRIDGE_RATE)))
 
     # -- the card -------------------------------------------------------------------------------------
     def open(self) -> None:

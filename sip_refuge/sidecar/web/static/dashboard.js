@@ -10,7 +10,7 @@
   const EVENTS = ["call.queued", "call.answered", "call.ended", "call.unanswered", "post.offline",
     "post.online", "camera.fault", "camera.ok", "selftest.failed", "post.status"];
   // The part of a post a failed self-test names: who has to go and fix it.
-  const PARTS = {local: "speaker or microphone", pbx: "network, PBX or media", both: "post and network"};
+  const PARTS = {local: "speaker or microphone", pbx: "network, PBX or media"};
   const THUMB_REFRESH_MS = 30000; // the camera monitor takes a new picture once a probe interval anyway
   const RECONNECT_MS = 5000;
   const TOKEN_KEY = "sip-refuge-token";
