@@ -11,9 +11,10 @@ The mock card is only the last step swapped (:mod:`sip_refuge.post.sound`). Comm
 and runner's threads and only change what the next frame does, under a lock; the frame work itself never waits
 on anyone but the card.
 
-The jitter buffer is deliberately simple and generous: playing starts once :data:`PREBUFFER` frames (60 ms) are
-queued, a run dry is silence until it refills, and a backlog beyond :data:`MAX_BACKLOG` (240 ms) is cut back to
-the prebuffer, so a burst after a network stall costs a click, not seconds of delay for the rest of the call.
+The jitter buffer is simple and adaptive: playing starts once :data:`PREBUFFER` frames (60 ms) are queued, a run
+dry is silence until it refills, a second in which the queue never fell below two frames gives one frame back
+(the network turned calm: less delay), and a backlog beyond :data:`MAX_BACKLOG` (240 ms) is cut back to the
+prebuffer, so a burst after a network stall costs a click, not seconds of delay for the rest of the call.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PREBUFFER = 3
 MAX_BACKLOG = 12
+ADAPT_FRAMES = 50  # one second of frames between looks at how deep the buffer ran
 CARD_RETRY = 1.0  # s before a card that failed is opened again
 Heard = Callable[[str, int, bytes], None]  # (check id, rate, what was heard)
 
@@ -69,6 +71,8 @@ class AudioEngine:
         self._lock = threading.Lock()
         self._stream: Stream | None = None
         self._playing = False
+        self._shallowest = MAX_BACKLOG  # the fewest frames waiting at any frame of the current second
+        self._adapt_in = ADAPT_FRAMES
         self._prompts: collections.deque[bytes] = collections.deque()
         self._prompt_pos = 0
         self._check: _Check | None = None
@@ -111,9 +115,10 @@ class AudioEngine:
 
     # -- commands (any thread) --------------------------------------------------------------------------
     def connect(self, stream: Stream) -> None:
-        """Carry ``stream`` to and from the card (the call is up); the prompts stop."""
+        """Carry ``stream`` to and from the card (the call is up)."""
         with self._lock:
             self._stream, self._playing = stream, False
+            self._shallowest, self._adapt_in = MAX_BACKLOG, ADAPT_FRAMES
 
     def disconnect(self, stream: Stream) -> None:
         with self._lock:
@@ -210,6 +215,12 @@ class AudioEngine:
             self._playing = True
         if not self._playing:
             return self._silence
+        self._shallowest = min(self._shallowest, waiting)
+        self._adapt_in -= 1
+        if self._adapt_in <= 0:
+            if self._shallowest >= 2:
+                stream.drop_frames(stream.pending() - 1)  # a calm second: one frame less of delay
+            self._shallowest, self._adapt_in = MAX_BACKLOG, ADAPT_FRAMES
         frame = stream.take_frame()
         if frame is None:
             self._playing = False

@@ -30,7 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from sip_refuge.errors import RefugeError
+from sip_refuge.post import speech
 from sip_refuge.post.pcm import audioop
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,46 @@ def read_wav(path: Path) -> tuple[bytes, int]:
     return data, rate
 
 
+class Resampler:
+    """Streaming conversion between 8, 16 and 48 kHz (integer ratios), frame by frame, with a windowed-sinc FIR
+    (128 taps per phase) whose state carries across frames: band-limited, unlike audioop.ratecv, whose aliasing
+    would be heard in a speech benchmark as the post's fault. The filter's delay is cut off the start, so a sample
+    leaves at the time it would have without conversion."""
+
+    TAPS = 128
+
+    def __init__(self, rate: int, to: int) -> None:
+        self.up, self.down = (to // rate, 1) if to >= rate else (1, rate // to)
+        if rate * self.up // self.down != to:
+            raise ValueError(f"no integer ratio from {rate} to {to} Hz")
+        factor = max(self.up, self.down)
+        n = self.TAPS * factor
+        t = np.arange(n) - (n - 1) / 2
+        self._fir = np.sinc(t / factor) * np.hamming(n) * (self.up / factor)
+        self._tail = np.zeros(n - 1)
+        self._phase = 0  # of the decimation, across frames
+        self._skip = int(round((n - 1) / 2 / self.down))  # the filter's group delay, in output samples
+        self.identity = rate == to
+
+    def __call__(self, pcm: bytes) -> bytes:
+        if self.identity:
+            return pcm
+        x = speech.samples(pcm)
+        if self.up > 1:
+            stuffed = np.zeros(len(x) * self.up)
+            stuffed[:: self.up] = x
+            x = stuffed
+        y = np.convolve(np.concatenate([self._tail, x]), self._fir, mode="valid")
+        self._tail = np.concatenate([self._tail, x])[-(len(self._fir) - 1):]
+        if self.down > 1:
+            y = y[self._phase:: self.down]
+            self._phase = (self._phase - len(x)) % self.down
+        if self._skip:
+            skipped, self._skip = min(self._skip, len(y)), self._skip - min(self._skip, len(y))
+            y = y[skipped:]
+        return speech.pcm16(y)
+
+
 class Pacer:
     """A card's clock where there is no card: one frame every 20 ms of the monotonic clock, without catching up
     in a burst after a stall (a starved process must not dump seconds of audio at once)."""
@@ -141,18 +184,21 @@ class MockCard:
     :meth:`exchange` is one tick of the card without a clock, for pjsua2's conference bridge, which has its own;
     :meth:`capture` and :meth:`play` add the clock for the pyVoIP engine. Thread-safe."""
 
-    def __init__(self, audio_in: Path, audio_out: Path, rate: int) -> None:
+    def __init__(self, audio_in: Path, audio_out: Path, rate: int, *, echo_gain: float = ECHO_GAIN) -> None:
+        """``echo_gain``: of the speaker in the microphone (0: no echo path, as a headset; the benchmark's bare
+        SIP clients use that)."""
         world, in_rate = read_wav(audio_in)
+        self.echo_gain = echo_gain
         self.rate, self.file_rate = rate, in_rate
         self.dead = not any(world)  # all zeros: a dead or disconnected capsule
         if in_rate != rate:
-            world, _ = audioop.ratecv(world, 2, 1, in_rate, rate, None)
+            world = speech.pcm16(speech.resample(speech.samples(world), in_rate, rate))
         self._world = world
         self._pos = 0
         self._frame = frame_bytes(rate)
         self._echo = bytearray(int(ECHO_DELAY * rate) * 2)  # the speaker's sound on its way to the microphone
         self._lock = threading.Lock()
-        self._out_state: tuple[int, tuple[tuple[int, int], ...]] | None = None
+        self._to_file = Resampler(rate, in_rate)
         self._pacer = Pacer()
         self._last_played = bytes(self._frame)
         self.started: float | None = None  # monotonic time of the card's first tick
@@ -182,9 +228,7 @@ class MockCard:
             out = self._out
             if out is not None:
                 pcm = speaker
-                if self.file_rate != self.rate:
-                    pcm, self._out_state = audioop.ratecv(pcm, 2, 1, self.rate, self.file_rate, self._out_state)
-                out.writeframes(pcm)  # the wave module rewrites the header's sizes on every write: readable at once
+                out.writeframes(self._to_file(pcm))  # the wave module rewrites the header's sizes on every write: readable at once
                 self.played_frames += 1
             if self.dead:
                 return bytes(size)
@@ -193,7 +237,7 @@ class MockCard:
                 take = self._world[self._pos:self._pos + size - len(world)]
                 world += take
                 self._pos = (self._pos + len(take)) % len(self._world)
-        return audioop.add(bytes(world), audioop.mul(echo, 2, ECHO_GAIN), 2)
+        return audioop.add(bytes(world), audioop.mul(echo, 2, self.echo_gain), 2)
 
     # -- Card (the pyVoIP engine): the speaker's frame is heard on the next capture -------------------------
     def capture(self) -> bytes:
