@@ -2,16 +2,18 @@
 
     .venv/bin/python bench/speech.py [--talk 30] [--cases baseline-PCMU,pjsua2-PCMU,...]
 
-Every end of every call is a mock sound card (:class:`sip_refuge.post.sound.MockCard`), so each end's clock is
-known: IN.wav sample ``k`` enters its microphone at ``epoch + k / rate`` and OUT.wav sample ``j`` leaves its speaker
-at ``epoch + j / rate``. The epoch is read from outside, by watching OUT.wav grow against ``time.monotonic()``
-(:func:`epoch_of`). A voice (espeak-ng, a sentence of about 4 s, then 3 s of silence, looped) is found in the
-other end's OUT.wav by cross-correlation, occurrence by occurrence: mouth-to-ear delay is when it left the
-speaker minus when it entered the microphone; PESQ (ITU-T P.862 through the ``pesq`` package; narrowband, and
-wideband too for G.722) compares each occurrence with the sentence.
+Every end of every call is a mock sound card (:class:`sip_refuge.post.sound.MockCard`), which takes in one IN.wav
+sample for each sample it plays into OUT.wav. Another process watches every OUT.wav grow against
+``time.monotonic()`` (:class:`Watch`), so the time each sample left a speaker, and each IN.wav sample entered a
+microphone, is known without trusting any card's clock. A voice (espeak-ng, a sentence of about 5 s, then 3 s of
+silence, looped) is found in the other end's OUT.wav by cross-correlation, occurrence by occurrence:
+mouth-to-ear delay is when it left that speaker minus when it entered the microphone; PESQ (ITU-T P.862 through
+the ``pesq`` package; narrowband, and wideband too for G.722) compares each occurrence with the sentence.
+(The pyVoIP post's card runs at 8 kHz and its OUT.wav is converted to 16 kHz; the converter's start makes its
+writes look up to 8 ms late, which the figures for pyVoIP carry.)
 
-**Baseline**: two bare pjsua2 clients (:mod:`bench.speech_client`, no post logic, no echo path, no canceller),
-desk-2 calling desk-1 through the same Asterisk, with the same codec. **Post**: the post agent in this process
+**Baseline**: two bare pjsua2 clients (:mod:`bench.speech_client`, no post logic, no echo path, no canceller)
+through the same Asterisk with the same codec: desk-2 calls desk-1 (Dial; the post's call goes through Queue). **Post**: the post agent in this process
 (built as ``sip-refuge post --audio-in --audio-out`` builds it: its echo path and echo canceller on) presses;
 desk-1 (the same bare client) answers. Each direction is measured in its own call with the other side silent
 (single talk, as PESQ is meant to be used): the caller speaks and the desk is silent, then the desk speaks.
@@ -43,7 +45,7 @@ from sip_refuge.post import speech  # noqa: E402
 from sip_refuge.post.agent import build_runner  # noqa: E402
 from sip_refuge.post.sip.pjsua2_api import MediaSettings  # noqa: E402
 from sip_refuge.post.sound import Sound  # noqa: E402
-from tests.support.audio import read_wav, wav_seconds, write_wav  # noqa: E402
+from tests.support.audio import read_wav, write_wav  # noqa: E402
 from tests.support.sites import POSTS, agent_site  # noqa: E402
 
 RATE = 16000
@@ -64,30 +66,65 @@ def sentence(text: str, folder: Path, name: str) -> np.ndarray:
     return x * (0.1 / max(1e-6, float(np.sqrt(np.mean(x * x)))))
 
 
-def epoch_of(out: Path, rate: int, watch: float = 1.5) -> float:
-    """When sample 0 of ``out`` left the speaker: frames are written as they play, so ``now - frames / rate`` is
-    never earlier than that; the smallest value seen over ``watch`` seconds is it (within a millisecond or two)."""
-    best = float("inf")
-    end = time.monotonic() + watch
-    while time.monotonic() < end:
-        seconds = wav_seconds(out)
-        now = time.monotonic()
-        if seconds:
-            best = min(best, now - seconds)
-        time.sleep(0.002)
-    if best == float("inf"):
-        raise RuntimeError(f"{out} did not grow")
-    return best
+WATCHER = """
+import sys, time, wave
+paths = sys.argv[1:]
+def frames(path):
+    try:
+        with wave.open(path, "rb") as w:
+            return w.getnframes()
+    except Exception:
+        return -1
+while True:
+    line = " ".join([repr(time.monotonic())] + [str(frames(p)) for p in paths])
+    print(line, flush=True)
+    time.sleep(0.004)
+"""
+
+
+class Watch:
+    """When each frame of the OUT.wav files was written, i.e. played: another process reads their headers every
+    4 ms with ``time.monotonic()`` (the same clock for every process here), so the post's process is not slowed
+    and no card is trusted to keep wall-clock time (a stalled clock thread shifts its samples for good)."""
+
+    def __init__(self, *paths: Path) -> None:
+        self.paths = paths
+        self.proc = subprocess.Popen([sys.executable, "-c", WATCHER, *map(str, paths)], stdout=subprocess.PIPE,
+                                     text=True)
+
+    def stop(self) -> list[Clock]:
+        self.proc.terminate()
+        out, _ = self.proc.communicate()
+        rows = [line.split() for line in out.splitlines() if line.strip()]
+        times = np.array([float(r[0]) for r in rows])
+        return [Clock(times, np.array([int(r[1 + i]) for r in rows])) for i in range(len(self.paths))]
+
+
+@dataclass
+class Clock:
+    """(time, frames written) of one OUT.wav: when sample ``n`` left the speaker."""
+
+    times: np.ndarray
+    frames: np.ndarray
+
+    def at(self, sample: float) -> float | None:
+        """The first time the file held ``sample``; None outside the watched span."""
+        index = int(np.searchsorted(self.frames, sample, side="right"))
+        if index == 0 or index >= len(self.times):
+            return None
+        return float(self.times[index])
 
 
 @dataclass
 class End:
-    """One end of a call: its mock card's files and the epoch of its card."""
+    """One end of a call: its mock card's files, and when its OUT.wav's frames were written (:class:`Watch`).
+    A card takes in one IN.wav sample for every sample it plays, so IN sample ``k`` (counting the loops) went into
+    the microphone when OUT.wav held ``k`` samples."""
 
     name: str
     audio_in: Path
     audio_out: Path
-    epoch: float = 0.0
+    clock: Clock | None = None
 
 
 class Client:
@@ -126,6 +163,9 @@ class Client:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.proc.returncode != 0 and self.proc.stderr is not None:
+            print(f"client {self.end.name} exited {self.proc.returncode}: {self.proc.stderr.read()[-800:]}",
+                  file=sys.stderr)
 
 
 @dataclass
@@ -155,7 +195,15 @@ def occurrences(voice: np.ndarray, period: float, talker: End, listener: End, wi
         if local.correlation < 0.5:
             continue  # not connected yet (prompts, ringing) or already hung up
         at = lo / RATE + local.delay  # where the sentence starts in listener's OUT
-        delay = (listener.epoch + at - talker.epoch) % period
+        assert listener.clock is not None and talker.clock is not None
+        ear = listener.clock.at(at * rate)
+        loops = [m for m in range(1000) if (t := talker.clock.at(m * period * rate)) is not None and ear is not None
+                 and 0 <= ear - t < period]
+        if ear is None or not loops:
+            continue  # outside the watched span
+        mouth = talker.clock.at(loops[0] * period * rate)
+        assert mouth is not None
+        delay = ear - mouth
         degraded = heard[int(at * RATE):int(at * RATE) + n]
         if len(degraded) < n:
             continue
@@ -173,11 +221,13 @@ def baseline_call(site: Site, pbx: Asterisk, folder: Path, codec: str, talk: flo
                   desk_in: Path) -> tuple[End, End]:
     caller = End("desk-2", caller_in, folder / "caller-out.wav")
     desk = End("desk-1", desk_in, folder / "desk-out.wav")
-    answering = Client(site, DESK, desk, codec, talk + 5)
+    answering = Client(site, DESK, desk, codec, talk + 30)
     answering.wait("registered", 20)
     calling = Client(site, "desk-2", caller, codec, talk, call=site.desk(DESK).extension)
     calling.wait("answered", 30)
-    caller.epoch, desk.epoch = epoch_of(caller.audio_out, RATE), epoch_of(desk.audio_out, RATE)
+    watch = Watch(caller.audio_out, desk.audio_out)
+    time.sleep(talk)
+    caller.clock, desk.clock = watch.stop()
     calling.finish()
     answering.finish()
     return caller, desk
@@ -202,8 +252,9 @@ def post_call(site: Site, pbx: Asterisk, folder: Path, backend: str, codec: str,
         runner.press()
         answering.wait("answered", 30)
         wait(lambda: runner.status().get("state") == "connected", 10, "post connected")
-        caller.epoch, desk.epoch = epoch_of(caller.audio_out, RATE), epoch_of(desk.audio_out, RATE)
-        time.sleep(talk)  # the conversation: the cards play on their own clocks meanwhile
+        watch = Watch(caller.audio_out, desk.audio_out)
+        time.sleep(talk)
+        caller.clock, desk.clock = watch.stop()  # the conversation: the cards play on their own clocks meanwhile
     finally:
         runner.stop_event.set()
         thread.join(30)

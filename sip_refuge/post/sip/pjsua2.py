@@ -8,6 +8,11 @@ worker threads of its own (:func:`~sip_refuge.post.sip.pjsua2_api.endpoint_confi
 also runs on the owner thread, between commands. Callbacks only update the small per-call records,
 build events and call ``emit``; anything that needs pjsua is enqueued as a command.
 
+The sound card is the conference bridge's (:mod:`~sip_refuge.post.sip.pjsua2_audio`): calls, prompts (players)
+and the self-test's chirp meet there; a real card is pjmedia's ALSA device with its echo canceller, the mock
+card an ``AudioMediaPort`` on the null device's clock. The backend reports facts (responses, 100 Trying included;
+``MediaStalled``/``MediaResumed``; what a check heard); every timing decision is the machine's.
+
 The binding is pjproject's official SWIG one, built by :mod:`sip_refuge.post.sip.pjsua2_build`
 (``make venv``); :mod:`~sip_refuge.post.sip.pjsua2_api` holds what this module asks of it.
 
@@ -390,6 +395,8 @@ class Backend:
 
     def _check_audio(self, check_id: str, path: str, call_id: str | None, seconds: float) -> None:
         rec = self._record(call_id) if call_id else None
+        if rec is not None and not rec.finished and rec.media is None and rec.call is not None:
+            rec.media = api.call_audio(rec.call)  # answered before its media callback was handled
         media = rec.media if rec is not None and not rec.finished else None
         try:
             if self._audio is None or (path == "call" and media is None):
@@ -503,7 +510,9 @@ class Backend:
                 item()  # type: ignore[operator]
 
     def _destroy(self) -> None:
-        self._audio = None
+        audio, self._audio = self._audio, None
+        if audio is not None:
+            audio.close()  # before libDestroy: the card's port leaves the bridge, OUT.wav is finished
         acc, self._acc = self._acc, None
         if acc is not None:
             try:
