@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +196,28 @@ def test_self_test_with_a_silent_echo_fails_pbx(backend: str, tmp_path_factory: 
         last = run_self_test(silent, backend, tmp_path, babble(6.0, RATE, seed=1))
     assert last["passed"] is False and last["part"] == "pbx", last
     assert "echo extension returned no chirp" in last["detail"], last
+
+
+# ------------------------------------------------------------------------------------------- dead media
+
+@pytest.mark.parametrize("backend", sorted(POSTS))
+def test_dead_media_on_a_connected_call_raises_media_stalled_and_keeps_the_call(
+        backend: str, site: Site, pbx: Asterisk, desk: DeskRobot, tmp_path: Path) -> None:
+    """A desk whose audio dies mid-call (no BYE, the PBX still has the call) makes the post raise media_stalled after the machine's media_timeout, without hanging up."""
+    agent = mock_agent(site, backend, tmp_path, babble(6.0, RATE, seed=1))
+    agent.runner.machine.settings = replace(agent.runner.machine.settings, media_timeout=3.0)
+    with agent:
+        agent.wait_status(lambda s: s["state"] == "idle" and s["registered"], 30, "idle and registered")
+        agent.press()
+        ring = desk.wait_ring(15)
+        desk.answer(ring)
+        desk.wait_answered(ring)
+        connected = agent.wait_state("connected")
+        assert "media_stalled" not in connected["faults"]
+        ring.call.rtp.stop()  # the desk's media dies (a crashed phone's RTP stack); its SIP still answers
+        stalled = agent.wait_status(lambda s: "media_stalled" in s["faults"], 30, "the media_stalled fault")
+        assert stalled["state"] == "connected" and stalled["lights"]["red"] == "blink", stalled
+        wait_for(lambda: agent.reports("call", event="media_stalled"), 5, "the media_stalled report")
+        desk.hangup(ring)
+        ended = agent.wait_state("idle")
+        assert "media_stalled" not in ended["faults"]

@@ -147,6 +147,21 @@ def test_selftest_failure_from_telemetry_raises_an_event(client: FlaskClient, hu
     assert shown == {"at": AT, "passed": False, "detail": "no echo", "part": ""}
 
 
+def test_selftest_failed_names_the_part_that_failed(client: FlaskClient, hub: Hub) -> None:
+    detail = "local: the microphone did not hear the speaker"
+    client.post("/api/v1/posts/sutton-market/telemetry", headers=AUTH,
+                json=report("sutton-market", "selftest", result="fail", passed=False, detail=detail, part="local",
+                            last_self_test={"at": AT, "passed": False, "detail": detail, "part": "local"}))
+    [(_, event)] = hub.store.events_since(0)
+    assert event.type == "selftest.failed" and event.body["data"]["part"] == "local"
+    shown = client.get("/api/v1/posts/sutton-market").get_json()["last_self_test"]
+    assert shown["part"] == "local"
+    refused = client.post("/api/v1/posts/sutton-market/telemetry", headers=AUTH,
+                          json=report("sutton-market", "selftest", result="fail", passed=False, part="kitchen",
+                                      last_self_test={"at": AT, "passed": False}))
+    assert refused.status_code == 422 and "part" in refused.get_json()["detail"]
+
+
 def test_what_a_post_sends_is_what_the_sidecar_reads(client: FlaskClient, hub: Hub, site: Site,
                                                      tmp_path: Path) -> None:
     """The post's outbox, with the post's own token, against the sidecar app served over real HTTP on loopback."""
