@@ -89,15 +89,22 @@ class Watch:
 
     def __init__(self, *paths: Path) -> None:
         self.paths = paths
-        self.proc = subprocess.Popen([sys.executable, "-c", WATCHER, *map(str, paths)], stdout=subprocess.PIPE,
-                                     text=True)
+        self.log = paths[0].with_suffix(".watch")  # a file, not a pipe: a full pipe would stop the watcher
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-c", WATCHER, *map(str, paths)], stdout=out, text=True)
 
     def stop(self) -> list[Clock]:
         self.proc.terminate()
-        out, _ = self.proc.communicate()
-        rows = [line.split() for line in out.splitlines() if line.strip()]
+        self.proc.wait()
+        lines = self.log.read_text().splitlines()
+        rows = [line.split() for line in lines if len(line.split()) == 1 + len(self.paths)]
         times = np.array([float(r[0]) for r in rows])
-        return [Clock(times, np.array([int(r[1 + i]) for r in rows])) for i in range(len(self.paths))]
+        clocks = []
+        for i in range(len(self.paths)):
+            frames = np.array([int(r[1 + i]) for r in rows])
+            read = frames >= 0  # -1: the header was being rewritten as it was read
+            clocks.append(Clock(times[read], np.maximum.accumulate(frames[read])))
+        return clocks
 
 
 @dataclass
