@@ -13,7 +13,7 @@ on anyone but the card.
 
 The jitter buffer is simple and adaptive: playing starts once :data:`PREBUFFER` frames (60 ms) are queued, a run
 dry is silence until it refills, a second in which the queue never fell below two frames gives one frame back
-(the network turned calm: less delay), and a backlog beyond :data:`MAX_BACKLOG` (240 ms) is cut back to the
+(the network turned calm: less delay; the frame dropped is the next quiet one, so no syllable is cut), and a backlog beyond :data:`MAX_BACKLOG` (240 ms) is cut back to the
 prebuffer, so a burst after a network stall costs a click, not seconds of delay for the rest of the call.
 """
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 PREBUFFER = 3
 MAX_BACKLOG = 12
 ADAPT_FRAMES = 50  # one second of frames between looks at how deep the buffer ran
+QUIET = 300  # RMS of a frame the jitter buffer may drop (about -40 dBFS: a pause between words)
 CARD_RETRY = 1.0  # s before a card that failed is opened again
 Heard = Callable[[str, int, bytes], None]  # (check id, rate, what was heard)
 
@@ -73,6 +74,7 @@ class AudioEngine:
         self._playing = False
         self._shallowest = MAX_BACKLOG  # the fewest frames waiting at any frame of the current second
         self._adapt_in = ADAPT_FRAMES
+        self._shrink = False  # a calm second passed: drop the next quiet frame
         self._prompts: collections.deque[bytes] = collections.deque()
         self._prompt_pos = 0
         self._check: _Check | None = None
@@ -218,10 +220,12 @@ class AudioEngine:
         self._shallowest = min(self._shallowest, waiting)
         self._adapt_in -= 1
         if self._adapt_in <= 0:
-            if self._shallowest >= 2:
-                stream.drop_frames(stream.pending() - 1)  # a calm second: one frame less of delay
+            self._shrink = self._shrink or self._shallowest >= 2
             self._shallowest, self._adapt_in = MAX_BACKLOG, ADAPT_FRAMES
         frame = stream.take_frame()
+        if self._shrink and frame is not None and stream.pending() >= 1 and audioop.rms(frame, 2) < QUIET:
+            self._shrink = False
+            frame = stream.take_frame()  # one frame less of delay, taken out of a pause
         if frame is None:
             self._playing = False
             self.underruns += 1

@@ -42,7 +42,7 @@ DTMF_KEYS = "0123456789*#ABCD"
 EVENT_FRAMES = 5  # 100 ms of tone per digit
 EVENT_END_REPEATS = 3  # RFC 4733 2.5.1.4: the end packet is sent three times
 DIGIT_GAP_FRAMES = 3  # 60 ms of silence between digits so the far end sees separate events
-LIVE_BACKLOG = 5  # frames (100 ms) of live audio waiting to be sent, at most
+LIVE_BACKLOG = 2  # frames (40 ms) of live audio waiting to be sent, at most: each one is delay
 
 PCMU, PCMA, EVENT = RTP.PayloadType.PCMU, RTP.PayloadType.PCMA, RTP.PayloadType.EVENT
 OFFER: dict[int, Any] = {0: PCMU, 8: PCMA, 101: EVENT}  # what we offer and accept, by payload number
