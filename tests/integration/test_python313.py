@@ -1,4 +1,5 @@
-"""A post on Python 3.13 (Debian unstable's python3 in a root folder, which has no ``audioop``): the pyVoIP post,
+"""A post on Python 3.13 or later (Debian unstable's python3 in a root folder: 3.14 at the archive's snapshot of
+2026-12; both have no ``audioop``): the pyVoIP post,
 installed there with pip as a post would be (``audioop-lts`` comes with it), carries a call with speech both ways.
 
 The post runs as ``sip-refuge post`` inside the root (chroot: same network) with the mock sound card; Asterisk and
@@ -78,7 +79,7 @@ def site(tmp_path: Path) -> Site:
 
 
 def test_a_pyvoip_post_on_python_313_carries_speech_both_ways(root: Path, site: Site) -> None:
-    """On Debian unstable's Python 3.13 the pyVoIP post registers, calls, and caller and operator hear each other."""
+    """On Debian unstable's Python (3.13 or later) the pyVoIP post registers, calls, and both ends hear each other."""
     caller, operator = babble(6.0, RATE, seed=1), babble(6.0, 8000, seed=2)
     folder = site.path.parent
     write_wav(folder / "in.wav", caller, RATE)

@@ -1,5 +1,6 @@
-"""Python 3.13 for a post: Debian unstable's python3 in a root folder, as the Asterisk root is built, with this
-project installed in a venv inside it (Raspberry Pi OS and Debian 13 have 3.13, which removed ``audioop``).
+"""Python 3.13 and later for a post: Debian unstable's python3 (3.14 at the archive's snapshot of 2026-12) in a root
+folder, as the Asterisk root is built, with this project installed in a venv inside it (Raspberry Pi OS and Debian
+13 have 3.13; 3.13 removed ``audioop``).
 
     root = python_root()            # mmdebstrap once (about 60 s), cached beside the Asterisk root
     venv = install_project(root)    # the project's current files into /opt/venv (pip, from the package index)
@@ -54,12 +55,18 @@ def python_root() -> Path:
 
 def run_in(root: Path, argv: list[str], *, timeout: float = 600, check: bool = True,
            **kwargs: object) -> subprocess.CompletedProcess[str]:
-    """``argv`` inside the root (chroot); the name server and hosts of this machine go in first."""
+    """``argv`` inside the root (chroot). This machine's name server, hosts and certificate authorities go in
+    first (the package index may be reached through a proxy whose authority only this machine knows)."""
     for name in ("resolv.conf", "hosts"):
         if Path("/etc", name).exists():
             shutil.copyfile(Path("/etc", name), root / "etc" / name)
+    env = dict(os.environ)
+    authorities = Path(os.environ.get("PIP_CERT") or "/etc/ssl/certs/ca-certificates.crt")
+    if authorities.is_file():
+        shutil.copyfile(authorities, root / "opt" / "host-ca.crt")
+        env.update(PIP_CERT="/opt/host-ca.crt", SSL_CERT_FILE="/opt/host-ca.crt")
     done = subprocess.run(["chroot", str(root), *argv], capture_output=True, text=True, timeout=timeout,
-                          check=False, **kwargs)  # type: ignore[call-overload]
+                          check=False, env=env, **kwargs)  # type: ignore[call-overload]
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return done  # type: ignore[no-any-return]
