@@ -111,7 +111,8 @@ class Recorder:
             report = message.detail
             if isinstance(report, SelfTestReport) and report.result is SelfTestResult.FAIL:
                 events.append(build_event("selftest.failed", self.site, post_id=post_id, now=now,
-                                          reason=report.detail or "self-test failed"))
+                                          reason=report.detail or "self-test failed",
+                                          extra={"part": report.part or None}))
             body = message.to_wire()
             size = len(json.dumps(body, separators=(",", ":")))
 

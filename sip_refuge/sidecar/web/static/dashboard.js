@@ -12,6 +12,8 @@
   const EVENTS = ["call.queued", "call.answered", "call.ended", "call.unanswered", "post.offline",
     "post.online", "camera.fault", "camera.ok", "selftest.failed", "post.status", "incident.closed",
     "incident.acknowledged", "call.updated"];
+  // The part of a post a failed self-test names: who has to go and fix it.
+  const PARTS = {local: "speaker or microphone", pbx: "network, PBX or media"};
   const THUMB_REFRESH_MS = 30000; // the camera monitor takes a new picture once a probe interval anyway
   const RECONNECT_MS = 5000;
   const STATE_WORDS = { offline: "Offline", calling: "Calling", answered: "Answered", fault: "Fault",
@@ -41,8 +43,9 @@
     const cam = !camera ? "No camera" : camera.ok === true ? badge("ok", "OK")
       : camera.ok === false ? badge("bad", `Fault: ${str(camera.reason)}`) : badge("", "Not checked yet");
     const t = object(p.last_self_test);
-    const test = !t ? "No report" : `${t.passed === true ? badge("ok", "Passed") : t.passed === false ? badge("bad", "Failed")
-      : badge("", "Unknown")} ${when(str(t.at))}`;
+    const part = PARTS[str(t?.part)];
+    const test = !t ? "No report" : `${t.passed === true ? badge("ok", "Passed")
+      : t.passed === false ? badge("bad", part ? `Failed: ${part}` : "Failed") : badge("", "Unknown")} ${when(str(t.at))}`;
     const c = object(p.call);
     const call = !c ? "None" : c.state === "answered" ? badge("ok", `Answered by ${desk(str(c.desk))}`)
       : c.state === "overflowed" ? badge("bad", "Overflowed: on the overflow route")
