@@ -13,7 +13,6 @@ from sip_refuge.post.events import (
     Registered,
     RegistrationFailed,
     SelfTestRequested,
-    SelfTestResult,
     Unregistered,
 )
 from sip_refuge.post.machine import State
@@ -88,8 +87,10 @@ def test_a_call_lost_with_its_pbx_is_resent_to_the_other_at_once() -> None:
     cid = connect(h, 10.0)
     h.live_until(20.0)
     h.pbx_alive = False  # kill -9 of A: probes go unanswered
-    h.live_until(31.0)
-    assert Hangup(cid, "no answer to a probe within 4 s") in h.out
+    while Hangup(cid, "no answer to a probe within 4 s") not in h.out:
+        due = h.m.next_deadline()
+        assert due is not None and due < 40.0
+        h.tick(due)
     again = of(Dial, h.out)[-1]
     assert again.host == B and h.state() is State.CALLING
     assert h.m.registered and h.m.status()["registrations"] == {A: False, B: True}
@@ -120,7 +121,6 @@ def test_the_self_test_goes_to_a_live_pbx() -> None:
     out = h.send(SelfTestRequested(), 10.0)
     test = h.dial(out)
     assert test.target == "selftest" and test.host == B
-    h.send(SelfTestResult(test.call_id, True, "echo"), 12.0)
 
 
 def test_one_pbx_alone_is_not_marked_down_by_a_failed_call() -> None:
