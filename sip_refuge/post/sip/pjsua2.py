@@ -56,9 +56,11 @@ POLL_MS = 100  # longest wait for packets; commands do not wait for it (doorbell
 TICK = 0.1  # seconds between timer checks (prompts in turn, checks heard, silent media, registration watchdog)
 DIAL_HANDOFF = 0.05  # longest wait of dial() for its INVITE to leave (pjsua busy, stopping): then it returns
 STALL = 10.0  # the owner thread not turning for this long is a stuck SIP stack (health says so)
-# No answer to a REGISTER within this: the PBX is taken for gone (Registered again once it answers). pjsip itself
-# waits 32 s (Timer F); an idle post must learn a PBX of its pair died before the next press, not after it.
+# No answer to a refresh REGISTER within this of when it was due: the PBX is taken for gone (Registered again once
+# it answers). pjsip itself waits 32 s (timer F); an idle post must learn a PBX of its pair died before the next
+# press, not after it. (pjsua reports no start of its own refreshes, so the due time is worked out here.)
 REGISTER_TIMEOUT = 4.0
+MIN_REFRESH = 5  # pjsip's regc refreshes no sooner than this after a registration (DELAY_BEFORE_REFRESH)
 
 
 @dataclass
@@ -120,9 +122,6 @@ class _PjAccount(pj.Account):  # type: ignore[misc]
         super().__init__()
         self.backend, self.host = backend, host
 
-    def onRegStarted(self, prm: Any) -> None:  # noqa: N802
-        _guarded(self.backend, "onRegStarted", lambda: self.backend._on_reg_started(self.host, bool(prm.renew)))
-
     def onRegState(self, prm: Any) -> None:  # noqa: N802
         _guarded(self.backend, "onRegState", lambda: self.backend._on_reg_state(
             int(prm.code), str(prm.reason), int(prm.expiration), api.rx_message(prm), self.host))
@@ -171,7 +170,8 @@ class Backend:
         self._incoming_ids = itertools.count(1)
         self._registered: dict[str, bool] = {}  # by PBX host
         self._reg_activity: dict[str, float] = {}
-        self._reg_sent: dict[str, float] = {}  # a REGISTER (not an un-REGISTER) out and not yet answered, since
+        self._reg_due: dict[str, float] = {}  # by PBX host: when pjsua's next refresh REGISTER goes out
+        self._before_expiry = MIN_REFRESH
         self._counters = Counters(log)
         self._gate: Gate | None = None
         self.stall_after = STALL
@@ -360,10 +360,12 @@ class Backend:
         refresh = pbx.register_interval or self.refresh_every
         # One registration per PBX of the pair, on the one transport: both know the post, so the first INVITE
         # after one of them died goes to the other without waiting for a registration first.
+        expiry = max(self.registration_expiry, 2 * refresh)
+        self._before_expiry = max(MIN_REFRESH, expiry - refresh)  # what account_config makes delayBeforeRefreshSec
         for role in pbx.roles:
             host = pbx.host_of(role)
             acc_cfg = api.account_config(post, pbx, account.password, self._transport_id, host=host,
-                                         expiry=max(self.registration_expiry, 2 * refresh), refresh_every=refresh,
+                                         expiry=expiry, refresh_every=refresh,
                                          retry_interval=self.retry_interval)
             api.bind_media(acc_cfg, address)
             acc = self._accounts[host] = _PjAccount(self, host)
@@ -389,13 +391,13 @@ class Backend:
             self._watch_registration(host, acc, now)
 
     def _watch_registration(self, host: str, acc: Any, now: float) -> None:
-        sent = self._reg_sent.get(host)
-        if sent is not None and now - sent > REGISTER_TIMEOUT:
-            del self._reg_sent[host]  # pjsua goes on retransmitting; its answer, if any, registers the post again
+        due = self._reg_due.get(host)
+        if due is not None and now - due > REGISTER_TIMEOUT:
+            del self._reg_due[host]  # pjsua goes on retransmitting; its answer, if any, registers the post again
             if self._registered.get(host):
                 self._registered[host] = False
                 log.warning("%s: no answer from %s to a REGISTER in %.0f s: taken for gone", self._post, host,
-                            now - sent)
+                            now - due)
                 self._emit(ev.Unregistered(f"no answer to a REGISTER within {REGISTER_TIMEOUT:g} s", host))
         # pjsua retries timeouts and 5xx by itself but not 401/403/404 (a secret fixed on the PBX later).
         if not self._registered.get(host) and now - self._reg_activity.get(host, now) > max(30.0, 3.0 * self.retry_interval):
@@ -561,28 +563,25 @@ class Backend:
         # pjsua2's Endpoint is a singleton: the old one must be gone before a later start() makes a new one.
         gc.collect()
         self._registered.clear()
-        self._reg_sent.clear()
+        self._reg_due.clear()
 
     # -- callbacks (on the owner thread, inside pjsip's event loop): update records, emit, enqueue ----------------------------------------------
     def _internal(self, command: Command) -> None:
         command._internal = True  # type: ignore[attr-defined]
         self._queue.put(command)
 
-    def _on_reg_started(self, host: str, renew: bool) -> None:
-        self._reg_activity[host] = now = time.monotonic()
-        if renew:
-            self._reg_sent.setdefault(host, now)  # a retransmission or retry keeps the first send's time
-
     def _on_reg_state(self, code: int, reason: str, expiration: int, response: str = "", host: str = "") -> None:
         host = host or (self._account.pbx.host if self._account else "")
-        self._reg_activity[host] = time.monotonic()
-        self._reg_sent.pop(host, None)
+        self._reg_activity[host] = now = time.monotonic()
+        self._reg_due.pop(host, None)
         if code // 100 == 2 and expiration > 0 and self._gate is not None:
             self._gate.learn_registration(header(response, "via"))
         if code // 100 == 2 and expiration > 0:
             if not self._registered.get(host):
                 log.info("%s: registered to %s (expires in %d s)", self._post, host, expiration)
             self._registered[host] = True
+            # pjsip's regc refreshes delayBeforeRefreshSec before the expiry granted (never within 5 s).
+            self._reg_due[host] = now + max(MIN_REFRESH, expiration - self._before_expiry)
             self._emit(ev.Registered(host))
         elif code // 100 == 2:
             self._registered[host] = False
