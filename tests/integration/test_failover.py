@@ -23,8 +23,10 @@ import pytest
 from sip_refuge.config import Site
 from sip_refuge.pbx.asterisk import free_port
 from tests.support.agent import AgentProcess, Status
+from tests.support.browser import Browser, log_in
 from tests.support.desk_robot import DeskRobot, Ring
 from tests.support.metrics import Scrape
+from tests.support.operators import add_operator
 from tests.support.pair import SECONDARY_HOST, Pair, pair_site, pbx_of
 from tests.support.receivers import WebhookReceiver
 from tests.support.sidecar import Sidecar, wait_until
@@ -33,7 +35,8 @@ from tests.support.sites import POSTS
 pytestmark = pytest.mark.integration
 
 PROMISE = 30.0  # a desk rings within this of the press (Code Blue, ASME A17.1), whatever PBX died
-VISIBLE = 60.0  # a dead primary shows on /healthz, /metrics, the API and at the CCTV target within this
+VISIBLE = 60.0  # a dead primary shows on /healthz, /metrics, the API, the dashboard and at the CCTV target within this
+OPERATOR = "watch-officer"
 BACKENDS = ("pjsua2", "pyvoip")
 
 
@@ -43,6 +46,7 @@ class World:
     pair: Pair
     sidecar: Sidecar
     receiver: WebhookReceiver
+    operator_password: str
 
     def events(self, kind: str | None = None, after: int = 0) -> list[dict[str, Any]]:
         with self.receiver.cond:
@@ -71,11 +75,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     receiver = WebhookReceiver((folder / "secrets" / "webhook.secret").read_text().strip())
     receiver.port = hook
     receiver.start()
+    password = add_operator(site, OPERATOR)
     sidecar = Sidecar(site.path, f"http://{site.sidecar.host}:{site.sidecar.port}", extra_args=("--no-cameras",))
     try:
         with Pair(site, "pytest tests/integration/test_failover.py") as pair:
             sidecar.start()
-            w = World(site, pair, sidecar, receiver)
+            w = World(site, pair, sidecar, receiver, password)
             w.both_up()
             yield w
     finally:
@@ -231,10 +236,22 @@ def test_a_restarted_primary_takes_the_posts_and_the_sidecar_back_without_losing
         assert world.receiver.malformed == []
 
 
-def test_primary_pbx_dead_is_visible(world: World, desk: DeskRobot) -> None:
-    """A kill -9 of the primary shows within 60 s on /healthz, /metrics, the dashboard's API and as pbx.down at the CCTV target."""
+def test_primary_pbx_dead_is_visible(world: World, desk: DeskRobot, tmp_path: Path) -> None:
+    """A kill -9 of the primary shows within 60 s on /healthz, /metrics, the dashboard's API, the open dashboard and as pbx.down at the CCTV target."""
     mark = world.mark()
-    world.pair.kill_primary()
+    browser = Browser(tmp_path / "chromium")
+    try:
+        page = browser.page()
+        log_in(page, world.sidecar.url + "/", OPERATOR, world.operator_password)
+        page.wait_for_selector("#posts li")
+        assert page.locator("#pbx-state").text_content() == ""  # both up: no banner
+        world.pair.kill_primary()
+        page.wait_for_function("document.getElementById('pbx-state').textContent.includes('The primary PBX')",
+                               timeout=VISIBLE * 1000)
+        assert f"The primary PBX ({world.site.pbx.host}) is down since" in str(page.locator("#pbx-state").text_content())
+        assert browser.errors == []
+    finally:
+        browser.close()
     host = world.site.pbx.host
     health = wait_until(lambda: (h := world.sidecar.health())["status"] == "degraded"
                         and any(p.startswith(f"pbx primary ({host}): down since") for p in h["problems"]) and h,
