@@ -39,7 +39,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "flask": ("Flask", "sidecar"), "werkzeug": ("Flask", "sidecar"), "h11": ("h11", "sidecar"),
     "panoramisk": ("panoramisk", "sidecar"), "standardwebhooks": ("standardwebhooks", "sidecar"),
     "requests": ("requests", "sidecar"), "prometheus_client": ("prometheus_client", "sidecar"), "cv2": ("opencv-python-headless", "sidecar"),
-    "numpy": ("opencv-python-headless", "sidecar"), "gpiozero": ("gpiozero", "post"), "pyVoIP": ("pyVoIP", "post"),
+    # numpy: a post's audio analysis (the sidecar has it through opencv, whose import fails first there).
+    "numpy": ("numpy", "post"), "gpiozero": ("gpiozero", "post"), "pyVoIP": ("pyVoIP", "post"),
 }
 
 
