@@ -32,7 +32,7 @@ from sip_refuge.pbx.asterisk import Asterisk  # noqa: E402
 from sip_refuge.post.agent import build_runner  # noqa: E402
 from sip_refuge.post.events import CallAnswered, Event  # noqa: E402
 from sip_refuge.post.runner import PostRunner  # noqa: E402
-from sip_refuge.post.sound import Sound  # noqa: E402
+from sip_refuge.post.soundcard import Sound  # noqa: E402
 from tests.support import waiting  # noqa: E402
 from tests.support.sites import agent_site  # noqa: E402
 

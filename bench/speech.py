@@ -44,7 +44,7 @@ from sip_refuge.pbx.asterisk import Asterisk  # noqa: E402
 from sip_refuge.post import speech  # noqa: E402
 from sip_refuge.post.agent import build_runner  # noqa: E402
 from sip_refuge.post.sip.pjsua2_api import MediaSettings  # noqa: E402
-from sip_refuge.post.sound import Sound  # noqa: E402
+from sip_refuge.post.soundcard import Sound  # noqa: E402
 from tests.support.audio import read_wav, write_wav  # noqa: E402
 from tests.support.sites import POSTS, agent_site  # noqa: E402
 

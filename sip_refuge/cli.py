@@ -39,7 +39,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "flask": ("Flask", "sidecar"), "werkzeug": ("Flask", "sidecar"), "h11": ("h11", "sidecar"),
     "panoramisk": ("panoramisk", "sidecar"), "standardwebhooks": ("standardwebhooks", "sidecar"),
     "requests": ("requests", "sidecar"), "prometheus_client": ("prometheus_client", "sidecar"), "cv2": ("opencv-python-headless", "sidecar"),
-    "numpy": ("opencv-python-headless", "sidecar"), "gpiozero": ("gpiozero", "post"), "pyVoIP": ("pyVoIP", "post"),
+    # numpy: a post's audio analysis (the sidecar has it through opencv, whose import fails first there).
+    "numpy": ("numpy", "post"), "gpiozero": ("gpiozero", "post"), "pyVoIP": ("pyVoIP", "post"),
 }
 
 
@@ -56,6 +57,12 @@ def _templates(parser: argparse.ArgumentParser) -> None:
                              f"shipped templates in {shipped.resolve()})")
 
 
+def _pbx_args(parser: argparse.ArgumentParser) -> None:
+    _templates(parser)
+    parser.add_argument("--role", choices=("primary", "secondary"), default="primary",
+                        help="which PBX of the pair: secondary is the one at pbx.secondary_host (default: primary)")
+
+
 def _check_args(parser: argparse.ArgumentParser) -> None:
     _site(parser)
     parser.add_argument("--post", metavar="ID",
@@ -63,7 +70,7 @@ def _check_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _render_args(parser: argparse.ArgumentParser) -> None:
-    _templates(parser)
+    _pbx_args(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="directory to write the files into")
     parser.add_argument("--sandbox", action="store_true",
                         help="also write asterisk.conf, modules.conf and friends for a loopback run")
@@ -121,8 +128,8 @@ ARGUMENTS[("users", "remove")] = _user_args
 
 ARGUMENTS[("config", "check")] = _check_args
 ARGUMENTS[("asterisk", "render")] = _render_args
-ARGUMENTS[("asterisk", "check")] = _templates
-ARGUMENTS[("pbx",)] = _templates
+ARGUMENTS[("asterisk", "check")] = _pbx_args
+ARGUMENTS[("pbx",)] = _pbx_args
 def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site", metavar="SITE", help="the demo site file (default: config/demo.yaml)")
     parser.add_argument("--log-dir", metavar="DIR", help="where the parts' logs go (default: var/demo)")

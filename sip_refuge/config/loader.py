@@ -254,16 +254,24 @@ class _Builder:
         networks = r.child("networks")
         nets = Networks(self.cidrs(networks, "posts"), self.cidrs(networks, "desks"))
         networks.done()
+        register = r.duration("register_interval", low=5, high=3600)
+        if secondary is not None and host is not None and secondary == host:
+            r.fail("secondary_host", f"{secondary!r} is pbx.host itself: the secondary PBX of a pair is another host "
+                                     "(on loopback another address, such as 127.0.0.2)")
+            secondary = None
         a = r.child("ami", required=True)
         ami_host = a.text("host", "127.0.0.1", pattern=HOST, hint="is not an address")
+        ami_secondary = a.text("secondary_host", pattern=HOST, hint="is not a host name or address")
+        if ami_secondary is not None and secondary is None:
+            a.fail("secondary_host", "there is no secondary PBX: set pbx.secondary_host first")
         ami = Ami(a.text("username", "sidecar", pattern=ID, hint=ID_HINT) or "", self.secret(a) or Secret(),
-                  ami_host or "127.0.0.1", a.integer("port", 5038, low=1, high=65535) or 5038)
+                  ami_host or "127.0.0.1", a.integer("port", 5038, low=1, high=65535) or 5038, ami_secondary)
         a.done()
         r.done()
         if host is None or port is None or transport is None:
             return None
         return Pbx(host, port, transport, ami, secondary, bind or "127.0.0.1", rtp_start or 10000,
-                   rtp_end or 20000, tls, nets, qualify or 30)
+                   rtp_end or 20000, tls, nets, qualify or 30, register)
 
     def tls(self, t: Reader, transport: str | None) -> Tls | None:
         cert, key = t.path_value("cert_file", required=True), t.path_value("key_file", required=True)

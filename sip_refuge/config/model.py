@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sip_refuge.config.files import checked_secret, read_secret_file
@@ -61,6 +61,14 @@ class Ami:
     secret: Secret
     host: str = "127.0.0.1"
     port: int = 5038
+    secondary_host: str | None = None  # where the sidecar reaches the secondary's AMI; None: pbx.secondary_host
+
+
+# The two PBXs of a pair. A site without ``pbx.secondary_host`` has only the primary.
+PRIMARY = "primary"
+SECONDARY = "secondary"
+ROLES = (PRIMARY, SECONDARY)
+_WILDCARDS = frozenset({"0.0.0.0", "::", "[::]"})
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,39 @@ class Pbx:
     tls: Tls | None = None
     networks: Networks = field(default_factory=Networks)
     qualify_frequency: int = 30
+    register_interval: int | None = None  # seconds between a post's REGISTERs to each PBX; None: the backend's
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """``("primary",)``, or ``("primary", "secondary")`` for a pair."""
+        return ROLES if self.secondary_host else (PRIMARY,)
+
+    def host_of(self, role: str) -> str:
+        """Where posts and desks send SIP to reach the PBX of ``role``."""
+        if role == PRIMARY:
+            return self.host
+        if role == SECONDARY and self.secondary_host:
+            return self.secondary_host
+        raise RefugeError(f"no {role} PBX: pbx.secondary_host is not set" if role == SECONDARY
+                          else f"unknown PBX role {role!r} (primary, secondary)")
+
+    def role_of(self, host: str) -> str:
+        """The role of the PBX at ``host`` (as the site spells it); the primary for any other name."""
+        return SECONDARY if self.secondary_host and host == self.secondary_host and host != self.host else PRIMARY
+
+    def bind_of(self, role: str) -> str:
+        """The address the PBX of ``role`` binds SIP (and, in the sandbox, AMI) to: ``pbx.bind`` for the primary;
+        for the secondary the same when it is a wildcard (0.0.0.0, ::), else ``pbx.secondary_host``: the two
+        run on different hosts (or, on loopback, different addresses with the same ports)."""
+        if role == PRIMARY or self.bind in _WILDCARDS:
+            return self.bind
+        return self.host_of(role)
+
+    def ami_of(self, role: str) -> Ami:
+        """The AMI the sidecar follows for ``role``: the same user, secret and port on both PBXs."""
+        if role == PRIMARY:
+            return self.ami
+        return replace(self.ami, host=self.ami.secondary_host or self.host_of(role))
 
 
 @dataclass(frozen=True)

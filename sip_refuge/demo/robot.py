@@ -73,9 +73,10 @@ class DeskRobot:
     """An operator desk on a real PBX, driven by a test. Use as a context manager."""
 
     def __init__(self, user: str, password: str, server: tuple[str, int], *, answer_after: float | None = 0.0,
-                 display: str = "") -> None:
+                 display: str = "", also: tuple[tuple[str, int], ...] = ()) -> None:
         """``answer_after``: seconds from the INVITE to answering; None leaves every call ringing until
-        :meth:`answer` (or :meth:`reject`)."""
+        :meth:`answer` (or :meth:`reject`). ``also``: more PBXs to register with (the secondary of a pair), as a
+        desk phone with a second account does."""
         self.answer_after = answer_after
         self.rings: list[Ring] = []
         self.outgoing: list[Ring] = []  # calls this desk placed (call-backs)
@@ -83,7 +84,7 @@ class DeskRobot:
         self._cond = threading.Condition()
         self._by_call: dict[str, Ring] = {}
         self.ua = Ua(user=user, password=password, server=server, listener=self, display=display or user,
-                     name=f"robot-{user}", keep_audio=True, on_dtmf=self._on_dtmf, media_gap=3600.0)
+                     name=f"robot-{user}", keep_audio=True, on_dtmf=self._on_dtmf, media_gap=3600.0, also=also)
 
     # -- life cycle -------------------------------------------------------------------------------------
     def start(self) -> DeskRobot:
@@ -203,15 +204,15 @@ class DeskRobot:
         with self._cond:
             self._cond.notify_all()
 
-    def on_registered(self, expires: int) -> None:
+    def on_registered(self, expires: int, host: str) -> None:
         with self._cond:
             self.registrations += 1
             self._cond.notify_all()
 
-    def on_registration_failed(self, reason: str, status: int | None) -> None:
+    def on_registration_failed(self, reason: str, status: int | None, host: str) -> None:
         self._notify()
 
-    def on_unregistered(self, reason: str) -> None:
+    def on_unregistered(self, reason: str, host: str) -> None:
         self._notify()
 
     def on_progress(self, call: Call, status: int) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from sip_refuge.config.model import Site
+from sip_refuge.config.model import PRIMARY, Site
 from sip_refuge.errors import PbxError
 
 log = logging.getLogger(__name__)
@@ -46,16 +46,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SIP_REFUGE_CACHE") or Path.home() / ".cache" / "sip-refuge")
 
 
-def site_workdir(site_file: Path) -> Path:
-    """The fixed work folder of ``sip-refuge pbx`` for one site file (config, secrets, logs, control socket).
+def site_workdir(site_file: Path, role: str = PRIMARY) -> Path:
+    """The fixed work folder of ``sip-refuge pbx`` for one site file and PBX role (config, secrets, logs,
+    control socket).
 
     Named by the stem, for the reader, and a hash of the full resolved path, so two ``site.yaml`` files in
-    different folders never share rendered secrets or a control socket.
+    different folders never share rendered secrets or a control socket; the secondary of a pair has a folder
+    of its own beside the primary's (``...-secondary``), so both run at once.
     """
     resolved = str(Path(site_file).resolve())
     digest = hashlib.sha256(os.fsencode(resolved)).hexdigest()[:12]
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(resolved).stem)[:24] or "site"
-    return cache_dir() / "pbx" / f"{stem}-{digest}"
+    return cache_dir() / "pbx" / (f"{stem}-{digest}" + ("" if role == PRIMARY else f"-{role}"))
 
 
 def lock_workdir(workdir: Path) -> IO[bytes]:
@@ -187,9 +189,11 @@ def on_free_ports(site: Site) -> Site:
     """
     pbx = site.pbx
     rtp = free_port()
+    # A secondary is checked alone, on loopback like the primary: it keeps its role, not its address.
+    secondary = "127.0.0.2" if pbx.secondary_host else None
     return replace(site, pbx=replace(
-        pbx, host="127.0.0.1", bind="127.0.0.1", sip_port=free_port(),
-        ami=replace(pbx.ami, host="127.0.0.1", port=free_port()),
+        pbx, host="127.0.0.1", bind="127.0.0.1", sip_port=free_port(), secondary_host=secondary,
+        ami=replace(pbx.ami, host="127.0.0.1", port=free_port(), secondary_host="127.0.0.1" if secondary else None),
         tls=replace(pbx.tls, port=free_port()) if pbx.tls else None,
         rtp_start=rtp - rtp % 2, rtp_end=rtp - rtp % 2 + 20))
 
@@ -214,8 +218,9 @@ class Asterisk:
 
     def __init__(self, site: Site, *, command: str = "sip-refuge pbx", templates: Path | None = None,
                  workdir: Path | None = None, install: Installation | None = None, console: bool = False,
-                 boot_timeout: float = 60.0) -> None:
-        self.site, self.command, self.templates = site, command, templates
+                 boot_timeout: float = 60.0, role: str = PRIMARY) -> None:
+        """``role``: which PBX of the site's pair this is (``secondary``: bound to ``pbx.secondary_host``)."""
+        self.site, self.command, self.templates, self.role = site, command, templates, role
         self.install = install or find_asterisk()
         self.boot_timeout = boot_timeout
         self.console = console  # True: Asterisk's console output goes to our stdout (``sip-refuge pbx``)
@@ -269,7 +274,7 @@ class Asterisk:
                            f"{len(socket_path)} bytes (at most {MAX_SOCKET_PATH}); set SIP_REFUGE_CACHE to a shorter folder")
         for path in (dirs.etc, dirs.run, dirs.log, dirs.spool, dirs.lib, dirs.db, dirs.keys):
             path.mkdir(parents=True, exist_ok=True)
-        self.files = render_sandbox(self.site, dirs, command=self.command, templates=self.templates)
+        self.files = render_sandbox(self.site, dirs, command=self.command, templates=self.templates, role=self.role)
         write(self.files, dirs.etc)
 
     def start(self) -> None:

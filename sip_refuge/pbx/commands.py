@@ -12,7 +12,7 @@ from pathlib import Path
 from types import FrameType
 
 from sip_refuge.config.loader import load_site
-from sip_refuge.config.model import Site
+from sip_refuge.config.model import PRIMARY, SECONDARY, Site
 from sip_refuge.config.secrets import stand_in_secrets
 from sip_refuge.errors import PbxError
 from sip_refuge.pbx.asterisk import Asterisk, lock_workdir, on_free_ports, site_workdir
@@ -40,13 +40,25 @@ def _command_line(words: str, args: argparse.Namespace) -> str:
     return f"sip-refuge {words} {args.site}"
 
 
+def role_of(args: argparse.Namespace) -> str:
+    """``--role``: which PBX of the site's pair (primary unless the command line says secondary)."""
+    role: str = getattr(args, "role", None) or PRIMARY
+    return role
+
+
+def _role_words(args: argparse.Namespace) -> str:
+    return " --role secondary" if role_of(args) == SECONDARY else ""
+
+
 def render(args: argparse.Namespace) -> int:
     from sip_refuge.pbx import render as renderer
 
     site = load_site(args.site)
     out = Path(args.out)
-    command = _command_line("asterisk render", args) + f" --out {args.out}" + (" --sandbox" if args.sandbox else "")
+    command = _command_line("asterisk render", args) + f" --out {args.out}" + (" --sandbox" if args.sandbox else "") \
+        + _role_words(args)
     templates = templates_dir(args)
+    role = role_of(args)
     if getattr(args, "sandbox", False):
         # The sandbox set names absolute directories: config here, modules and sounds of the found Asterisk.
         from sip_refuge.pbx.asterisk import find_asterisk
@@ -58,9 +70,9 @@ def render(args: argparse.Namespace) -> int:
                                     keys=base / "keys")
         for path in (dirs.run, dirs.log, dirs.spool, dirs.lib, dirs.db, dirs.keys):
             path.mkdir(parents=True, exist_ok=True)
-        files = renderer.render_sandbox(site, dirs, command=command, templates=templates)
+        files = renderer.render_sandbox(site, dirs, command=command, templates=templates, role=role)
     else:
-        files = renderer.render(site, command=command, templates=templates)
+        files = renderer.render(site, command=command, templates=templates, role=role)
     for path in renderer.write(files, out):
         print(path)
     return 0
@@ -87,8 +99,8 @@ def check(args: argparse.Namespace) -> int:
 
 def _check_loaded(args: argparse.Namespace, site: Site) -> int:
     try:
-        with Asterisk(on_free_ports(site), command=_command_line("asterisk check", args),
-                      templates=templates_dir(args)) as pbx:
+        with Asterisk(on_free_ports(site), command=_command_line("asterisk check", args) + _role_words(args),
+                      templates=templates_dir(args), role=role_of(args)) as pbx:
             problems = inspect(pbx, site)
     except PbxError as exc:
         # Asterisk would not even boot: what it logged is the best description of the problem.
@@ -99,7 +111,7 @@ def _check_loaded(args: argparse.Namespace, site: Site) -> int:
     if problems:
         print(f"{args.site}: {len(problems)} problem(s) in the rendered Asterisk config", file=sys.stderr)
         return 1
-    print(f"{args.site}: ok: Asterisk loaded {len(site.posts)} posts, {len(site.desks)} desks, "
+    print(f"{args.site}: ok: Asterisk ({role_of(args)}) loaded {len(site.posts)} posts, {len(site.desks)} desks, "
           f"queue {site.queue.name} and the dialplan without an error or warning")
     return 0
 
@@ -153,12 +165,17 @@ def log_problems(pbx: Asterisk) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Run Asterisk with the site until Ctrl-C (or SIGTERM); its console output goes to our stdout."""
     site = load_site(args.site)
-    # A fixed work dir per site file, so the logs are still there to read after Ctrl-C; held by a lock,
-    # so a second `sip-refuge pbx` of the same site cannot render over it or use its control socket.
-    workdir = site_workdir(site.path)
+    role = role_of(args)
+    if role not in site.pbx.roles:
+        raise PbxError(f"{site.path}: pbx.secondary_host is not set: the site has no secondary PBX to run "
+                       "(on loopback set it to another address, such as 127.0.0.2)")
+    # A fixed work dir per site file and role, so the logs are still there to read after Ctrl-C; held by a
+    # lock, so a second `sip-refuge pbx` of the same site and role cannot render over it or use its control
+    # socket, while the other PBX of the pair runs beside it.
+    workdir = site_workdir(site.path, role)
     with lock_workdir(workdir):
-        pbx = Asterisk(site, command=_command_line("pbx", args), templates=templates_dir(args), console=True,
-                       workdir=workdir)
+        pbx = Asterisk(site, command=_command_line("pbx", args) + _role_words(args), templates=templates_dir(args),
+                       console=True, workdir=workdir, role=role)
         return _run_until_stopped(pbx, site, args)
 
 
@@ -169,8 +186,10 @@ def _run_until_stopped(pbx: Asterisk, site: Site, args: argparse.Namespace) -> i
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         pbx.start()
-        print(f"Asterisk running (pid {pbx.pid}) for {args.site}: SIP on {site.pbx.bind}:{site.pbx.sip_port}, "
-              f"AMI on {site.pbx.ami.host}:{site.pbx.ami.port}", flush=True)
+        role = pbx.role
+        ami = site.pbx.ami_of(role)
+        print(f"Asterisk running (pid {pbx.pid}) for {args.site}{'' if role == PRIMARY else ' as the ' + role}: "
+              f"SIP on {site.pbx.bind_of(role)}:{site.pbx.sip_port}, AMI on {ami.host}:{ami.port}", flush=True)
         print(f"  config and logs: {pbx.dir}  (messages: {pbx.messages_log}, security: {pbx.security_log})")
         print(f"  attach its CLI:  {pbx.attach_command()}")
         print("  Ctrl-C stops it.", flush=True)

@@ -17,6 +17,7 @@ values for them, so a telecoms admin can read and adapt a template without readi
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import traceback
@@ -29,7 +30,7 @@ import jinja2
 from markupsafe import Markup
 
 from sip_refuge.config.files import control_character, printable
-from sip_refuge.config.model import Desk, Post, Site
+from sip_refuge.config.model import PRIMARY, SECONDARY, Desk, Pbx, Post, Site
 from sip_refuge.errors import PbxError, RefugeError
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -110,18 +111,19 @@ class Transport:
     port: int
 
 
-def render(site: Site, *, command: str, templates: Path | None = None) -> dict[str, str]:
-    """The include files for an existing PBX: file name -> text."""
+def render(site: Site, *, command: str, templates: Path | None = None, role: str = PRIMARY) -> dict[str, str]:
+    """The include files for an existing PBX: file name -> text. ``role``: which PBX of a pair (primary,
+    secondary); both get the same posts, desks and queue, each its own addresses."""
     env = _environment(templates)
-    context = _context(site, command)
+    context = _context(site, command, role)
     return {name: _render_one(env, name, context) for name in INCLUDE_FILES}
 
 
-def render_sandbox(site: Site, dirs: SandboxDirs, *, command: str,
-                   templates: Path | None = None) -> dict[str, str]:
+def render_sandbox(site: Site, dirs: SandboxDirs, *, command: str, templates: Path | None = None,
+                   role: str = PRIMARY) -> dict[str, str]:
     """:func:`render` plus the top-level files of a self-contained Asterisk on loopback."""
     env = _environment(templates)
-    context = _context(site, command)
+    context = _context(site, command, role)
     context.update(dirs=dirs, language=_sound_language(dirs.data))
     files = {name: _render_one(env, name, context) for name in INCLUDE_FILES}
     files.update((name, _render_one(env, name, context)) for name in SANDBOX_FILES)
@@ -155,8 +157,12 @@ def write(files: dict[str, str], out: Path) -> list[Path]:
 
 # -- the values the templates see -------------------------------------------------------------------
 
-def _context(site: Site, command: str) -> dict[str, Any]:
+def _context(site: Site, command: str, role: str = PRIMARY) -> dict[str, Any]:
     pbx = site.pbx
+    if role not in pbx.roles:
+        raise PbxError(f"{site.path}: pbx.secondary_host is not set: the site has no secondary PBX to render"
+                       if role == SECONDARY else f"unknown PBX role {role!r} (primary, secondary)")
+    bind = pbx.bind_of(role)
     tls_mode = pbx.transport == "tls"
     # Posts on TLS always (a pyVoIP post is refused on a TLS site); desks stay on UDP inside the control
     # room unless pbx.tls.desks is tls.
@@ -164,9 +170,9 @@ def _context(site: Site, command: str) -> dict[str, Any]:
     transports = []
     if not tls_mode or not desks_tls:
         proto = "tcp" if pbx.transport == "tcp" else "udp"
-        transports.append(Transport(f"transport-refuge-{proto}", proto, pbx.bind, pbx.sip_port))
+        transports.append(Transport(f"transport-refuge-{proto}", proto, bind, pbx.sip_port))
     if pbx.tls is not None:
-        transports.append(Transport("transport-refuge-tls", "tls", pbx.bind, pbx.tls.port))
+        transports.append(Transport("transport-refuge-tls", "tls", bind, pbx.tls.port))
     acls = {"posts": pbx.networks.posts, "desks": pbx.networks.desks}
     phones: list[Post | Desk] = [*site.posts, *site.desks]
     passwords = {phone.id: _secret_value(phone.id, phone.secret.read) for phone in phones}
@@ -182,7 +188,39 @@ def _context(site: Site, command: str) -> dict[str, Any]:
         "desks": [_phone(d, "desk", bool(acls["desks"])) for d in site.desks],
         "passwords": passwords,
         "ami_secret": _secret_value("pbx.ami", site.pbx.ami.secret.read),
+        "role": role,
+        "role_note": _role_note(pbx, role),
+        "pbx_host": pbx.host_of(role),
+        # The sandbox's AMI: the primary's on 127.0.0.1, the secondary's where the sidecar looks for it.
+        "ami_bind": "127.0.0.1" if role == PRIMARY else pbx.ami_of(role).host,
+        # Who may log in to AMI: the sidecar, beside the primary (loopback there; the primary's address as the
+        # secondary sees it, when that is an address).
+        "ami_permits": ["127.0.0.1"] + ([pbx.host] if role != PRIMARY and _is_remote_address(pbx.host) else []),
+        "sidecar_host_unknown": role != PRIMARY and not _is_address(pbx.host),
     }
+
+
+def _role_note(pbx: Pbx, role: str) -> str:
+    """The header line naming the PBX's place in a pair; empty for a site with one PBX."""
+    if pbx.secondary_host is None:
+        return ""
+    if role == PRIMARY:
+        return (f"primary PBX of the pair (pbx.host {pbx.host}); the secondary at {pbx.secondary_host} "
+                "has the same posts, desks and queue")
+    return (f"SECONDARY PBX of the pair (pbx.secondary_host {pbx.secondary_host}): the same posts, desks "
+            f"and queue as the primary at {pbx.host}")
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _is_remote_address(host: str) -> bool:
+    return _is_address(host) and not ipaddress.ip_address(host.strip("[]")).is_loopback
 
 
 def _phone(item: Post | Desk, role: str, has_acl: bool) -> Phone:

@@ -21,7 +21,7 @@ from sip_refuge.post.events import Event, Tick
 from sip_refuge.post.panel import MockPanel, Panel
 from sip_refuge.post.runner import PostRunner
 from sip_refuge.post.sip import Account, load_backend
-from sip_refuge.post.sound import Sound
+from sip_refuge.post.soundcard import Sound
 from sip_refuge.post.systemd import Notifier
 from sip_refuge.post.telemetry import TelemetryOutbox
 

@@ -34,24 +34,28 @@ class TamperChanged:
 
 @dataclass(frozen=True)
 class Registered:
-    """The PBX accepted (or refreshed) the post's registration."""
+    """The PBX at ``host`` (``pbx.host`` or ``pbx.secondary_host``, as the site spells it) accepted (or
+    refreshed) the post's registration."""
 
     host: str = ""
 
 
 @dataclass(frozen=True)
 class RegistrationFailed:
-    """A registration attempt failed (timeout, 401 with a wrong secret, transport error...)."""
+    """A registration attempt to ``host`` failed (timeout, 401 with a wrong secret, transport error...);
+    ``host`` "" means every PBX (the SIP stack could not even start)."""
 
     reason: str = ""
     status: int | None = None
+    host: str = ""
 
 
 @dataclass(frozen=True)
 class Unregistered:
-    """The registration lapsed or the transport to the PBX went away."""
+    """The registration with ``host`` ("" : every PBX) lapsed, or the transport to it went away."""
 
     reason: str = ""
+    host: str = ""
 
 
 @dataclass(frozen=True)

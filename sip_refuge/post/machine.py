@@ -179,6 +179,8 @@ class PostMachine:
         self.registered = False
         self.last_self_test: dict[str, Json] | None = None
         self._hosts = [site.pbx.host] + ([site.pbx.secondary_host] if site.pbx.secondary_host else [])
+        # Which PBX of the pair has the post registered now (and lost no call of it since): where alarms go.
+        self._reach: dict[str, bool] = dict.fromkeys(self._hosts, False)
         self._started = now
         self._call: _Call | None = None
         self._alarm: _Alarm | None = None
@@ -212,8 +214,8 @@ class PostMachine:
                     self._clear_fault("tamper", now)
             case Registered(host=host):
                 self._on_registered(host, now)
-            case RegistrationFailed(reason=reason) | Unregistered(reason=reason):
-                self._on_unregistered(reason, now)
+            case RegistrationFailed(reason=reason, host=host) | Unregistered(reason=reason, host=host):
+                self._on_unregistered(reason, host, now)
             case CallProgress(call_id=cid, status=status):
                 self._on_progress(cid, status, now)
             case CallAnswered(call_id=cid):
@@ -309,7 +311,8 @@ class PostMachine:
             raw = last["at"]
             last["at"] = at(raw) if isinstance(raw, float | int) else raw
         return {"post": self.post.id, "state": str(self.state), "registered": self.registered,
-                "call": call, "alarm": alarm, "last_self_test": last, "faults": list(self.faults())}
+                "registrations": dict(self._reach), "call": call, "alarm": alarm, "last_self_test": last,
+                "faults": list(self.faults())}
 
     # ----------------------------------------------------------------- events
 
@@ -338,23 +341,47 @@ class PostMachine:
             self._start_alarm(now)
 
     def _on_registered(self, host: str, now: float) -> None:
-        regained = not self.registered
-        if regained:
+        host = host if host in self._reach else self._hosts[0]
+        back = not self._reach[host]
+        if back:
+            self._reach[host] = True
             self.registered = True
             self._report("registration", now, registered=True, host=host)
         if self._alarm is not None and self._alarm.retry_at is not None:
-            if regained:  # the PBX is back: re-send the alarm without waiting out the backoff
+            if back:  # a PBX is back: re-send the alarm without waiting out the backoff
                 self._alarm.retry_at = now
         elif self._call is None and self.state in (State.STARTING, State.FAULT) \
                 and not self._faults & STOPPING_FAULTS:
             self._set_state(State.IDLE, now, "registered")
 
-    def _on_unregistered(self, reason: str, now: float) -> None:
-        if self.registered or self.state is State.STARTING:
-            self._report("registration", now, registered=False, reason=reason)
-        self.registered = False
-        if self.state in (State.IDLE, State.STARTING):
+    def _on_unregistered(self, reason: str, host: str, now: float) -> None:
+        # "" (the SIP stack would not start) is every PBX; a host is one PBX of the pair.
+        lost = [h for h in ([host] if host in self._reach else self._hosts) if self._reach[h]]
+        for h in lost:
+            self._reach[h] = False
+        self.registered = any(self._reach.values())
+        if lost or self.state is State.STARTING:
+            where = {"host": host} if host in self._reach else {}
+            self._report("registration", now, registered=self.registered, reason=reason, **where)
+        if not self.registered and self.state in (State.IDLE, State.STARTING):
             self._set_state(State.FAULT, now, reason or "not registered")
+
+    def _host_lost(self, host: str, now: float, reason: str) -> None:
+        """A call showed the PBX at ``host`` gone: alarms go to the other one until it registers the post again.
+        (``host`` "" is an incoming call's: the PBX is known only when the post has one.)"""
+        if host not in self._reach and len(self._hosts) == 1:
+            host = self._hosts[0]
+        if self._reach.get(host):
+            self._reach[host] = False
+            self.registered = any(self._reach.values())
+            self._report("registration", now, registered=self.registered, host=host, reason=reason)
+
+    def _pick_host(self, attempt: int) -> str:
+        """The PBX for an alarm's ``attempt`` (0 first): the hosts in turn, starting with the primary, so a PBX
+        that failed a call is not asked twice in a row; but a PBX the post is registered with before one it is
+        not, so the first INVITE after a PBX died goes to the live one at once."""
+        order = [self._hosts[(attempt + i) % len(self._hosts)] for i in range(len(self._hosts))]
+        return next((h for h in order if self._reach[h]), order[0])
 
     def _on_progress(self, cid: str, status: int, now: float) -> None:
         call = self._call
@@ -488,8 +515,7 @@ class PostMachine:
     def _dial_alarm(self, now: float) -> None:
         alarm = self._alarm
         assert alarm is not None
-        # Alternate servers so a dead primary costs one backoff step, not the whole alarm.
-        host = self._hosts[alarm.attempts % len(self._hosts)]
+        host = self._pick_host(alarm.attempts)
         alarm.attempts += 1
         alarm.retry_at = None
         self._dial("queue", self.site.queue.extension, host, now, self.settings.dial_timeout)
@@ -514,6 +540,8 @@ class PostMachine:
         alarm = self._alarm
         assert alarm is not None
         self._call = None
+        if unreachable and len(self._hosts) > 1:  # the next attempt goes to the other PBX if it has the post
+            self._host_lost(call.host, now, reason)
         delay = min(self.settings.retry_cap, self.settings.retry_first * 2 ** (alarm.attempts - 1))
         alarm.retry_at = now + delay
         self._report("call", now, event="failed", call=call.id, host=call.host, reason=reason,
@@ -553,12 +581,10 @@ class PostMachine:
         self._call = None
         self._clear_fault("media_stalled", now)
         self._report("call", now, event="lost", call=call.id, host=call.host, reason=reason)
-        if self.registered:  # until the PBX accepts a registration again
-            self.registered = False
-            self._report("registration", now, registered=False, reason=f"call lost: {reason}")
+        self._host_lost(call.host, now, f"call lost: {reason}")  # until the PBX accepts a registration again
         alarm = self._alarm
         if alarm is not None:
-            # Whoever pressed may still be there: send the alarm again at once (to the other PBX if any).
+            # Whoever pressed may still be there: send the alarm again at once (to the other PBX of a pair).
             alarm.registered = False
             alarm.retry_at = now
             self._prompt("hold", now)
@@ -585,7 +611,7 @@ class PostMachine:
     def _start_self_test(self, now: float) -> None:
         self._test = _SelfTest(now)
         self._emit(StopPrompts())
-        self._dial("selftest", self.site.self_test.extension, self._hosts[0], now,
+        self._dial("selftest", self.site.self_test.extension, self._pick_host(0), now,
                    self.settings.self_test_timeout)
         assert self._call is not None
         self._test.call_id = self._call.id

@@ -26,7 +26,6 @@ import logging
 import threading
 import time
 import wave
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -35,6 +34,7 @@ import numpy as np
 from sip_refuge.errors import RefugeError
 from sip_refuge.post import speech
 from sip_refuge.post.pcm import audioop
+from sip_refuge.post.soundcard import Sound
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +42,6 @@ RATES = (8000, 16000, 48000)
 FRAME_SECONDS = 0.02
 ECHO_DELAY = 0.010  # s from the speaker to the microphone inside the box (plus the frame the card buffers)
 ECHO_GAIN = 0.316  # -10 dB: a loud speaker a few centimetres from the microphone, behind a steel front
-
-
-@dataclass(frozen=True)
-class Sound:
-    """Which card a post uses: ``device`` is an ALSA PCM name (``default``, ``plughw:1``) or ``null`` (no card:
-    the microphone hears silence, the speaker plays to nobody); ``audio_in``/``audio_out`` (both or neither) make
-    it the mock card, whatever ``device`` says."""
-
-    device: str = "null"
-    audio_in: Path | None = None
-    audio_out: Path | None = None
-
-    @property
-    def mock(self) -> bool:
-        return self.audio_in is not None
-
-    @property
-    def null(self) -> bool:
-        return not self.mock and self.device == "null"
-
-    def describe(self) -> str:
-        if self.mock:
-            return f"mock card (microphone {self.audio_in}, speaker {self.audio_out})"
-        return "no sound card (null)" if self.null else f"ALSA device {self.device!r}"
 
 
 class Card(Protocol):

@@ -87,11 +87,13 @@ class AmiFollower:
     def __init__(self, ami: Ami, queue: str, *, on_event: Callable[[Mapping[str, str]], None],
                  on_resync: Callable[[Snapshot], None], on_link: Callable[[bool], None],
                  on_error: Callable[[str | None], None] | None = None,
-                 reconnect: float = 1.0, resync_retry: float = RESYNC_RETRY) -> None:
+                 reconnect: float = 1.0, resync_retry: float = RESYNC_RETRY, name: str = "ami") -> None:
+        """``name``: of its thread (``ami``; ``ami-secondary`` for the secondary PBX of a pair)."""
         self.ami, self.queue = ami, queue
         self.on_event, self.on_resync, self.on_link, self.on_error = on_event, on_resync, on_link, on_error
         self.reconnect = reconnect
         self.resync_retry = resync_retry
+        self.name = name
         self.connected = False
         self.last_error: str | None = None  # why the last login or resync failed; None once one succeeds
         self.resynced_at: float | None = None  # time.time() of the last resync applied
@@ -109,7 +111,7 @@ class AmiFollower:
 
     # -- lifecycle (called from the runner's thread) ------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="ami", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
         self._started.wait(5)
 

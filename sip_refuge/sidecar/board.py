@@ -31,6 +31,7 @@ class LiveCall:
     late: bool = False
     acknowledged_at: str | None = None  # an operator acknowledged its alarm (ISO UTC)
     acknowledged_by: str | None = None
+    pbx: str | None = None  # the PBX of a pair carrying it now
 
 
 class CallBoard:
@@ -56,8 +57,10 @@ class CallBoard:
               snapshot_url: str | None = None) -> None:
         incident = occ.incident or ""
         if occ.type == "call.queued":
+            pbx = occ.detail.get("pbx")
             self._calls[incident] = LiveCall(incident, reference, occ.post.id, "queued", at,
-                                             snapshot_url=snapshot_url, late=bool(occ.detail.get("late")))
+                                             snapshot_url=snapshot_url, late=bool(occ.detail.get("late")),
+                                             pbx=str(pbx) if pbx else None)
             return
         call = self._calls.get(incident)
         if call is None:
@@ -71,6 +74,9 @@ class CallBoard:
                                             answered_at=at)
         elif occ.type in ("call.unanswered", calls.CALL_OVERFLOWED) and occ.detail.get("outcome") == "overflowed":
             self._calls[incident] = replace(call, state="overflowed", overflowed_at=at)
+        elif occ.type == calls.CALL_MOVED:  # a new leg on the other PBX: waiting for a desk again
+            self._calls[incident] = replace(call, state="queued", desk=None, answered_at=None, overflowed_at=None,
+                                            overflow_answered_at=None, pbx=str(occ.detail.get("pbx") or "") or None)
         elif occ.type == calls.CALL_REQUEUED:
             self._calls[incident] = replace(call, state="queued", overflowed_at=None, overflow_answered_at=None)
         elif occ.type == calls.CALL_OVERFLOW_ANSWERED:

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
-from sip_refuge.config.model import Desk, Post, Site
+from sip_refuge.config.model import PRIMARY, Desk, Post, Site
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,10 @@ CALL_RUNG = "call.rung"  # the queue rang a desk
 CALL_REQUEUED = "call.requeued"  # an overflowed call is back in the queue (a site without an overflow route)
 CALL_OVERFLOWED = "call.overflowed"  # that call overflowed again (call.unanswered is sent once per call)
 CALL_OVERFLOW_ANSWERED = "call.overflow_answered"  # the overflow route answered the caller
-INTERNAL = frozenset({CALL_RUNG, CALL_REQUEUED, CALL_OVERFLOWED, CALL_OVERFLOW_ANSWERED})
+# The post's alarm came back through the other PBX of the pair while the one that carried it was down: the same
+# incident goes on with a new leg (queued again, until a desk answers it there).
+CALL_MOVED = "call.moved"
+INTERNAL = frozenset({CALL_RUNG, CALL_REQUEUED, CALL_OVERFLOWED, CALL_OVERFLOW_ANSWERED, CALL_MOVED})
 
 
 def endpoint_of(channel: str) -> str | None:
@@ -73,6 +76,7 @@ class Call:
     overflows: int = 0
     overflow_answered: bool = False
     outcome: str | None = None  # once over: ended (a desk answered) | overflowed | abandoned
+    pbx: str = PRIMARY  # the PBX of the pair carrying this leg of the call
 
     @property
     def state(self) -> str:
@@ -102,6 +106,8 @@ class CallTracker:
         self.grace = offline_grace if offline_grace is not None else (site.sidecar.offline_grace if site.sidecar else 30)
         self.calls: dict[str, Call] = {}
         self.reach: dict[str, Reach] = {p: Reach() for p in self.posts}
+        self.down: set[str] = set()  # PBXs of the pair whose AMI link is down: their calls are in doubt
+        self.pair = len(site.pbx.roles) > 1
 
     # -- queries ---------------------------------------------------------------------------------
     def live_calls(self) -> list[Call]:
@@ -120,7 +126,7 @@ class CallTracker:
         handler = getattr(self, f"_on_{name}", None)
         if handler is not None:
             out += handler(event, now)
-        return out
+        return self._with_pbx(out, event.get("Pbx") or PRIMARY)
 
     def discover(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
         """Open the incident of a post's alarm call this tracker has not seen join the queue: the sidecar was
@@ -151,6 +157,9 @@ class CallTracker:
         if post is None or not uid:
             return []
         known = self.calls.get(uid)
+        moved = self._moved(post, uid, e.get("Pbx") or PRIMARY, now) if known is None else None
+        if moved is not None:
+            return [moved]
         if known is not None:
             if known.outcome is None and known.overflowed_at is not None:
                 # No overflow route: the dialplan put the alarm back in the queue. Desks may answer it yet.
@@ -158,11 +167,30 @@ class CallTracker:
                 log.info("post %s: overflowed call back in the queue (incident %s)", post.id, known.incident)
                 return [Occurrence(CALL_REQUEUED, post, known.incident)]
             return []
-        call = Call(str(uuid.uuid4()), post, uid, now)
+        call = Call(str(uuid.uuid4()), post, uid, now, pbx=e.get("Pbx") or PRIMARY)
         self.calls[uid] = call
         log.info("post %s: call queued (incident %s)", post.id, call.incident)
         # The caller channel's Uniqueid is kept with the incident: a restarted sidecar finds the call by it.
         return [Occurrence("call.queued", post, call.incident, detail={"position": e.get("Position"), "uniqueid": uid})]
+
+    def _moved(self, post: Post, uid: str, pbx: str, now: float) -> Occurrence | None:
+        """The post's alarm joined the queue of ``pbx`` while its live call is on another PBX, one that is down:
+        the post re-sent it (EN 81-28), so it is the same incident, now on ``pbx``."""
+        old = next((c for c in self.calls.values() if c.post is post and c.outcome is None and c.pbx != pbx
+                    and c.pbx in self.down), None)
+        if old is None:
+            return None
+        del self.calls[old.uniqueid]
+        self.calls[uid] = Call(old.incident, post, uid, old.queued_at, pbx=pbx)
+        log.info("post %s: the alarm is back through the %s PBX, the %s being down (incident %s)", post.id, pbx,
+                 old.pbx, old.incident)
+        return Occurrence(CALL_MOVED, post, old.incident, detail={"from": old.pbx, "leg_uniqueid": uid,
+                                                                  "was_answered_by": old.answered_by.id
+                                                                  if old.answered_by else None})
+
+    def pbx_link(self, pbx: str, up: bool) -> None:
+        """The AMI link to ``pbx`` went up or down."""
+        (self.down.discard if up else self.down.add)(pbx)
 
     def _on_AgentCalled(self, e: Mapping[str, str], now: float) -> list[Occurrence]:
         call = self.calls.get(e.get("Uniqueid", ""))
@@ -264,7 +292,8 @@ class CallTracker:
             return []
         status, uri = e.get("ContactStatus", ""), e.get("URI", "")
         contacts = self.reach[post_id].contacts
-        contacts.pop("", None)  # a resync's summary (no address known) gives way to news of a real contact
+        # A resync's summary (no address known) gives way to news of a real contact of that PBX.
+        contacts.pop(summary_key(e.get("Pbx") or PRIMARY), None)
         if status in REACHABLE:
             contacts[uri] = True
         elif status == "Unreachable":
@@ -306,12 +335,12 @@ class CallTracker:
 
     # -- after (re)connecting to AMI ---------------------------------------------------------------
     def adopt(self, incident: str, post_id: str, uniqueid: str, now: float, answered_by: str | None, *,
-              overflowed: bool = False) -> Call | None:
+              overflowed: bool = False, pbx: str = PRIMARY) -> Call | None:
         """Follow again a call a previous sidecar process opened (from the store); ``resync`` then judges it."""
         if post_id not in self.posts or any(c.incident == incident for c in self.calls.values()):
             return None
         call = Call(incident, self.posts[post_id], uniqueid or f"unknown:{incident}", now,
-                    answered_by=self.desks.get(answered_by or ""))
+                    answered_by=self.desks.get(answered_by or ""), pbx=pbx)
         call.answered_at = now if call.answered_by else None
         if overflowed and call.answered_by is None:
             call.overflowed_at, call.overflows = now, 1
@@ -322,7 +351,7 @@ class CallTracker:
                queue_entries: Sequence[Mapping[str, str]], *, restarted: bool = False,
                contact_uris: Mapping[str, Mapping[str, str]] | None = None,
                alarm_channels: Sequence[Mapping[str, str]] = (), fresh: Set[str] = frozenset(),
-               gone: Set[str] = frozenset()) -> list[Occurrence]:
+               gone: Set[str] = frozenset(), pbx: str = PRIMARY) -> list[Occurrence]:
         """Correct everything an AMI outage may have left wrong.
 
         Calls whose caller channel is gone are closed; callers waiting in the queue that we never saw
@@ -332,10 +361,11 @@ class CallTracker:
         lets later ContactStatus events of single contacts be weighed against the others. ``alarm_channels``
         are the live alarm calls (see ``discover``). The lists were read while events went on: a call that
         events named meanwhile (``fresh``) is not closed, and one that hung up meanwhile (``gone``) not opened.
+        On a pair, ``pbx`` is the PBX the lists come from: only its calls and contacts are judged.
         """
         out: list[Occurrence] = []
         for call in list(self.calls.values()):
-            if call.uniqueid in fresh:
+            if call.uniqueid in fresh or call.pbx != pbx:
                 continue
             if (call.uniqueid not in channels) if channels is not None else restarted:
                 out += self._end(call, now, "ended" if call.answered_by else "overflowed"
@@ -343,14 +373,35 @@ class CallTracker:
                 del self.calls[call.uniqueid]
         for entry in queue_entries:
             if entry.get("Uniqueid") not in gone:
-                out += self._on_QueueCallerJoin({**entry, "Event": "QueueCallerJoin", "Queue": self.site.queue.name},
-                                                now)
+                out += self._on_QueueCallerJoin({**entry, "Event": "QueueCallerJoin", "Queue": self.site.queue.name,
+                                                 "Pbx": pbx}, now)
         for channel in alarm_channels:
             if channel.get("Uniqueid") not in gone:
-                out += self.discover(channel, now)
+                out += self.discover({**channel, "Pbx": pbx}, now)
         if contacts is not None:
             for post_id in self.posts:
-                uris = (contact_uris or {}).get(post_id, {"": contacts.get(post_id, "Removed")})
-                self.reach[post_id].contacts = {uri: status in REACHABLE for uri, status in uris.items()}
+                uris = (contact_uris or {}).get(post_id, {summary_key(pbx): contacts.get(post_id, "Removed")})
+                # The other PBX's contacts stand: a post is reachable while either PBX of a pair reaches it.
+                kept = {uri: ok for uri, ok in self.reach[post_id].contacts.items() if _pbx_of_key(uri) != pbx}
+                self.reach[post_id].contacts = kept | {uri: status in REACHABLE for uri, status in uris.items()}
                 out += self.set_reachable(post_id, any(self.reach[post_id].contacts.values()), now)
-        return out
+        return self._with_pbx(out, pbx)
+
+    def _with_pbx(self, occurrences: list[Occurrence], pbx: str) -> list[Occurrence]:
+        """On a pair, each call occurrence says which PBX carried it (``pbx`` of events and timeline steps)."""
+        if self.pair:
+            for occ in occurrences:
+                if occ.incident is not None:
+                    occ.detail.setdefault("pbx", pbx)
+        return occurrences
+
+
+def summary_key(pbx: str) -> str:
+    """The contact key of a resync that knew a post's status but no contact of it, on ``pbx``."""
+    return "" if pbx == PRIMARY else f"{pbx}/"
+
+
+def _pbx_of_key(key: str) -> str:
+    head, sep, _ = key.partition("/")
+    return head if sep and head.isalpha() else PRIMARY
+

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from sip_refuge.config.model import Site
+from sip_refuge.config.model import PRIMARY, Site
 from sip_refuge.sidecar.fanout import Fanout
 from sip_refuge.sidecar.link import AmiLink
 from sip_refuge.sidecar.outbox import Outbox
@@ -32,11 +32,12 @@ class Hub:
                  snapshot: Callable[[str], bytes | None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.site, self.store, self.outbox = site, store, outbox
-        self.link = AmiLink()
+        self.links = {role: AmiLink() for role in site.pbx.roles}  # one per PBX of a pair
+        self.link = self.links[PRIMARY]
         self.fanout = Fanout()
         self.snapshots = SnapshotCache(snapshot) if snapshot is not None else None
         self.recorder = Recorder(site, store, outbox, self.fanout, base_url=base_url, link=self.link,
-                                 snapshots=self.snapshots, clock=clock)
+                                 links=self.links, snapshots=self.snapshots, clock=clock)
         self.views = ReadModel(site, store, self.recorder, self.snapshots)
         self.pruner: Pruner | None = None  # set by the runner, which runs it; /healthz and /metrics show it
 

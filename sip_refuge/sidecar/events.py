@@ -29,10 +29,12 @@ CAMERA_FAULT = "camera.fault"
 CAMERA_OK = "camera.ok"
 SELFTEST_FAILED = "selftest.failed"
 INCIDENT_CLOSED = "incident.closed"
+PBX_DOWN = "pbx.down"
+PBX_UP = "pbx.up"
 
 EVENT_TYPES = (
     CALL_QUEUED, CALL_ANSWERED, CALL_ENDED, CALL_UNANSWERED,
-    POST_OFFLINE, POST_ONLINE, CAMERA_FAULT, CAMERA_OK, SELFTEST_FAILED, INCIDENT_CLOSED,
+    POST_OFFLINE, POST_ONLINE, CAMERA_FAULT, CAMERA_OK, SELFTEST_FAILED, INCIDENT_CLOSED, PBX_DOWN, PBX_UP,
 )
 
 
@@ -161,6 +163,18 @@ def closed_event(site: Site, *, incident: str, reference: str | None, post_id: s
     return build_event(INCIDENT_CLOSED, site, post_id=post_id, now=now, incident=incident, reference=reference,
                        desk_id=desk_id, reason=reason,
                        extra={"reason_label": label, "note": note, "outcome": outcome, "closed_by": closed_by})
+
+
+def pbx_event(type_: str, site: Site, *, role: str, host: str, now: datetime, reason: str) -> Event:
+    """``pbx.down`` / ``pbx.up``: a PBX of the pair (``role`` primary or secondary, at ``host``) went down or came
+    back, as the sidecar sees it through its AMI. About no post: ``post`` is null, the stream is the site's."""
+    if type_ not in (PBX_DOWN, PBX_UP):
+        raise SidecarError(f"not a PBX event: {type_!r}")
+    timestamp = iso_utc(now)
+    data: dict[str, Any] = {"incident": None, "reference": None, "post": None, "camera": None, "desk": None,
+                            "snapshot_url": None, "site": site.name, "pbx": {"role": role, "host": host},
+                            "reason": reason}
+    return Event(new_event_id(), type_, timestamp, None, None, {"type": type_, "timestamp": timestamp, "data": data})
 
 
 def event_from_json(event_id: str, incident: str | None, post_id: str | None, body_json: str) -> Event:

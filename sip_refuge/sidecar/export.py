@@ -14,7 +14,7 @@ from sip_refuge.sidecar.records import Incident
 
 CSV_COLUMNS = ("id", "post_id", "state", "created", "answered_by", "answered_at", "ended", "outcome",
                "snapshot", "timeline", "reference", "closed_at", "closed_by", "close_reason", "close_note",
-               "acknowledged_at", "acknowledged_by")
+               "acknowledged_at", "acknowledged_by", "pbx")
 
 
 def write_json(incidents: Iterable[Incident], out: TextIO) -> None:
@@ -33,4 +33,4 @@ def write_csv(incidents: Iterable[Incident], out: TextIO) -> None:
                          inc.answered_at or "", inc.ended or "", inc.outcome or "", inc.snapshot or "",
                          timeline, inc.reference or "", inc.closed_at or "", inc.closed_by or "",
                          inc.close_reason or "", inc.close_note or "", inc.acknowledged_at or "",
-                         inc.acknowledged_by or ""])
+                         inc.acknowledged_by or "", inc.pbx or ""])

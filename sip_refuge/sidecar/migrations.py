@@ -112,4 +112,8 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE incidents ADD COLUMN acknowledged_at TEXT;     -- ISO UTC; NULL while not acknowledged
     ALTER TABLE incidents ADD COLUMN acknowledged_by TEXT;     -- the operator (or the admin token)
     """,
+    # 6: which PBX of a pair carried the call (its latest leg); NULL on a site with one PBX.
+    """
+    ALTER TABLE incidents ADD COLUMN pbx TEXT;                 -- primary | secondary
+    """,
 )

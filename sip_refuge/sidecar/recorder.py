@@ -19,17 +19,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from sip_refuge.config.model import Retention, Site
+from sip_refuge.config.model import PRIMARY, Retention, Site
 from sip_refuge.config.secrets import incident_snapshot_url
 from sip_refuge.sidecar import alarm, calls, closeout
 from sip_refuge.sidecar.ami import Snapshot
 from sip_refuge.sidecar.backlog import CALL, TELEMETRY
 from sip_refuge.sidecar.board import CallBoard, LiveCall, References
 from sip_refuge.sidecar.calls import CallTracker, Occurrence
-from sip_refuge.sidecar.events import Event, build_event, closed_event, iso_utc
+from sip_refuge.sidecar.events import Event, build_event, closed_event, iso_utc, pbx_event
 from sip_refuge.sidecar.fanout import Fanout
 from sip_refuge.sidecar.link import AmiLink
 from sip_refuge.sidecar.outbox import STORED, Outbox
+from sip_refuge.sidecar.pair import PbxChange, PbxWatch, tag_event, tag_snapshot
 from sip_refuge.sidecar.records import CameraStatus, Incident, PostStatus
 from sip_refuge.sidecar.retention import TelemetryBudget
 from sip_refuge.sidecar.snapshots import SnapshotCache
@@ -58,11 +59,14 @@ class LiveState:
 class Recorder:
     def __init__(self, site: Site, store: Store, outbox: Outbox, fanout: Fanout, *, base_url: str,
                  link: AmiLink | None = None, snapshots: SnapshotCache | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, links: Mapping[str, AmiLink] | None = None) -> None:
+        """``links``: the AMI link of each PBX of a pair (``link`` is the primary's)."""
         self.site, self.store, self.outbox, self.fanout = site, store, outbox, fanout
         self.base_url = base_url.rstrip("/")
         self.link, self.snapshots, self.clock = link, snapshots, clock
+        self.links = dict(links or ({PRIMARY: link} if link is not None else {}))
         self.tracker = CallTracker(site)
+        self.pbxs = PbxWatch(site, clock(), self.tracker.grace)
         self.lock = threading.RLock()
         self.board = CallBoard()
         self.statuses = StatusBoard(store.post_statuses(), store.camera_statuses())
@@ -72,27 +76,39 @@ class Recorder:
         self._telemetry_budget = TelemetryBudget(retention.telemetry_per_post)
 
     # -- inputs ------------------------------------------------------------------------------------
-    def on_ami_event(self, event: Mapping[str, str]) -> None:
+    def on_ami_event(self, event: Mapping[str, str], role: str = PRIMARY) -> None:
+        """An AMI event of the PBX of ``role`` (the primary, or the secondary of a pair)."""
         with self.lock:
-            self._apply_all(self.tracker.handle(event, self.clock()))
+            self._apply_all(self.tracker.handle(tag_event(event, role), self.clock()))
 
-    def on_resync(self, snap: Snapshot) -> None:
+    def on_resync(self, snap: Snapshot, role: str = PRIMARY) -> None:
         with self.lock:
             self._adopt_open_incidents()
+            snap = tag_snapshot(snap, role)
             self._apply_all(self.tracker.resync(self.clock(), snap.contacts, snap.channels, snap.queue_entries,
                                                 restarted=snap.restarted, contact_uris=snap.contact_uris,
                                                 alarm_channels=snap.alarm_channels, fresh=snap.fresh,
-                                                gone=snap.gone))
-        if self.link is not None:
-            self.link.resynced()
+                                                gone=snap.gone, pbx=role))
+        link = self.links.get(role)
+        if link is not None:
+            link.resynced()
+
+    def on_pbx_link(self, role: str, up: bool) -> None:
+        """The AMI link to the PBX of ``role`` went up or down (on a pair: ``pbx.up`` / ``pbx.down``)."""
+        with self.lock:
+            self.tracker.pbx_link(role, up)
+            self._pbx_changes(self.pbxs.link(role, up, self.clock()))
 
     def tick(self) -> float | None:
         """Fire timers (post offline after grace) and store writes held in memory; return the next deadline
         on the recorder's clock."""
         with self.lock:
             self.outbox.flush()
-            self._apply_all(self.tracker.tick(self.clock()))
-            return self.tracker.next_deadline()
+            now = self.clock()
+            self._apply_all(self.tracker.tick(now))
+            self._pbx_changes(self.pbxs.tick(now))
+            due = [d for d in (self.tracker.next_deadline(), self.pbxs.next_deadline()) if d is not None]
+            return min(due) if due else None
 
     def on_camera_change(self, post_id: str, ok: bool, reason: str) -> None:
         with self.lock:
@@ -194,6 +210,14 @@ class Recorder:
                              {p.id: self.tracker.is_online(p.id) for p in self.site.posts}, self.board.calls())
 
     # -- internals ---------------------------------------------------------------------------------
+    def _pbx_changes(self, changes: list[PbxChange]) -> None:
+        for change in changes:
+            (log.error if change.type == "pbx.down" else log.warning)(
+                "%s: the %s PBX (%s): %s", change.type, change.role, change.host, change.reason)
+            event = pbx_event(change.type, self.site, role=change.role, host=change.host, now=datetime.now(UTC),
+                              reason=change.reason)
+            self._record(lambda store: None, [event])
+
     def _apply_all(self, occurrences: list[Occurrence]) -> None:
         for occ in occurrences:
             try:
@@ -229,6 +253,10 @@ class Recorder:
                 store.open_incident(incident, post, now, reference=(reference, number))
                 if snapshot_url is not None:
                     store.update_incident(incident, snapshot=snapshot_url)
+                if occ.detail.get("pbx"):
+                    store.update_incident(incident, pbx=str(occ.detail["pbx"]))
+            elif occ.type == calls.CALL_MOVED:  # the next leg, on the other PBX, waits for a desk
+                store.update_incident(incident, state="queued", pbx=str(occ.detail.get("pbx") or "") or None)
             elif occ.type == "call.answered":
                 store.update_incident(incident, state="answered", answered_by=desk, answered_at=at)
             elif occ.type in ("call.unanswered", calls.CALL_OVERFLOWED) and outcome == "overflowed":
@@ -280,7 +308,7 @@ class Recorder:
             uniqueid = str(queued.detail.get("uniqueid") or "") if queued else ""
             overflowed = inc.state == "overflowed"
             if self.tracker.adopt(inc.id, inc.post_id, uniqueid, self.clock(), inc.answered_by,
-                                  overflowed=overflowed) is None:
+                                  overflowed=overflowed, pbx=inc.pbx or PRIMARY) is None:
                 continue
             overflowed_at = next((t.at for t in reversed(inc.timeline) if t.kind in ("unanswered", "overflowed")),
                                  None) if overflowed else None

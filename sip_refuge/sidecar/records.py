@@ -45,6 +45,7 @@ class Incident:
     close_note: str | None = None
     acknowledged_at: str | None = None  # an operator acknowledged the alarm of a call no desk had answered
     acknowledged_by: str | None = None
+    pbx: str | None = None  # primary | secondary: the PBX of a pair that carried the call (its latest leg)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

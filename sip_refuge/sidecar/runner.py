@@ -10,6 +10,7 @@ camera while anyone watches it live.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import threading
@@ -18,6 +19,7 @@ from typing import Any
 
 from sip_refuge.config import Site, load_site
 from sip_refuge.config.commands import warning_text
+from sip_refuge.config.model import PRIMARY
 from sip_refuge.config.secrets import Masker
 from sip_refuge.errors import SidecarError
 from sip_refuge.logs import setup_logging
@@ -57,16 +59,25 @@ class SidecarRunner:
             known = {k: (bool(v.ok), v.reason or "") for k, v in self.store.camera_statuses().items()
                      if v.ok is not None}
             self.monitor = CameraMonitor.for_site(site, on_change=recorder.on_camera_change, initial=known)
-        self.ami = AmiFollower(site.pbx.ami, site.queue.name, on_event=recorder.on_ami_event,
-                               on_resync=recorder.on_resync, on_link=self.hub.link.on_link,
-                               on_error=self.hub.link.on_error)
+        # One follower per PBX (both of a pair), into the one recorder: one incident log.
+        self.amis = [AmiFollower(site.pbx.ami_of(role), site.queue.name, name="ami" if role == PRIMARY else f"ami-{role}",
+                                 on_event=functools.partial(recorder.on_ami_event, role=role),
+                                 on_resync=functools.partial(recorder.on_resync, role=role),
+                                 on_link=functools.partial(self._on_link, role),
+                                 on_error=self.hub.links[role].on_error) for role in site.pbx.roles]
+        self.ami = self.amis[0]
         self.threads: list[threading.Thread] = []
         self.server: Any = None
+
+    def _on_link(self, role: str, up: bool) -> None:
+        self.hub.links[role].on_link(up)
+        self.hub.recorder.on_pbx_link(role, up)
 
     def start(self) -> None:
         for warning in self.site.warnings:
             log.warning("%s", warning_text(warning))
-        self.ami.start()
+        for ami in self.amis:
+            ami.start()
         self._thread("outbox", lambda: self.outbox.run(self.stop_event))
         self._thread("ticker", self._tick)
         if self.hub.snapshots is not None:
@@ -136,7 +147,8 @@ class SidecarRunner:
     def stop(self) -> None:
         self.stop_event.set()
         self.hub.close()  # event streams, and the snapshot worker (joined below with the other threads)
-        self.ami.stop()
+        for ami in self.amis:
+            ami.stop()
         for thread in self.threads:
             thread.join(10)
         self.outbox.close()

@@ -39,7 +39,7 @@ DELIVERED = "delivered"
 
 TABLES = {"incidents", "timeline", "events", "deliveries", "post_status", "camera_status", "telemetry", "audit"}
 _IN_CHUNK = 500  # ids per IN (...) list; SQLite allows 999 bound variables in older builds
-_INCIDENT_FIELDS = ("state", "answered_by", "answered_at", "ended", "outcome", "snapshot")
+_INCIDENT_FIELDS = ("state", "answered_by", "answered_at", "ended", "outcome", "snapshot", "pbx")
 
 
 def _opt_bool(value: object) -> bool | None:
@@ -358,7 +358,7 @@ class Store:
         return {str(r[0]): int(r[1]) for r in rows}
 
     def update_incident(self, incident_id: str, **fields: str | None) -> None:
-        """Set some of state, answered_by, answered_at, ended, outcome, snapshot."""
+        """Set some of state, answered_by, answered_at, ended, outcome, snapshot, pbx."""
         unknown = set(fields) - set(_INCIDENT_FIELDS)
         if unknown:
             raise SidecarError(f"unknown incident fields: {', '.join(sorted(unknown))}")
@@ -391,7 +391,7 @@ class Store:
         return [Incident(r["id"], r["post_id"], r["state"], r["created"], r["answered_by"], r["answered_at"],
                          r["ended"], r["outcome"], r["snapshot"], tuple(lines[r["id"]]), r["reference"],
                          r["closed_at"], r["closed_by"], r["close_reason"], r["close_note"], r["acknowledged_at"],
-                         r["acknowledged_by"]) for r in rows]
+                         r["acknowledged_by"], r["pbx"]) for r in rows]
 
     def incident(self, incident_id: str) -> Incident | None:
         found = self._incidents("WHERE id = ?", (incident_id,), None)

@@ -54,7 +54,15 @@ class ReadModel:
         state, now = self.recorder.state(), self.now()
         return {"now": iso_utc(now), "posts": [self._post(p.id, state, now) for p in self.site.posts],
                 "calls": [self._call(c, state.cameras, now) for c in sorted(state.calls, key=lambda c: c.queued_at)],
-                "missed": self.missed(now)}
+                "missed": self.missed(now), "pbx": self.pbx()}
+
+    def pbx(self) -> dict[str, Any]:
+        """Each PBX of a pair: ``host``, ``up`` (the sidecar's AMI link to it), ``since``; {} with one PBX."""
+        links = self.recorder.links
+        if len(links) < 2:
+            return {}
+        return {role: {"host": self.site.pbx.host_of(role), "up": s.connected, "since": s.since}
+                for role, s in ((role, link.status()) for role, link in links.items())}
 
     def missed(self, now: datetime) -> list[dict[str, Any]]:
         """Calls over that no desk answered and nobody acknowledged or closed yet (:mod:`alarm`), newest
@@ -78,7 +86,7 @@ class ReadModel:
             "queued_at": call.queued_at, "answered_at": call.answered_at, "overflowed_at": call.overflowed_at,
             "overflow_answered_at": call.overflow_answered_at, "wait_seconds": wait_seconds(call, now),
             "late": call.late, "snapshot_url": call.snapshot_url, "alarm": alarm.sounding(call),
-            "acknowledged_at": call.acknowledged_at, "acknowledged_by": call.acknowledged_by,
+            "acknowledged_at": call.acknowledged_at, "acknowledged_by": call.acknowledged_by, "pbx": call.pbx,
             "camera": None if post.camera is None else {
                 "ok": camera.ok if camera else None, "reason": camera.reason if camera else None},
         }

@@ -24,7 +24,7 @@ from sip_refuge.pbx.asterisk import Asterisk
 from sip_refuge.post import speech
 from sip_refuge.post.audio import prompt_path
 from sip_refuge.post.sip.pjsua2_api import MediaSettings
-from sip_refuge.post.sound import Sound
+from sip_refuge.post.soundcard import Sound
 from tests.support.agent import InProcessAgent, wait_for
 from tests.support.audio import babble, read_wav, wav_seconds, write_wav
 from tests.support.desk_robot import DeskRobot

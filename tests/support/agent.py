@@ -34,7 +34,7 @@ from sip_refuge.post.control import ControlServer, ask, control_port
 from sip_refuge.post.events import Tick
 from sip_refuge.post.runner import PostRunner
 from sip_refuge.post.sip import SipBackend
-from sip_refuge.post.sound import Sound
+from sip_refuge.post.soundcard import Sound
 from tests.support.waiting import wait_for
 
 T = TypeVar("T")

@@ -20,7 +20,7 @@ from typing import Any
 from sip_refuge.post.agent import build_runner, load_post
 from sip_refuge.post.control import ControlServer, control_port
 from sip_refuge.post.events import Tick
-from sip_refuge.post.sound import Sound
+from sip_refuge.post.soundcard import Sound
 
 _out = threading.Lock()
 

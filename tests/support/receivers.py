@@ -118,6 +118,7 @@ SPEC_DATA = {
     "incident.closed": ("incident", "reference", "post", "reason", "reason_label", "note", "outcome", "closed_by"),
     "post.offline": ("post",), "post.online": ("post",), "camera.fault": ("post", "reason"),
     "camera.ok": ("post",), "selftest.failed": ("post", "reason"),
+    "pbx.down": ("pbx", "reason"), "pbx.up": ("pbx", "reason"),
 }
 
 

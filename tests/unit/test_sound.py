@@ -15,7 +15,8 @@ from sip_refuge.post import aec, speech
 from sip_refuge.post.agent import sound_for
 from sip_refuge.post.audio import prompt_pcm
 from sip_refuge.post.engine import PREBUFFER, AudioEngine
-from sip_refuge.post.sound import ECHO_DELAY, ECHO_GAIN, MockCard, Sound, frame_bytes
+from sip_refuge.post.sound import ECHO_DELAY, ECHO_GAIN, MockCard, frame_bytes
+from sip_refuge.post.soundcard import Sound
 from tests.support.audio import babble, read_wav, write_wav
 
 RATE = 8000

@@ -18,7 +18,7 @@ from typing import Protocol
 from sip_refuge.config.model import Pbx, Post
 from sip_refuge.errors import SipError
 from sip_refuge.post.events import Event
-from sip_refuge.post.sound import Sound
+from sip_refuge.post.soundcard import Sound
 
 Emit = Callable[[Event], None]
 

@@ -56,6 +56,11 @@ POLL_MS = 100  # longest wait for packets; commands do not wait for it (doorbell
 TICK = 0.1  # seconds between timer checks (prompts in turn, checks heard, silent media, registration watchdog)
 DIAL_HANDOFF = 0.05  # longest wait of dial() for its INVITE to leave (pjsua busy, stopping): then it returns
 STALL = 10.0  # the owner thread not turning for this long is a stuck SIP stack (health says so)
+# No answer to a refresh REGISTER within this of when it was due: the PBX is taken for gone (Registered again once
+# it answers). pjsip itself waits 32 s (timer F); an idle post must learn a PBX of its pair died before the next
+# press, not after it. (pjsua reports no start of its own refreshes, so the due time is worked out here.)
+REGISTER_TIMEOUT = 4.0
+MIN_REFRESH = 5  # pjsip's regc refreshes no sooner than this after a registration (DELAY_BEFORE_REFRESH)
 
 
 @dataclass
@@ -111,13 +116,15 @@ class _PjCall(pj.Call):  # type: ignore[misc]  # the SWIG binding ships no types
 
 
 class _PjAccount(pj.Account):  # type: ignore[misc]
-    def __init__(self, backend: Backend) -> None:
+    """The post's registration with one PBX of the pair (``host``); calls to that PBX go out on it."""
+
+    def __init__(self, backend: Backend, host: str) -> None:
         super().__init__()
-        self.backend = backend
+        self.backend, self.host = backend, host
 
     def onRegState(self, prm: Any) -> None:  # noqa: N802
         _guarded(self.backend, "onRegState", lambda: self.backend._on_reg_state(
-            int(prm.code), str(prm.reason), int(prm.expiration), api.rx_message(prm)))
+            int(prm.code), str(prm.reason), int(prm.expiration), api.rx_message(prm), self.host))
 
     def onIncomingCall(self, prm: Any) -> None:  # noqa: N802
         _guarded(self.backend, "onIncomingCall", lambda: self.backend._on_incoming(
@@ -153,7 +160,7 @@ class Backend:
         self._post = "-"
         self._ep: Any = None
         self._audio: BridgeAudio | None = None
-        self._acc: Any = None
+        self._accounts: dict[str, Any] = {}  # PBX host -> its _PjAccount: pbx.host, and pbx.secondary_host
         self._transport_id = -1
         self._poll: Callable[[int], None] | None = None
         self._doorbell: socket.socket | None = None
@@ -161,8 +168,10 @@ class Backend:
         self._lock = threading.Lock()
         self._calls: dict[str, _Record] = {}
         self._incoming_ids = itertools.count(1)
-        self._registered = False
-        self._reg_activity = 0.0
+        self._registered: dict[str, bool] = {}  # by PBX host
+        self._reg_activity: dict[str, float] = {}
+        self._reg_due: dict[str, float] = {}  # by PBX host: when pjsua's next refresh REGISTER goes out
+        self._before_expiry = MIN_REFRESH
         self._counters = Counters(log)
         self._gate: Gate | None = None
         self.stall_after = STALL
@@ -348,15 +357,24 @@ class Backend:
         self._doorbell = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._poll = ep.libHandleEvents
         ep.libStart()
-        acc_cfg = api.account_config(post, pbx, account.password, self._transport_id,
-                                     expiry=self.registration_expiry, refresh_every=self.refresh_every,
-                                     retry_interval=self.retry_interval)
-        api.bind_media(acc_cfg, address)
-        self._acc = _PjAccount(self)
-        self._reg_activity = time.monotonic()
-        self._acc.create(acc_cfg, True)
-        log.info("%s: pjsua2 %s started, registering to %s:%d over %s%s", self._post, ep.libVersion().full,
-                 pbx.host, api.pbx_port(pbx)[0], pbx.transport, " with SRTP" if pbx.transport == "tls" else "")
+        refresh = pbx.register_interval or self.refresh_every
+        # One registration per PBX of the pair, on the one transport: both know the post, so the first INVITE
+        # after one of them died goes to the other without waiting for a registration first.
+        expiry = max(self.registration_expiry, 2 * refresh)
+        self._before_expiry = max(MIN_REFRESH, expiry - refresh)  # what account_config makes delayBeforeRefreshSec
+        for role in pbx.roles:
+            host = pbx.host_of(role)
+            acc_cfg = api.account_config(post, pbx, account.password, self._transport_id, host=host,
+                                         expiry=expiry, refresh_every=refresh,
+                                         retry_interval=self.retry_interval)
+            api.bind_media(acc_cfg, address)
+            acc = self._accounts[host] = _PjAccount(self, host)
+            self._registered[host] = False
+            self._reg_activity[host] = time.monotonic()
+            acc.create(acc_cfg, True)
+        log.info("%s: pjsua2 %s started, registering to %s (port %d) over %s%s", self._post, ep.libVersion().full,
+                 " and ".join(self._accounts), api.pbx_port(pbx)[0], pbx.transport,
+                 " with SRTP" if pbx.transport == "tls" else "")
 
     def _tick(self, now: float) -> None:
         """Timers: self-test steps and deadlines, media timeouts, a registration pjsua gave up on."""
@@ -369,14 +387,26 @@ class Backend:
         if heard is not None:
             log.info("%s: check %s heard %.1f s", self._post, heard[0], len(heard[2]) / 2 / heard[1])
             self._emit(ev.AudioHeard(*heard))
+        for host, acc in self._accounts.items():
+            self._watch_registration(host, acc, now)
+
+    def _watch_registration(self, host: str, acc: Any, now: float) -> None:
+        due = self._reg_due.get(host)
+        if due is not None and now - due > REGISTER_TIMEOUT:
+            del self._reg_due[host]  # pjsua goes on retransmitting; its answer, if any, registers the post again
+            if self._registered.get(host):
+                self._registered[host] = False
+                log.warning("%s: no answer from %s to a REGISTER in %.0f s: taken for gone", self._post, host,
+                            now - due)
+                self._emit(ev.Unregistered(f"no answer to a REGISTER within {REGISTER_TIMEOUT:g} s", host))
         # pjsua retries timeouts and 5xx by itself but not 401/403/404 (a secret fixed on the PBX later).
-        if not self._registered and now - self._reg_activity > max(30.0, 3.0 * self.retry_interval):
-            self._reg_activity = now
-            log.info("%s: still not registered; registering again", self._post)
+        if not self._registered.get(host) and now - self._reg_activity.get(host, now) > max(30.0, 3.0 * self.retry_interval):
+            self._reg_activity[host] = now
+            log.info("%s: still not registered with %s; registering again", self._post, host)
             try:
-                self._acc.setRegistration(True)
+                acc.setRegistration(True)
             except Exception as exc:  # noqa: BLE001 - pjsua busy with its own attempt: fine, try later
-                log.info("%s: re-register: %s", self._post, exc)
+                log.info("%s: re-register with %s: %s", self._post, host, exc)
 
     def _check_media(self, rec: _Record, now: float) -> None:
         count = api.rx_packets(rec.call)
@@ -413,7 +443,9 @@ class Backend:
         port, suffix = api.pbx_port(account.pbx)
         uri = f"sip:{extension}@{host}:{port}{suffix}"
         rec = _Record(call_id, outgoing=True, selftest=selftest, created=time.monotonic())
-        rec.call = _PjCall(self, rec, self._acc)
+        # The account of the PBX the call goes to: its From and Contact are the registration that PBX knows.
+        acc = self._accounts.get(host) or self._accounts[account.pbx.host]
+        rec.call = _PjCall(self, rec, acc)
         with self._lock:
             self._calls[call_id] = rec  # before makeCall: its first callbacks may come before it returns
         log.info("%s: dialling %s (call %s%s)", self._post, uri, call_id, ", self-test" if selftest else "")
@@ -513,13 +545,13 @@ class Backend:
         audio, self._audio = self._audio, None
         if audio is not None:
             audio.close()  # before libDestroy: the card's port leaves the bridge, OUT.wav is finished
-        acc, self._acc = self._acc, None
-        if acc is not None:
+        accounts, self._accounts = list(self._accounts.values()), {}
+        for acc in accounts:
             try:
                 acc.shutdown()  # unregisters (libDestroy waits briefly for the answer)
             except Exception as exc:  # noqa: BLE001 - shutting down regardless
                 log.info("%s: account shutdown: %s", self._post, exc)
-            del acc
+        del accounts
         self._poll = None  # holds the Endpoint too
         ep, self._ep = self._ep, None
         if ep is not None:
@@ -530,34 +562,37 @@ class Backend:
             del ep
         # pjsua2's Endpoint is a singleton: the old one must be gone before a later start() makes a new one.
         gc.collect()
-        self._registered = False
+        self._registered.clear()
+        self._reg_due.clear()
 
     # -- callbacks (on the owner thread, inside pjsip's event loop): update records, emit, enqueue ----------------------------------------------
     def _internal(self, command: Command) -> None:
         command._internal = True  # type: ignore[attr-defined]
         self._queue.put(command)
 
-    def _on_reg_state(self, code: int, reason: str, expiration: int, response: str = "") -> None:
-        self._reg_activity = time.monotonic()
-        account = self._account
-        host = account.pbx.host if account else ""
+    def _on_reg_state(self, code: int, reason: str, expiration: int, response: str = "", host: str = "") -> None:
+        host = host or (self._account.pbx.host if self._account else "")
+        self._reg_activity[host] = now = time.monotonic()
+        self._reg_due.pop(host, None)
         if code // 100 == 2 and expiration > 0 and self._gate is not None:
             self._gate.learn_registration(header(response, "via"))
         if code // 100 == 2 and expiration > 0:
-            if not self._registered:
+            if not self._registered.get(host):
                 log.info("%s: registered to %s (expires in %d s)", self._post, host, expiration)
-            self._registered = True
+            self._registered[host] = True
+            # pjsip's regc refreshes delayBeforeRefreshSec before the expiry granted (never within 5 s).
+            self._reg_due[host] = now + max(MIN_REFRESH, expiration - self._before_expiry)
             self._emit(ev.Registered(host))
         elif code // 100 == 2:
-            self._registered = False
-            log.info("%s: unregistered", self._post)
-            self._emit(ev.Unregistered("unregistered"))
+            self._registered[host] = False
+            log.info("%s: unregistered from %s", self._post, host)
+            self._emit(ev.Unregistered("unregistered", host))
         else:
-            was, self._registered = self._registered, False
+            was, self._registered[host] = self._registered.get(host, False), False
             log.warning("%s: registration to %s failed: %d %s", self._post, host, code, reason)
             if was:
-                self._emit(ev.Unregistered(f"{code} {reason}"))
-            self._emit(ev.RegistrationFailed(reason, code or None))
+                self._emit(ev.Unregistered(f"{code} {reason}", host))
+            self._emit(ev.RegistrationFailed(reason, code or None, host))
 
     def _on_incoming(self, acc: Any, pj_call_id: int, source: str, message: str) -> None:
         head, _, body = message.partition("\r\n\r\n")

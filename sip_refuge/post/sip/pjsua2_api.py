@@ -125,14 +125,16 @@ def pbx_port(pbx: Pbx) -> tuple[int, str]:
 
 
 def account_config(post: Post, pbx: Pbx, password: str, transport_id: int, *, expiry: int, refresh_every: int,
-                   retry_interval: int) -> Any:
-    """The post's account: registration timing, digest credentials and, over TLS, mandatory SDES-SRTP."""
+                   retry_interval: int, host: str | None = None) -> Any:
+    """The post's account with the PBX at ``host`` (``pbx.host`` unless given: the secondary of a pair has an
+    account of its own): registration timing, digest credentials and, over TLS, mandatory SDES-SRTP."""
     cfg = pj.AccountConfig()
     port, suffix = pbx_port(pbx)
+    host = host or pbx.host
     name = re.sub(r'["\\<>\r\n]', "", post.name)
-    cfg.idUri = f'"{name}" <sip:{post.id}@{pbx.host}:{port}>'
+    cfg.idUri = f'"{name}" <sip:{post.id}@{host}:{port}>'
     reg = cfg.regConfig
-    reg.registrarUri = f"sip:{pbx.host}:{port}{suffix}"
+    reg.registrarUri = f"sip:{host}:{port}{suffix}"
     reg.timeoutSec = expiry
     # Refresh well before expiry: a PBX that lost its contacts (restart on a fresh disk, failover) learns
     # the post again within refresh_every seconds, not within the expiry.

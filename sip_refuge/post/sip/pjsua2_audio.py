@@ -33,7 +33,8 @@ from sip_refuge.errors import SipError
 from sip_refuge.post import aec, speech
 from sip_refuge.post.audio import prompt_path
 from sip_refuge.post.sip.pjsua2_api import MediaSettings, pj
-from sip_refuge.post.sound import MockCard, Sound, frame_bytes
+from sip_refuge.post.sound import MockCard, frame_bytes
+from sip_refuge.post.soundcard import Sound
 
 log = logging.getLogger(__name__)
 BRIDGE_RATE = 16000  # the conference bridge's clock (pjsua's default): wideband for G.722

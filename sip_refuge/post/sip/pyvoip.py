@@ -80,14 +80,17 @@ class Backend:
         sound = account.sound
         self._engine = AudioEngine(lambda: open_card(sound, RATE), RATE, name=account.post.id)
         self._engine.start()
-        self._ua = Ua(user=account.post.id, password=account.password, server=(pbx.host, pbx.sip_port),
+        # One socket, registered with each PBX of a pair: the first INVITE after one died goes to the other.
+        also = ((pbx.secondary_host, pbx.sip_port),) if pbx.secondary_host else ()
+        self._ua = Ua(user=account.post.id, password=account.password, server=(pbx.host, pbx.sip_port), also=also,
                       listener=self, display=account.post.name, local_port=account.local_port,
-                      name=account.post.id, refresh_interval=self.refresh_interval, keep_audio=True,
+                      name=account.post.id, refresh_interval=pbx.register_interval or self.refresh_interval,
+                      keep_audio=True,
                       media_gap=self.media_gap, on_dtmf=self._on_dtmf, logger=self._log,
                       host=host, trusted=trusted, counters=self._counters)
-        self._log.info("pyVoIP agent on %s:%d registering to %s:%d; %s, echo canceller %s", self._ua.host,
-                       self._ua.port, account.pbx.host, account.pbx.sip_port, sound.describe(),
-                       "on" if self._engine.echo_cancelling else "MISSING")
+        self._log.info("pyVoIP agent on %s:%d registering to %s (port %d); %s, echo canceller %s", self._ua.host,
+                       self._ua.port, " and ".join(pbx.host_of(role) for role in pbx.roles), pbx.sip_port,
+                       sound.describe(), "on" if self._engine.echo_cancelling else "MISSING")
         self._ua.start()
 
     def dial(self, call_id: str, extension: str, host: str, selftest: bool) -> None:
@@ -193,17 +196,17 @@ class Backend:
             self.on_dtmf(call.key, digit)
 
     # -- UaListener (agent thread) ----------------------------------------------------------------------
-    def on_registered(self, expires: int) -> None:
-        self._log.debug("registered for %d s", expires)
-        self._send(Registered(self._account.pbx.host if self._account else ""))
+    def on_registered(self, expires: int, host: str) -> None:
+        self._log.debug("registered with %s for %d s", host, expires)
+        self._send(Registered(host))
 
-    def on_registration_failed(self, reason: str, status: int | None) -> None:
-        self._log.warning("registration failed: %s", reason)
-        self._send(RegistrationFailed(reason, status))
+    def on_registration_failed(self, reason: str, status: int | None, host: str) -> None:
+        self._log.warning("registration with %s failed: %s", host, reason)
+        self._send(RegistrationFailed(reason, status, host))
 
-    def on_unregistered(self, reason: str) -> None:
-        self._log.warning("registration lost: %s", reason)
-        self._send(Unregistered(reason))
+    def on_unregistered(self, reason: str, host: str) -> None:
+        self._log.warning("registration with %s lost: %s", host, reason)
+        self._send(Unregistered(reason, host))
 
     def on_progress(self, call: Call, status: int) -> None:
         self._log.info("call %s: %d", call.key, status)

@@ -31,6 +31,7 @@ call's RTP threads) still turns.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -71,9 +72,9 @@ STALL = 10.0  # no turn for this long: the thread is stuck (health says so)
 class UaListener(Protocol):
     """What the agent reports; every method runs on the agent's thread."""
 
-    def on_registered(self, expires: int) -> None: ...
-    def on_registration_failed(self, reason: str, status: int | None) -> None: ...
-    def on_unregistered(self, reason: str) -> None: ...
+    def on_registered(self, expires: int, host: str) -> None: ...
+    def on_registration_failed(self, reason: str, status: int | None, host: str) -> None: ...
+    def on_unregistered(self, reason: str, host: str) -> None: ...
     def on_progress(self, call: Call, status: int) -> None: ...
     def on_answered(self, call: Call) -> None: ...
     def on_failed(self, call: Call, status: int | None, reason: str) -> None: ...
@@ -123,6 +124,21 @@ class Call:
 
 
 @dataclass
+class _Registration:
+    """This phone's registration with one registrar (a PBX of the pair): its own dialog and timers."""
+
+    server: tuple[str, int]
+    aor: str
+    call_id: str = field(default_factory=lambda: secrets.token_hex(10))
+    tag: str = field(default_factory=new_tag)
+    cseq: int = 0
+    timer: int = 0  # the token of the one pending re-REGISTER
+    failures: int = 0
+    registered: bool = False
+    granted: int = 0
+
+
+@dataclass
 class _Transaction:
     method: str
     text: str
@@ -142,9 +158,11 @@ class Ua:
                  refresh_interval: float = 15.0, media_gap: float = 1.0, keep_audio: bool = False,
                  on_dtmf: Callable[[Call, str], None] | None = None, logger: logging.LoggerAdapter[Any] | None = None,
                  host: str | None = None, trusted: frozenset[str] | None = None,
-                 counters: Counters | None = None) -> None:
+                 counters: Counters | None = None, also: tuple[tuple[str, int], ...] = ()) -> None:
         """``host``: the local address to bind (default: the one routing to ``server``). ``trusted``: the only
-        addresses SIP and RTP are accepted from (default: ``server``'s addresses)."""
+        addresses SIP and RTP are accepted from (default: ``server``'s addresses). ``also``: more registrars (the
+        secondary PBX of a pair) this phone registers with at the same time, from the same address and port, so
+        that a call to either finds it and a call from it goes out on a registration that PBX knows."""
         self.user, self._password, self.server, self.display = user, password, server, display
         self.listener = listener
         self.expires = expires  # asked of the registrar; it may grant less (or more)
@@ -155,7 +173,8 @@ class Ua:
         self.name = name or user
         self.log: logging.LoggerAdapter[Any] = logger or Prefixed(logging.getLogger(__name__), {"who": self.name})
         self.host = host or _local_ip_for(server)
-        self.trusted = trusted if trusted is not None else _addresses_of(server[0])
+        self.trusted = trusted if trusted is not None \
+            else frozenset().union(*(_addresses_of(r[0]) for r in (server, *also)))
         self.counters = counters or Counters(self.log)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((self.host, local_port))
@@ -166,8 +185,7 @@ class Ua:
         self.failure = ""  # why the thread died, if it did
         self.contact = f"<sip:{user}@{self.host}:{self.port};transport=udp>"
         self.aor = f"sip:{user}@{server[0]}"
-        self.registered = False
-        self.granted = 0
+        self._registrations = {r[0]: _Registration(r, f"sip:{user}@{r[0]}") for r in (server, *also)}
         self.calls: dict[str, Call] = {}  # by SIP Call-ID
         self._keys = itertools.count(1)
         self._wake_r, self._wake_w = socket.socketpair()
@@ -176,11 +194,6 @@ class Ua:
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
         self._transactions: dict[tuple[str, str], _Transaction] = {}  # by Via branch and CSeq method
-        self._register_call_id = secrets.token_hex(10)
-        self._register_cseq = 0
-        self._register_tag = new_tag()
-        self._register_timer = 0
-        self._failures = 0
         self._stopping = False
         self._done = False
         self._thread = threading.Thread(target=self._run, name=f"pyvoip-{self.name}", daemon=True)
@@ -188,7 +201,8 @@ class Ua:
     # -- life cycle, from any thread --------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
-        self.post(self._register)
+        for reg in self._registrations.values():
+            self.post(functools.partial(self._register, reg))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Hang up every call, un-register (waiting up to about a second), join the thread, close sockets."""
@@ -364,57 +378,71 @@ class Ua:
         tx.on_final(msg)
 
     # -- registration -----------------------------------------------------------------------------------
-    def _register(self, challenge: Message | None = None, expires: int | None = None) -> None:
-        self._register_cseq += 1
+    @property
+    def registered(self) -> bool:
+        """Registered with at least one registrar."""
+        return any(r.registered for r in self._registrations.values())
+
+    @property
+    def granted(self) -> int:
+        """The expiry the first registrar granted (0 while not registered there)."""
+        return next(iter(self._registrations.values())).granted
+
+    def _register(self, reg: _Registration, challenge: Message | None = None, expires: int | None = None) -> None:
+        reg.cseq += 1
         expires = self.expires if expires is None else expires
-        uri = f"sip:{self.server[0]}:{self.server[1]}"
+        uri = f"sip:{reg.server[0]}:{reg.server[1]}"
         extra = [f"Contact: {self.contact}", f"Expires: {expires}", "Allow: INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO"]
         if challenge is not None:
             header = "authorization" if challenge.code == 401 else "proxy-authorization"
             value = challenge.header("www-authenticate" if challenge.code == 401 else "proxy-authenticate")
             extra.append(f"{header.title()}: "
                          + digest(value, method="REGISTER", uri=uri, user=self.user, password=self._password))
-        self._request("REGISTER", uri, call=None, dest=self.server, timeout=REGISTER_TIMEOUT,
-                      on_final=lambda r: self._on_register(r, challenge is not None, expires),
-                      extra=tuple(extra), cseq=self._register_cseq, call_id=self._register_call_id,
-                      from_=f"<{self.aor}>;tag={self._register_tag}", to=f"<{self.aor}>")
+        self._request("REGISTER", uri, call=None, dest=reg.server, timeout=REGISTER_TIMEOUT,
+                      on_final=lambda r: self._on_register(reg, r, challenge is not None, expires),
+                      extra=tuple(extra), cseq=reg.cseq, call_id=reg.call_id,
+                      from_=f"<{reg.aor}>;tag={reg.tag}", to=f"<{reg.aor}>")
 
-    def _on_register(self, resp: Message | None, authed: bool, expires: int) -> None:
+    def _on_register(self, reg: _Registration, resp: Message | None, authed: bool, expires: int) -> None:
+        host = reg.server[0]
         if resp is not None and resp.code in (401, 407) and not authed:
-            self._register(resp, expires)
+            self._register(reg, resp, expires)
             return
-        if expires == 0:  # our un-REGISTER on stop: done whatever the answer
-            self._done = self._done or self._stopping
+        if expires == 0:  # our un-REGISTER on stop: done whatever the answer (once every registrar answered)
+            reg.registered = False
+            self._done = self._done or (self._stopping and not self.registered)
             return
         if resp is not None and 200 <= resp.code < 300:
             self.gate.learn_registration(resp.header("via"))
-            self.granted = _granted_expiry(resp, self.host, self.port, expires)
-            self.registered, self._failures = True, 0
+            reg.granted = _granted_expiry(resp, self.host, self.port, expires)
+            reg.registered, reg.failures = True, 0
             # Refresh well before the registrar's expiry, and at least every refresh_interval so that a PBX
             # that restarted (and lost its contacts) has us back within that time.
-            self._schedule_register(max(1.0, min(self.granted * 0.5, self.refresh_interval)))
-            self.listener.on_registered(self.granted)
+            self._schedule_register(reg, max(1.0, min(reg.granted * 0.5, self.refresh_interval)))
+            self.listener.on_registered(reg.granted, host)
             return
         status = None if resp is None else resp.code
         reason = "no answer from the PBX" if resp is None else f"{resp.code} {resp.reason}"
-        self.listener.on_registration_failed(reason, status)
-        if self.registered:
-            self.registered = False
-            self.listener.on_unregistered(reason)
-        self._failures += 1
-        self._schedule_register(min(2.0 ** (self._failures - 1), 8.0))  # 1, 2, 4, 8, 8 ... s
+        self.listener.on_registration_failed(reason, status, host)
+        if reg.registered:
+            reg.registered = False
+            self.listener.on_unregistered(reason, host)
+        reg.failures += 1
+        self._schedule_register(reg, min(2.0 ** (reg.failures - 1), 8.0))  # 1, 2, 4, 8, 8 ... s
 
-    def _schedule_register(self, delay: float) -> None:
-        self._register_timer += 1
-        token = self._register_timer
-        self.call_later(delay, lambda: None if token != self._register_timer or self._stopping else self._register())
+    def _schedule_register(self, reg: _Registration, delay: float) -> None:
+        reg.timer += 1
+        token = reg.timer
+        self.call_later(delay, lambda: None if token != reg.timer or self._stopping else self._register(reg))
 
     def _begin_stop(self) -> None:
         self._stopping = True
         for call in list(self.calls.values()):
             self.hangup_now(call)
         if self.registered:
-            self._register(expires=0)
+            for reg in self._registrations.values():
+                if reg.registered:
+                    self._register(reg, expires=0)
             self.call_later(1.0, self._finish_stop)  # a PBX that does not answer must not hold us up
         else:
             self._done = True
@@ -429,7 +457,9 @@ class Ua:
         call = Call(key or f"c{next(self._keys)}", True, secrets.token_hex(12), new_tag(), dest,
                     self._rtp_session())
         call.rtp.dtmf = lambda digit: self.on_dtmf(call, digit) if self.on_dtmf else None
-        call.local_uri, call.remote_uri = self.aor, f"sip:{extension}@{dest[0]}"
+        # From: the address of record that PBX registered (each PBX of a pair knows the phone by its own).
+        reg = self._registrations.get(dest[0])
+        call.local_uri, call.remote_uri = reg.aor if reg else self.aor, f"sip:{extension}@{dest[0]}"
         call.remote_target = call.remote_uri
         self.post(lambda: self._invite(call))
         return call

@@ -37,8 +37,11 @@ def describe(event: Event) -> tuple[str, str]:
     data: Mapping[str, Any] = event.body.get("data", {})
     post = data.get("post") or {}
     desk = data.get("desk") or {}
-    caption = f"{event.type} {post.get('name') or event.post_id}"
-    parts = [f"post {event.post_id}", str((post.get("location") or {}).get("address") or "")]
+    pbx = data.get("pbx")
+    about = f"{pbx.get('role')} PBX {pbx.get('host')}" if isinstance(pbx, Mapping) else ""  # pbx.down / pbx.up
+    caption = f"{event.type} {post.get('name') or event.post_id or about}"
+    parts = [f"post {event.post_id}" if event.post_id else about,
+             str((post.get("location") or {}).get("address") or "")]
     if event.incident:
         reference = data.get("reference")
         parts.append(f"incident {reference} ({event.incident})" if reference else f"incident {event.incident}")

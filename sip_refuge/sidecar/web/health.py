@@ -36,6 +36,9 @@ def healthz() -> tuple[Response, int]:
     problems: list[str] = []
     if not link.connected:
         problems.append("ami: not connected" + (f" ({link.last_error})" if link.last_error else ""))
+    pbx = _pbx_pair(h)
+    problems += [f"pbx {role} ({p['host']}): down since {p['since']} (AMI not connected"
+                 + (f": {p['last_error']})" if p["last_error"] else ")") for role, p in pbx.items() if not p["up"]]
     problems += db_problems
     problems += [f"target {t.name}: {t.consecutive_failures} failed attempts in a row"
                  + (f" ({t.last_error})" if t.last_error else "")
@@ -45,6 +48,7 @@ def healthz() -> tuple[Response, int]:
     body: dict[str, Any] = {
         "ami": {"connected": link.connected, "since": link.since, "last_error": link.last_error,
                 "last_error_at": link.last_error_at, "resynced_at": link.resynced_at},
+        "pbx": pbx,
         "database": database,
         "targets": targets,
         "cameras": _camera_summary(cameras()),
@@ -54,6 +58,19 @@ def healthz() -> tuple[Response, int]:
     ok = not problems
     body["status"] = "ok" if ok else "degraded"
     return jsonify(body), 200 if ok else 503
+
+
+def _pbx_pair(h: Hub) -> dict[str, Any]:
+    """Each PBX of a pair, up while the sidecar's AMI link to it is; empty for a site with one PBX (whose
+    outage is the ``ami`` problem)."""
+    if len(h.links) < 2:
+        return {}
+    out: dict[str, Any] = {}
+    for role, link in h.links.items():
+        s = link.status()
+        out[role] = {"host": h.site.pbx.host_of(role), "up": s.connected, "since": s.since,
+                     "last_error": s.last_error}
+    return out
 
 
 def _database(h: Hub) -> tuple[dict[str, Any], list[str]]:

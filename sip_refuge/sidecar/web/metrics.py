@@ -70,6 +70,10 @@ class SidecarCollector(Collector):
                       for s in ("queued", "answered", "overflowed")])
         yield family("gauge", "refuge_ami_connected", "1 while the sidecar is connected to Asterisk's AMI.",
                      [({}, 1 if h.link.connected else 0)])
+        if len(h.links) > 1:
+            yield family("gauge", "refuge_pbx_up", "1 while the sidecar's AMI link to this PBX of the pair is up.",
+                         [({"pbx": role, "host": h.site.pbx.host_of(role)}, 1 if link.connected else 0)
+                          for role, link in h.links.items()])
         for name, kind, help_text, samples in admission.metrics(self.http):
             yield family(kind, name, help_text, samples)
 

@@ -82,6 +82,14 @@
       + `${what}${camera}${acked}</li>`;
   }
 
+  // A PBX of the pair that is down; empty (and so hidden) while both are up, or on a site with one PBX.
+  function renderPbx(pbx) {
+    const down = Object.entries(pbx).map(([role, p]) => [role, object(p)]).filter(([, p]) => p && p.up === false);
+    document.getElementById("pbx-state").textContent = down.map(([role, p]) =>
+      `The ${role} PBX (${str(p.host)}) is down since ${str(p.since) || "the sidecar started"}: `
+      + "alarms go through the other PBX of the pair.").join(" ");
+  }
+
   function renderCalls(calls) {
     const items = list(calls).map(object).filter(Boolean).map(callItem);
     put(document.getElementById("calls"), items.join("") || '<li class="none">No calls in progress</li>');
@@ -156,6 +164,7 @@
         again = false;
         const [p, i] = await Promise.all([getJson("/api/v1/posts"), getJson("/api/v1/incidents?limit=50")]);
         ui.serverNow(p.now);
+        renderPbx(object(p.pbx) || {});
         renderCalls(p.calls);
         renderPosts(p.posts);
         renderIncidents(list(i.incidents).map(object).filter(Boolean).map((x) => ({ ...x, timeline: list(x.timeline) })));
