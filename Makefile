@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 # Debian packages the tests and the demo need. mmdebstrap builds the Asterisk root folder and, with
 # qemu-user-static, the arm64 Raspberry Pi root of the emulated post test; systemd gives systemd-analyze. The second line
 # builds pjsua2 from pjproject source (BUILD_PACKAGES in sip_refuge/post/sip/pjsua2_build.py). TLS certificates
-# come from Python's cryptography, and the wire test captures lo with a raw socket as root (no tcpdump). The
+# come from Python's cryptography; libspeexdsp1 is both backends' echo canceller and espeak-ng speaks the speech
+# benchmark's sentences; and the wire test captures lo with a raw socket as root (no tcpdump). The
 # fail2ban tests run a fail2ban-server of their own; on a host with systemd,
 # Debian also enables the fail2ban service (its sshd jail) at install: `systemctl disable --now fail2ban` if
 # the machine should not have it. nginx: the TLS proxy recipe's test runs its own nginx on loopback (Debian
@@ -15,7 +16,7 @@ BIN := $(VENV)/bin
 DEB_PACKAGES := python3-venv mmdebstrap vlc-bin vlc-plugin-base util-linux sqlite3 nftables \
 	build-essential swig xz-utils python3-dev libssl-dev libopus-dev libsrtp2-dev libspeex-dev libspeexdsp-dev libasound2-dev \
 	gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly python3-gi \
-	chromium fail2ban nginx openssl qemu-user-static systemd git
+	chromium fail2ban nginx openssl qemu-user-static systemd git libspeexdsp1 espeak-ng
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv deps asterisk pjsua2 pi-root lint test unit integration demo clean

@@ -32,6 +32,7 @@ from sip_refuge.pbx.asterisk import Asterisk  # noqa: E402
 from sip_refuge.post.agent import build_runner  # noqa: E402
 from sip_refuge.post.events import CallAnswered, Event  # noqa: E402
 from sip_refuge.post.runner import PostRunner  # noqa: E402
+from sip_refuge.post.sound import Sound  # noqa: E402
 from tests.support import waiting  # noqa: E402
 from tests.support.sites import agent_site  # noqa: E402
 
@@ -141,7 +142,7 @@ class InProcessPost:
 
     def __init__(self, site: Site, post_id: str, state_dir: Path) -> None:
         self.post = site.post(post_id)
-        self.runner = build_runner(site, self.post, gpio="mock", audio_device="null",
+        self.runner = build_runner(site, self.post, gpio="mock", sound=Sound(),
                                    spool=state_dir / f"post-{post_id}-telemetry.jsonl")
         self.log = StateLog(self.runner)
         self.thread = threading.Thread(target=self.runner.run, name=f"agent-{post_id}", daemon=True)

@@ -84,7 +84,14 @@ def _post_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpio", choices=("real", "mock"), default="real",
                         help="mock: gpiozero's MockFactory and `sip-refuge press` (demo, tests)")
     parser.add_argument("--audio", metavar="DEVICE",
-                        help="ALSA device for prompts, or 'null' (default: null with mock GPIO, else 'default')")
+                        help="the sound card (ALSA device) for calls, prompts and the self-test, or 'null' "
+                             "(default: null with mock GPIO, else 'default')")
+    parser.add_argument("--audio-in", metavar="IN.WAV",
+                        help="mock sound card: the microphone hears IN.WAV (16-bit PCM mono, 8/16/48 kHz), looped, "
+                             "plus the post's own speaker; needs --audio-out")
+    parser.add_argument("--audio-out", metavar="OUT.WAV",
+                        help="mock sound card: everything the speaker plays (prompts, the far end's voice, the "
+                             "self-test's chirp) is written to OUT.WAV as it plays; needs --audio-in")
     parser.add_argument("--state-dir", metavar="DIR", help="where the telemetry outbox is kept")
 
 

@@ -32,6 +32,8 @@ def check(args: argparse.Namespace) -> int:
         print(f"{args.site}: {summary(site, post)}")
         for note in notes:
             print(f"{args.site}: note: {note}")
+        for text in warnings(site):  # on the post itself this matters most: its own echo canceller
+            print(f"{args.site}: warning: {text}", file=sys.stderr)
         return 0
     site = load_site(args.site)
     for warning in site.warnings:
@@ -41,7 +43,21 @@ def check(args: argparse.Namespace) -> int:
     operators = f", {len(read_users(users))} operators" if users is not None else ", no users_file"
     print(f"{args.site}: ok: {len(site.posts)} posts, {len(site.desks)} desks, queue {site.queue.name} "
           f"on {site.queue.extension}, {len(site.cctv)} CCTV targets{operators if site.sidecar else ''}")
+    for text in warnings(site):
+        print(f"{args.site}: warning: {text}", file=sys.stderr)
     return 0
+
+
+def warnings(site: Site) -> list[str]:
+    """What would work, but not well: today, a post that cannot cancel echo (the desk hears itself back)."""
+    from sip_refuge.post import aec  # a ctypes look-up only: no post dependency is needed to check a site
+
+    if aec.available() or not site.posts:
+        return []
+    backends = sorted({p.sip_backend for p in site.posts})
+    return [f"posts: {aec.LIBRARY} (Debian package libspeexdsp1) is not installed on this machine, and both SIP "
+            f"backends ({', '.join(backends)} here) cancel echo with it: a post run here would send the "
+            "operator's own voice back to the desk. Install libspeexdsp1 on every post."]
 
 
 def secrets_init(args: argparse.Namespace) -> int:

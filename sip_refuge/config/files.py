@@ -80,6 +80,28 @@ def read_regular(path: Path, *, limit: int, what: str, follow_link: bool) -> byt
     return data
 
 
+# Pictures a page may show as they are (the site plan). No SVG: an SVG is a document that can run scripts.
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
+                (b"GIF89a", "image/gif"))
+
+
+def image_type(data: bytes) -> str | None:
+    """The MIME type of a PNG, JPEG, GIF or WebP picture, from its first bytes; None for anything else."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((kind for magic, kind in _IMAGE_MAGIC if data.startswith(magic)), None)
+
+
+def read_image(path: Path, *, limit: int, what: str) -> tuple[bytes, str]:
+    """A picture file (a regular file, links followed, at most ``limit`` bytes): its bytes and MIME type."""
+    data = read_regular(path, limit=limit, what=what, follow_link=True)
+    kind = image_type(data)
+    if kind is None:
+        raise RefugeError(f"{what} {printable(str(path))} is not a PNG, JPEG, GIF or WebP picture "
+                          "(an SVG plan: export it as PNG)")
+    return data, kind
+
+
 def read_secret_file(path: Path) -> str:
     """One secret value: a regular file (never a link) of UTF-8 text, one line, surrounding space stripped."""
     data = read_regular(path, limit=MAX_SECRET_BYTES, what="secret file", follow_link=False)

@@ -35,6 +35,7 @@ from sip_refuge.config.model import (
     Site,
     Tls,
 )
+from sip_refuge.config.plan import off_plan, read_plan
 from sip_refuge.config.reader import Reader
 from sip_refuge.config.source import Source, load_yaml
 from sip_refuge.config.users import read_users
@@ -117,6 +118,8 @@ class _Builder:
         site_name = name.text("name", required=True) or ""
         prefix = name.text("reference_prefix", pattern=PREFIX,
                            hint="must be 1 to 8 capital letters and digits, starting with a letter (KIR)")
+        # The picture is checked where the sidecar's files are (the sidecar, `config check`), not on a post.
+        plan = read_plan(name.child("plan"), check_file=self.check_secrets) if name.has("plan") else None
         name.done()
         pbx = self.pbx(top.child("pbx", required=True))
         queue = self.queue(top.child("queue", required=True))
@@ -138,8 +141,10 @@ class _Builder:
         top.done()
         if self.problems or pbx is None or queue is None or self_test is None:
             return None
+        if plan is not None:
+            self.warnings += off_plan(plan, posts, self.src.problem)
         return Site(Path(self.src.file).resolve(), site_name, pbx, queue, self_test, tuple(desks),
-                    tuple(posts), sidecar, tuple(cctv), prompts, prefix or reference_prefix(site_name))
+                    tuple(posts), sidecar, tuple(cctv), prompts, prefix or reference_prefix(site_name), plan)
 
     # -- helpers ---------------------------------------------------------------------------------
     def many(self, top: Reader, key: str, build: Callable[[Reader], Any]) -> list[Any]:

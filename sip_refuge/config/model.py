@@ -229,6 +229,18 @@ class CctvTarget:
 
 
 @dataclass(frozen=True)
+class Plan:
+    """``site.plan``: a picture of the site (north up) and the latitudes and longitudes of its edges; the
+    dashboard draws the posts on it. Without one it draws a plain plan of the posts alone."""
+
+    image: Path
+    south: float
+    west: float
+    north: float
+    east: float
+
+
+@dataclass(frozen=True)
 class Site:
     path: Path
     name: str
@@ -241,6 +253,7 @@ class Site:
     cctv: tuple[CctvTarget, ...]
     prompts_dir: Path | None = None
     reference_prefix: str = "REF"  # incident references read PREFIX-0412 (site.reference_prefix)
+    plan: Plan | None = None  # the dashboard's site plan background (site.plan)
     # Things that still work but should change (a deprecated key or target type), located like mistakes:
     # ``config check`` prints them and the sidecar logs them at start.
     warnings: tuple[Problem, ...] = ()

@@ -83,7 +83,7 @@ class DeskRobot:
         self._cond = threading.Condition()
         self._by_call: dict[str, Ring] = {}
         self.ua = Ua(user=user, password=password, server=server, listener=self, display=display or user,
-                     name=f"robot-{user}", keep_audio=True, on_dtmf=self._on_dtmf, media_timeout=3600.0)
+                     name=f"robot-{user}", keep_audio=True, on_dtmf=self._on_dtmf, media_gap=3600.0)
 
     # -- life cycle -------------------------------------------------------------------------------------
     def start(self) -> DeskRobot:
@@ -172,6 +172,15 @@ class DeskRobot:
         """Play 16-bit 8 kHz mono audio (e.g. a recorded voice) into the call."""
         self._pick(ring).call.rtp.write_pcm(pcm)
 
+    def record(self, ring: Ring | None = None) -> None:
+        """Keep everything this call brings from now on (16-bit 8 kHz), for :meth:`recording`."""
+        self._pick(ring).call.rtp.record()
+
+    def recording(self, ring: Ring | None = None) -> bytes:
+        """What the call brought since :meth:`record`, frame after frame as it arrived."""
+        kept = self._pick(ring).call.rtp.recording
+        return bytes(kept) if kept is not None else b""
+
     def detect_tone(self, freq: float, ring: Ring | None = None, *, timeout: float = 5.0, min_ms: int = 200,
                     threshold: float = 0.5) -> bool:
         """Listen until ``freq`` has been heard for ``min_ms`` without a break, or ``timeout`` passes."""
@@ -236,7 +245,10 @@ class DeskRobot:
             self.ua.call_later(max(0.0, invite_at + self.answer_after - time.monotonic()),
                                lambda: self.ua.answer_now(call))
 
-    def on_media_timeout(self, call: Call) -> None:
+    def on_media_stalled(self, call: Call) -> None:
+        self._notify()
+
+    def on_media_resumed(self, call: Call) -> None:
         self._notify()
 
     def _on_dtmf(self, call: Call, digit: str) -> None:

@@ -194,8 +194,11 @@ class Demo:
         self.wait_until("the sidecar to connect to Asterisk", lambda: _json(health).get("status") == "ok", 60)
         for post in site.posts:
             say(f">> post {post.id} ({post.sip_backend}, mock GPIO) ...")
+            # The mock sound card: the post's microphone hears the one voice the package ships (a caller, here),
+            # and what its speaker plays is kept beside the logs, so the demo's self-test has a speaker to hear.
             self.child(f"post-{post.id}", "post", str(self.site_path), "--post", post.id, "--gpio", "mock",
-                       "--state-dir", str(self.log_dir))
+                       "--state-dir", str(self.log_dir), "--audio-in", str(VOICE),
+                       "--audio-out", str(self.log_dir / f"post-{post.id}-speaker.wav"))
         for post in site.posts:
             self.wait_until(f"post {post.id} to register", partial(_registered, control_port(site, post)), 60)
         self._robots(site, stack)

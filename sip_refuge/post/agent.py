@@ -16,12 +16,12 @@ from sip_refuge.config.model import Post
 from sip_refuge.config.secrets import Masker, telemetry_token
 from sip_refuge.errors import RefugeError
 from sip_refuge.logs import setup_logging
-from sip_refuge.post.audio import AlsaAudio, Audio, NullAudio
 from sip_refuge.post.control import ControlServer, ask, control_port
 from sip_refuge.post.events import Event, Tick
 from sip_refuge.post.panel import MockPanel, Panel
 from sip_refuge.post.runner import PostRunner
 from sip_refuge.post.sip import Account, load_backend
+from sip_refuge.post.sound import Sound
 from sip_refuge.post.systemd import Notifier
 from sip_refuge.post.telemetry import TelemetryOutbox
 
@@ -57,26 +57,39 @@ def load_post(path: str, post_id: str) -> tuple[Site, Post]:
     return site, post
 
 
-def build_runner(site: Site, post: Post, *, gpio: str, audio_device: str, spool: Path) -> PostRunner:
+def build_runner(site: Site, post: Post, *, gpio: str, sound: Sound, spool: Path) -> PostRunner:
     def panel(emit: Callable[[Event], None]) -> Panel:
         if gpio == "mock":
             return MockPanel(post.gpio, emit, post_id=post.id)
         return Panel(post.gpio, emit, pin_factory=None, post_id=post.id)  # gpiozero's default: lgpio on a Pi
 
-    audio: Audio = NullAudio(post.id, site.prompts_dir) if audio_device == "null" else \
-        AlsaAudio(post.id, audio_device, site.prompts_dir)
     password = post.secret.read()
     return PostRunner(site, post, backend=load_backend(post.sip_backend),
-                      account=Account(post, site.pbx, password), panel=panel, audio=audio,
-                      telemetry=telemetry_for(site, post, password, spool))
+                      account=Account(post, site.pbx, password, sound=sound, prompts_dir=site.prompts_dir),
+                      panel=panel, telemetry=telemetry_for(site, post, password, spool))
+
+
+def sound_for(args: argparse.Namespace) -> Sound:
+    """The sound card the command line asks for: ``--audio-in``/``--audio-out`` (the mock card), ``--audio DEVICE``,
+    else ``null`` with mock GPIO (demo, tests) and ALSA's ``default`` on a real post."""
+    audio_in, audio_out = getattr(args, "audio_in", None), getattr(args, "audio_out", None)
+    if (audio_in is None) != (audio_out is None):
+        raise RefugeError("--audio-in and --audio-out go together: the mock card needs a microphone and a speaker")
+    if audio_in is not None and getattr(args, "audio", None):
+        raise RefugeError("--audio names a sound card; --audio-in/--audio-out replace it with the mock card: "
+                          "give one or the other")
+    device = args.audio or ("null" if args.gpio == "mock" else "default")
+    if audio_in is not None and audio_out is not None:
+        return Sound(device, Path(audio_in), Path(audio_out))
+    return Sound(device)
 
 
 def run(args: argparse.Namespace) -> int:
     site, post = load_post(args.site, args.post)
     setup_logging(getattr(args, "verbose", False), Masker.for_site(site), prefix=f"post={post.id}")
     spool = state_dir(args) / f"post-{post.id}-telemetry.jsonl"
-    audio = args.audio or ("null" if args.gpio == "mock" else "default")
-    runner = build_runner(site, post, gpio=args.gpio, audio_device=audio, spool=spool)
+    sound = sound_for(args)
+    runner = build_runner(site, post, gpio=args.gpio, sound=sound, spool=spool)
     server = ControlServer(control_port(site, post), runner.control)
     notifier = Notifier()
     runner.on_turn = notifier.alive
@@ -89,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
     server.start()
-    log.info("post %s (%s) starting: backend %s, gpio %s, control 127.0.0.1:%d", post.id, post.name,
-             post.sip_backend, args.gpio, control_port(site, post))
+    log.info("post %s (%s) starting: backend %s, gpio %s, %s, control 127.0.0.1:%d", post.id, post.name,
+             post.sip_backend, args.gpio, sound.describe(), control_port(site, post))
     notifier.ready()
     try:
         runner.run()

@@ -34,15 +34,35 @@ class SetLights:
 
 @dataclass(frozen=True)
 class PlayPrompt:
-    """Play a short local prompt: ``connecting``, ``hold`` or ``unreachable``."""
+    """Play a short local prompt on the post's speaker: ``connecting``, ``hold``, ``unreachable`` or ``callback``
+    (a call-back ringing). Prompts play one after another, in the order asked, until :class:`StopPrompts`."""
 
     name: str
 
 
 @dataclass(frozen=True)
+class StopPrompts:
+    """Silence the prompts, the one playing and the ones waiting (a call is connected, a self-test starts)."""
+
+
+@dataclass(frozen=True)
+class CheckAudio:
+    """Play the self-test's chirp (:func:`sip_refuge.post.speech.test_signal`) on one path and record the far end
+    of that path for ``seconds``: ``local``: the speaker, recorded by the microphone (before the echo canceller);
+    ``call``: into call ``call_id`` (the PBX's echo extension), recorded from what the call brings back. The backend
+    answers with :class:`~sip_refuge.post.events.AudioHeard`; the machine judges what was heard."""
+
+    check_id: str
+    path: str  # local | call
+    call_id: str | None
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Dial:
-    """Place a call. ``target`` is ``queue`` (an alarm) or ``selftest``; the backend runs the echo test on the
-    latter and answers with ``SelfTestResult``. ``host`` is the PBX to send the INVITE to."""
+    """Place a call. ``target`` is ``queue`` (an alarm) or ``selftest`` (the PBX's echo extension: its audio is
+    not connected to the speaker and microphone; :class:`CheckAudio` uses it). ``host`` is the PBX to send the
+    INVITE to."""
 
     call_id: str
     target: str
@@ -99,4 +119,5 @@ class Report:
     detail: dict[str, Json] = field(default_factory=dict)
 
 
-Command = SetLights | PlayPrompt | Dial | Answer | Ring | Reject | Hangup | ProbeCall | Report
+Command = (SetLights | PlayPrompt | StopPrompts | CheckAudio | Dial | Answer | Ring | Reject | Hangup | ProbeCall
+           | Report)

@@ -12,7 +12,7 @@ machine has exactly one notion of time (the ``now`` it is given).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class Unregistered:
 
 @dataclass(frozen=True)
 class CallProgress:
-    """A provisional response: 180/183 mean the PBX has the call (the alarm is registered)."""
+    """A provisional response: 180/183 mean the PBX has the call (the alarm is registered); any other (100 Trying)
+    only that the PBX is there. Backends report the first response of each status."""
 
     call_id: str
     status: int
@@ -87,10 +88,17 @@ class CallEnded:
 
 
 @dataclass(frozen=True)
-class MediaTimeout:
-    """No RTP arrived for the backend's media timeout. A fact, not a verdict: a desk phone with silence
-    suppression legitimately sends nothing, so the machine asks the PBX (:class:`~sip_refuge.post.commands.
-    ProbeCall`) before it gives the call up."""
+class MediaStalled:
+    """No RTP has arrived on a call for a moment (the backend's ``media_gap``, about a second). A fact, not a
+    verdict: a desk phone with silence suppression legitimately sends nothing. The machine asks the PBX
+    (:class:`~sip_refuge.post.commands.ProbeCall`) and decides how long a silence is dead media."""
+
+    call_id: str
+
+
+@dataclass(frozen=True)
+class MediaResumed:
+    """RTP arrives again on a call after :class:`MediaStalled`."""
 
     call_id: str
 
@@ -133,12 +141,13 @@ class SelfTestRequested:
 
 
 @dataclass(frozen=True)
-class SelfTestResult:
-    """The backend's verdict on the echo test of a self-test call."""
+class AudioHeard:
+    """What the far end of a :class:`~sip_refuge.post.commands.CheckAudio` path heard: 16-bit mono samples at
+    ``rate`` (empty when the backend could not play or record, e.g. the call was gone)."""
 
-    call_id: str
-    passed: bool
-    detail: str = ""
+    check_id: str
+    rate: int
+    pcm: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True)
@@ -157,12 +166,13 @@ Event = (
     | CallAnswered
     | CallFailed
     | CallEnded
-    | MediaTimeout
+    | MediaStalled
+    | MediaResumed
     | CallProbed
     | SipStackFailed
     | SipStackRecovered
     | IncomingCall
     | SelfTestRequested
-    | SelfTestResult
+    | AudioHeard
     | Tick
 )

@@ -9,19 +9,41 @@ then ends normally. It survives failed attempts and calls lost with the PBX (EN 
 until acknowledged), which is also what makes a burst of presses one call: while an alarm exists a press has
 nothing left to do.
 
-Backends report facts (a response, a probe's answer, silence on the media); every timing decision is here,
-in :class:`Settings`: how often an established call is probed, how long the PBX may take to answer.
+Backends report facts (a response, a probe's answer, silence on the media, what a microphone heard); every
+timing decision and every verdict is here, in :class:`Settings`: how often an established call is probed, how
+long the PBX may take to answer, how long a silence is dead media, what a self-test must hear.
+
+**The self-test** (as 2N, Commend and Zenitel do it) has two checks, each judged by :func:`speech.match` on what
+the backend recorded (:class:`~sip_refuge.post.commands.CheckAudio`, :class:`~sip_refuge.post.events.AudioHeard`):
+
+* ``pbx``: a call to the PBX's echo extension; a chirp sent into the call must come back (network, PBX, media).
+  A call that fails, is not answered or drops counts as this part failing.
+* ``local``: the chirp played on the post's own speaker must reach its microphone (speaker, microphone, wiring).
+  It runs after the first, with or without the call, so a dead PBX does not hide a dead speaker.
+
+The result names the failed part (``last_self_test.part``): ``local`` or ``pbx``. When both fail it says ``local``,
+since only this post's own self-test can show a dead speaker or microphone, while a dead PBX shows everywhere
+(registrations, every post's self-test); the detail names both.
+
+**Dead media** (the rule, written down): while connected, RTP silence alone never ends a call, because a desk
+with silence suppression sends none. Silence (:class:`~sip_refuge.post.events.MediaStalled`) makes the machine
+probe the PBX at once: a PBX that no longer has the call ends it (lost, the alarm re-sent). A PBX that still has
+it keeps it; if the silence lasts ``media_timeout`` the post raises the ``media_stalled`` fault (red blinking,
+telemetry, dashboard): someone must look at a call the post cannot hear, while the caller, who may still be
+heard, is not cut off. The fault clears when audio returns or the call ends.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from sip_refuge.config.model import Post, Site
+from sip_refuge.post import speech
 from sip_refuge.post.commands import (
     Answer,
+    CheckAudio,
     Command,
     Dial,
     Hangup,
@@ -33,8 +55,10 @@ from sip_refuge.post.commands import (
     Report,
     Ring,
     SetLights,
+    StopPrompts,
 )
 from sip_refuge.post.events import (
+    AudioHeard,
     ButtonPressed,
     ButtonReleased,
     CallAnswered,
@@ -44,11 +68,11 @@ from sip_refuge.post.events import (
     CallProgress,
     Event,
     IncomingCall,
-    MediaTimeout,
+    MediaResumed,
+    MediaStalled,
     Registered,
     RegistrationFailed,
     SelfTestRequested,
-    SelfTestResult,
     SipStackFailed,
     SipStackRecovered,
     TamperChanged,
@@ -98,6 +122,14 @@ class Settings:
     # A PBX killed mid-call sends no BYE, and a desk with silence suppression may send no RTP: the post asks.
     probe_interval: float = 5.0  # a queued or connected call is probed (OPTIONS in its dialog) this often
     probe_timeout: float = 4.0  # unanswered this long (4 sends over UDP), the PBX and the call with it are gone
+    # pjsip would wait 32 s (timer B) for a PBX that answers nothing at all; Asterisk sends 100 Trying within
+    # milliseconds, so a silent PBX is given up early and the alarm goes to the secondary.
+    no_response: float = 4.0
+    media_timeout: float = 20.0  # RTP silent this long on a connected call the PBX still has: fault media_stalled
+    check_seconds: float = 3.0  # a self-test check records this long: the 1 s chirp, the echo's delay, jitter
+    check_grace: float = 10.0  # no recording within check_seconds + this: the backend could not check
+    check_correlation: float = 0.5  # the chirp is heard when the normalised correlation reaches this ...
+    check_gain_db: float = -30.0  # ... and its copy is at least this loud relative to the chirp played
 
 
 @dataclass
@@ -112,6 +144,22 @@ class _Call:
     confirmed: bool = False  # the backend saw the dialog established (200 OK / ACK): a desk really answered
     probe_due: float | None = None
     probe_sent: float | None = None
+    responded: bool = False  # any response to our INVITE (100 Trying too): the PBX is there
+    media_stalled_at: float | None = None
+
+
+@dataclass
+class _SelfTest:
+    """One run of the self-test; ``pbx``/``local``: None until judged, "" when passed, else what failed."""
+
+    since: float
+    call_id: str | None = None
+    pbx: str | None = None
+    local: str | None = None
+    check: str | None = None  # the CheckAudio being waited for
+    check_path: str = ""
+    check_deadline: float | None = None
+    heard: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -142,6 +190,7 @@ class PostMachine:
         self._last_press: float | None = None
         self._last_alarm_end: float | None = None
         self._last_prompt: dict[str, float] = {}
+        self._test: _SelfTest | None = None
         first = self.settings.first_self_test
         self._self_test_due = now + (site.self_test.interval if first is None else first)
 
@@ -175,8 +224,10 @@ class PostMachine:
             case CallEnded(call_id=cid, reason=reason):
                 if self._is_current(cid):
                     self._on_ended(now, reason or "far end hung up")
-            case MediaTimeout(call_id=cid):
-                self._on_media_timeout(cid, now)
+            case MediaStalled(call_id=cid):
+                self._on_media_stalled(cid, now)
+            case MediaResumed(call_id=cid):
+                self._on_media_resumed(cid, now)
             case CallProbed(call_id=cid, status=status):
                 self._on_probed(cid, status, now)
             case SipStackFailed(detail=detail):
@@ -189,9 +240,8 @@ class PostMachine:
                 self._on_incoming(cid, caller, now)
             case SelfTestRequested():
                 self._self_test_due = now
-            case SelfTestResult(call_id=cid, passed=passed, detail=detail):
-                if self._is_current(cid) and self._call is not None and self._call.target == "selftest":
-                    self._self_test_done(now, passed, detail)
+            case AudioHeard(check_id=check_id, rate=rate, pcm=pcm):
+                self._on_heard(check_id, rate, pcm, now)
             case Tick():
                 pass
         self._fire_timers(now)  # the event may have made something due at once (e.g. a retry)
@@ -212,6 +262,11 @@ class PostMachine:
         call = self._call
         if call is not None:
             due.append(call.deadline)
+            if call.direction == "out" and not call.responded:
+                due.append(call.since + self.settings.no_response)
+            if call.answered_at is not None and call.media_stalled_at is not None \
+                    and "media_stalled" not in self._faults:
+                due.append(call.media_stalled_at + self.settings.media_timeout)
             if call.probe_due is not None:
                 due.append(call.probe_due)
             if call.probe_sent is not None:
@@ -220,6 +275,8 @@ class PostMachine:
             due.append(self._alarm.retry_at)
         if self.state is State.IDLE:
             due.append(self._self_test_due)
+        if self._test is not None and self._test.check_deadline is not None:
+            due.append(self._test.check_deadline)
         return min(due) if due else None
 
     def faults(self) -> list[str]:
@@ -266,7 +323,7 @@ class PostMachine:
             self._debug("press at %.3f is contact bounce", now)
         elif self.state is State.RINGING and self._call is not None:
             self._answer(self._call, now)
-        elif self.state is State.SELFTEST and self._call is not None:
+        elif self._test is not None:
             self._abort_self_test(now)
             self._start_alarm(now)
         elif self._alarm is not None and self._alarm.retry_at is not None and self._call is None:
@@ -301,13 +358,17 @@ class PostMachine:
 
     def _on_progress(self, cid: str, status: int, now: float) -> None:
         call = self._call
-        if not self._is_current(cid) or call is None or not 180 <= status <= 189:
+        if not self._is_current(cid) or call is None:
+            return
+        call.responded = True
+        if not 180 <= status <= 189:
             return
         if call.target == "queue" and self.state is State.CALLING and self._alarm is not None:
             self._alarm.registered = True
             call.deadline = now + self.site.queue.max_wait + self.settings.unanswered_extra
             self._probe_later(call, now)
             self._report("call", now, event="queued", call=cid, host=call.host)
+            self._prompt("hold", now)  # after "connecting": the PBX has the alarm, someone will answer
             self._set_state(State.QUEUED, now, f"{status}")
 
     def _on_answered(self, cid: str, now: float) -> None:
@@ -316,6 +377,7 @@ class PostMachine:
             # A late 200 for an attempt we gave up on: hang it up, or it would be an open line nobody follows.
             self._emit(Hangup(cid, "stale call"))
             return
+        call.responded = True
         if call.direction == "in" and call.answered_at is not None:
             call.confirmed = True  # the ACK of the PBX for our answer: the desk that called back is there
         if call.target == "queue" and call.answered_at is None:
@@ -323,8 +385,13 @@ class PostMachine:
             call.confirmed = True
             call.deadline = now + self.post.max_call
             self._probe_later(call, now)
+            self._emit(StopPrompts())  # the operator speaks now
             self._report("call", now, event="answered", call=cid, host=call.host)
             self._set_state(State.CONNECTED, now, "200 OK")
+        elif call.target == "selftest" and call.answered_at is None and self._test is not None:
+            call.answered_at = now
+            call.deadline = now + self.settings.self_test_timeout
+            self._check("call", call.id, now)
 
     def _on_ended(self, now: float, reason: str) -> None:
         call = self._call
@@ -335,14 +402,14 @@ class PostMachine:
             # The PBX dropped the alarm before anyone answered (overflow failed): re-send it.
             self._call_failed(now, False, reason)
         elif call.target == "selftest":
-            self._self_test_done(now, False, f"call ended before a result: {reason}")
+            self._pbx_failed(now, f"the echo call ended before it was answered: {reason}", hangup=False)
         else:
             self._call = None  # the caller gave up ringing
             self._report("call", now, event="missed", call=call.id)
             self._set_state(self._rest_state(now), now, reason)
 
     def _on_incoming(self, cid: str, caller: str, now: float) -> None:
-        if self.state is State.SELFTEST:
+        if self._test is not None:
             self._abort_self_test(now)  # a person calling beats a test call
         if self._call is not None:
             self._emit(Reject(cid))
@@ -378,12 +445,22 @@ class PostMachine:
             return end is not None and now - end <= self.post.auto_answer_window
         return False
 
-    def _on_media_timeout(self, cid: str, now: float) -> None:
+    def _on_media_stalled(self, cid: str, now: float) -> None:
         call = self._call
+        if call is None or call.id != cid:
+            return
+        if call.media_stalled_at is None:
+            call.media_stalled_at = now
         # Silence is no verdict (silence suppression): ask the PBX now rather than at the next probe.
-        if call is not None and call.id == cid and call.probe_sent is None \
+        if call.probe_sent is None and call.target != "selftest" \
                 and (call.answered_at is not None or self.state is State.QUEUED):
             self._probe(call, now)
+
+    def _on_media_resumed(self, cid: str, now: float) -> None:
+        call = self._call
+        if call is not None and call.id == cid:
+            call.media_stalled_at = None
+            self._clear_fault("media_stalled", now)
 
     def _on_probed(self, cid: str, status: int | None, now: float) -> None:
         call = self._call
@@ -429,7 +506,7 @@ class PostMachine:
         call = self._call
         assert call is not None
         if call.target == "selftest":
-            self._self_test_done(now, False, f"call failed: {reason}")
+            self._pbx_failed(now, f"the echo call failed: {reason}", hangup=False)
             return
         if call.direction == "in":
             self._end_call(now, reason)
@@ -449,6 +526,7 @@ class PostMachine:
         call.deadline = now + self.post.max_call
         self._probe_later(call, now)
         self._emit(Answer(call.id))
+        self._emit(StopPrompts())
         self._report("call", now, event="answered", call=call.id)
         self._set_state(State.CONNECTED, now, "call-back answered")
 
@@ -456,6 +534,7 @@ class PostMachine:
         call = self._call
         assert call is not None
         self._call = None
+        self._clear_fault("media_stalled", now)
         if self._alarm is not None and call.confirmed:
             # A call a desk really answered acknowledges the alarm; from now on call-backs may be
             # auto-answered. Any other end (a hang-up before the ACK) leaves the alarm to be re-sent.
@@ -468,10 +547,11 @@ class PostMachine:
     def _call_lost(self, call: _Call, now: float, reason: str) -> None:
         """The PBX stopped answering during the call: it is gone and the call with it (no BYE will come)."""
         if call.target == "selftest":
-            self._self_test_done(now, False, f"call lost: {reason}")
+            self._pbx_failed(now, f"the echo call was lost: {reason}", hangup=True)
             return
         self._emit(Hangup(call.id, reason))
         self._call = None
+        self._clear_fault("media_stalled", now)
         self._report("call", now, event="lost", call=call.id, host=call.host, reason=reason)
         if self.registered:  # until the PBX accepts a registration again
             self.registered = False
@@ -503,32 +583,98 @@ class PostMachine:
     # ----------------------------------------------------------------- self-test
 
     def _start_self_test(self, now: float) -> None:
+        self._test = _SelfTest(now)
+        self._emit(StopPrompts())
         self._dial("selftest", self.site.self_test.extension, self._hosts[0], now,
                    self.settings.self_test_timeout)
+        assert self._call is not None
+        self._test.call_id = self._call.id
         self._set_state(State.SELFTEST, now, "self-test due")
 
-    def _abort_self_test(self, now: float) -> None:
-        call = self._call
-        assert call is not None
-        self._emit(Hangup(call.id, "self-test aborted"))
-        self._call = None
-        self._self_test_due = now + self.settings.self_test_retry
-        self._report("selftest", now, result="aborted", call=call.id)
+    def _check(self, path: str, call_id: str | None, now: float) -> None:
+        test = self._test
+        assert test is not None
+        s = self.settings
+        test.check = f"{test.call_id or self.post.id}-{path}"
+        test.check_path = path
+        test.check_deadline = now + s.check_seconds + s.check_grace
+        self._emit(CheckAudio(test.check, path, call_id, s.check_seconds))
 
-    def _self_test_done(self, now: float, passed: bool, detail: str) -> None:
-        call = self._call
-        assert call is not None
-        self._emit(Hangup(call.id, "self-test done"))
-        self._call = None
-        self.last_self_test = {"at": now, "passed": passed, "detail": detail}
-        self._report("selftest", now, result="pass" if passed else "fail", detail=detail, call=call.id)
+    def _on_heard(self, check_id: str, rate: int, pcm: bytes, now: float) -> None:
+        test = self._test
+        if test is None or test.check != check_id:
+            return  # the check of an aborted test, or a late one: nobody waits for it
+        path = test.check_path
+        if not rate:
+            self._check_done(path, "the post could not play and record the chirp", now)
+            return
+        found = speech.match(speech.test_signal(rate), speech.samples(pcm), rate, segment=speech.CHECK_SEGMENT) \
+            if pcm else None
+        s = self.settings
+        if found is not None and found.correlation >= s.check_correlation and found.gain_db >= s.check_gain_db:
+            test.heard.append(f"{'pbx' if path == 'call' else path}: chirp heard ({found.describe()})")
+            self._check_done(path, "", now)
+        else:
+            what = "the echo extension returned no chirp" if path == "call" else "the microphone did not hear the speaker"
+            self._check_done(path, f"{what} ({found.describe() if found else 'no audio came back'})", now)
+
+    def _check_done(self, path: str, failure: str, now: float) -> None:
+        test = self._test
+        assert test is not None
+        test.check, test.check_deadline = None, None
+        if path == "call":
+            call = self._call
+            if call is not None and call.target == "selftest":
+                self._emit(Hangup(call.id, "self-test: echo checked"))
+                self._call = None
+            test.pbx = failure
+            self._check("local", None, now)
+        else:
+            test.local = failure
+            self._self_test_done(now)
+
+    def _pbx_failed(self, now: float, reason: str, *, hangup: bool) -> None:
+        """The echo call could not be made or kept: the pbx part failed; the local check still runs."""
+        test, call = self._test, self._call
+        if call is not None and call.target == "selftest":
+            if hangup:
+                self._emit(Hangup(call.id, reason))
+            self._call = None
+        if test is None or test.pbx is not None:
+            return
+        test.pbx = reason
+        test.check, test.check_deadline = None, None
+        self._check("local", None, now)
+
+    def _abort_self_test(self, now: float) -> None:
+        call, test = self._call, self._test
+        self._test = None
+        if call is not None and call.target == "selftest":
+            self._emit(Hangup(call.id, "self-test aborted"))
+            self._call = None
+        self._self_test_due = now + self.settings.self_test_retry
+        self._report("selftest", now, result="aborted", call=test.call_id if test else None)
+
+    def _self_test_done(self, now: float) -> None:
+        test = self._test
+        assert test is not None
+        self._test = None
+        failed = [part for part, why in (("local", test.local), ("pbx", test.pbx)) if why]
+        passed = not failed
+        part = "" if passed else failed[0]  # local first: see the module's docstring
+        detail = "; ".join([f"{p}: {why}" for p, why in (("pbx", test.pbx), ("local", test.local)) if why]
+                           + ([] if failed else test.heard)) or "passed"
+        self.last_self_test = {"at": now, "passed": passed, "detail": detail, "part": part}
+        self._report("selftest", now, result="pass" if passed else "fail", detail=detail, part=part,
+                     call=test.call_id)
         if passed:
             self._clear_fault("selftest_failed", now)
             self._self_test_due = now + self.site.self_test.interval
         else:
-            self._raise_fault("selftest_failed", now, detail)
+            self._raise_fault("selftest_failed", now, f"{part}: {detail}")
             self._self_test_due = now + self.settings.self_test_retry
-        self._set_state(self._rest_state(now), now, "self-test " + ("passed" if passed else "failed"))
+        if self._call is None:
+            self._set_state(self._rest_state(now), now, "self-test " + ("passed" if passed else f"failed ({part})"))
 
     # ----------------------------------------------------------------- timers
 
@@ -542,6 +688,20 @@ class PostMachine:
         if call is not None and now >= call.deadline:
             self._call_timeout(call, now)
         call = self._call
+        if call is not None and call.direction == "out" and not call.responded \
+                and now >= call.since + s.no_response:
+            self._emit(Hangup(call.id, "no response"))
+            self._call_failed(now, True, f"no response from the PBX within {s.no_response:g} s")
+        call = self._call
+        if call is not None and call.answered_at is not None and call.media_stalled_at is not None \
+                and now >= call.media_stalled_at + s.media_timeout and "media_stalled" not in self._faults:
+            self._raise_fault("media_stalled", now, f"no audio from the PBX on call {call.id} for "
+                                                     f"{now - call.media_stalled_at:.0f} s")
+            self._report("call", now, event="media_stalled", call=call.id, host=call.host)
+        test = self._test
+        if test is not None and test.check_deadline is not None and now >= test.check_deadline:
+            self._check_done(test.check_path, "the backend recorded nothing in time", now)
+        call = self._call
         if call is not None and call.probe_sent is not None and now >= call.probe_sent + s.probe_timeout:
             self._call_lost(call, now, f"no answer to a probe within {s.probe_timeout:g} s")
         elif call is not None and call.probe_due is not None and now >= call.probe_due:
@@ -552,7 +712,9 @@ class PostMachine:
             self._prompt("hold", now)
 
     def _call_timeout(self, call: _Call, now: float) -> None:
-        if call.answered_at is not None:
+        if call.target == "selftest":
+            self._pbx_failed(now, "the echo call timed out", hangup=True)
+        elif call.answered_at is not None:
             self._emit(Hangup(call.id, "maximum call duration"))
             self._end_call(now, "maximum call duration")
         elif call.direction == "in":

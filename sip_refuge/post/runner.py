@@ -22,9 +22,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sip_refuge.config.model import Post, Site
-from sip_refuge.post.audio import Audio
 from sip_refuge.post.commands import (
     Answer,
+    CheckAudio,
     Command,
     Dial,
     Hangup,
@@ -34,8 +34,10 @@ from sip_refuge.post.commands import (
     Report,
     Ring,
     SetLights,
+    StopPrompts,
 )
 from sip_refuge.post.events import (
+    AudioHeard,
     ButtonPressed,
     CallFailed,
     Event,
@@ -60,10 +62,10 @@ SIP_COUNTERS = ("refused", "malformed", "errors", "rtp_refused", "rtp_malformed"
 
 class PostRunner:
     def __init__(self, site: Site, post: Post, *, backend: SipBackend, account: Account,
-                 panel: Callable[[Callable[[Event], None]], Panel], audio: Audio, telemetry: TelemetryOutbox,
+                 panel: Callable[[Callable[[Event], None]], Panel], telemetry: TelemetryOutbox,
                  settings: Settings | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.site, self.post, self.backend, self.account = site, post, backend, account
-        self.audio, self.telemetry, self.clock = audio, telemetry, clock
+        self.telemetry, self.clock = telemetry, clock
         self.events: queue.Queue[Event] = queue.Queue()
         self.machine = PostMachine(site, post, now=clock(), settings=settings)
         self.panel = panel(self.emit)
@@ -195,22 +197,25 @@ class PostRunner:
             call_id = getattr(command, "call_id", None)
             if isinstance(command, Dial) and call_id:
                 self.emit(CallFailed(call_id, None, f"backend error: {exc}"))
+            if isinstance(command, CheckAudio):  # the machine waits for what was heard: nothing was
+                self.emit(AudioHeard(command.check_id, 0))
 
     def _execute(self, command: Command) -> None:
         match command:
             case SetLights():
                 self.panel.apply(command)
             case PlayPrompt(name=name):
-                self.audio.play(name)
+                self.backend.play_prompt(name)
+            case StopPrompts():
+                self.backend.stop_prompts()
+            case CheckAudio(check_id=check_id, path=path, call_id=cid, seconds=seconds):
+                self.backend.check_audio(check_id, path, cid, seconds)
             case Dial(call_id=cid, target=target, extension=ext, host=host):
-                if target == "selftest":
-                    self.audio.stop()
                 self.backend.dial(cid, ext, host, target == "selftest")
             case Answer(call_id=cid):
-                self.audio.stop()
                 self.backend.answer(cid)
             case Ring():
-                self.audio.play("callback")
+                self.backend.play_prompt("callback")
             case Reject(call_id=cid, status=status):
                 self.backend.reject(cid, status)
             case Hangup(call_id=cid):
@@ -234,7 +239,8 @@ class PostRunner:
 
     def _publish_status(self) -> None:
         status: dict[str, Any] = dict(self.machine.status(self._wall_offset()))
-        status.update(mock_gpio=self.mock, sip_backend=self.post.sip_backend, lights=self.panel.shown(),
+        status.update(mock_gpio=self.mock, sip_backend=self.post.sip_backend, sound=self.account.sound.describe(),
+                      lights=self.panel.shown(),
                       sip_counters=dict(self._sip_counters),
                       telemetry_pending=self.telemetry.pending(), telemetry_dropped=self.telemetry.dropped,
                       telemetry_error=self.telemetry.last_error)
@@ -246,7 +252,7 @@ class PostRunner:
         self.emit(ButtonPressed())
 
     def _shutdown(self) -> None:
-        for step in (self.backend.stop, self.panel.close, self.audio.stop, self.telemetry.stop):
+        for step in (self.backend.stop, self.panel.close, self.telemetry.stop):
             try:
                 step()
             except Exception:  # noqa: BLE001 - best effort: stop every part even if one fails

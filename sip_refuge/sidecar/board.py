@@ -29,6 +29,8 @@ class LiveCall:
     overflow_answered_at: str | None = None  # the overflow route answered the caller
     snapshot_url: str | None = None
     late: bool = False
+    acknowledged_at: str | None = None  # an operator acknowledged its alarm (ISO UTC)
+    acknowledged_by: str | None = None
 
 
 class CallBoard:
@@ -44,6 +46,11 @@ class CallBoard:
     def put(self, call: LiveCall) -> None:
         """A call followed again after a restart (from the store)."""
         self._calls[call.incident] = call
+
+    def acknowledge(self, incident: str, at: str, by: str | None) -> None:
+        call = self._calls.get(incident)
+        if call is not None:
+            self._calls[incident] = replace(call, acknowledged_at=at, acknowledged_by=by)
 
     def apply(self, occ: Occurrence, at: str, *, reference: str | None = None,
               snapshot_url: str | None = None) -> None:

@@ -13,7 +13,8 @@ from typing import TextIO
 from sip_refuge.sidecar.records import Incident
 
 CSV_COLUMNS = ("id", "post_id", "state", "created", "answered_by", "answered_at", "ended", "outcome",
-               "snapshot", "timeline", "reference", "closed_at", "closed_by", "close_reason", "close_note")
+               "snapshot", "timeline", "reference", "closed_at", "closed_by", "close_reason", "close_note",
+               "acknowledged_at", "acknowledged_by")
 
 
 def write_json(incidents: Iterable[Incident], out: TextIO) -> None:
@@ -31,4 +32,5 @@ def write_csv(incidents: Iterable[Incident], out: TextIO) -> None:
         writer.writerow([inc.id, inc.post_id, inc.state, inc.created, inc.answered_by or "",
                          inc.answered_at or "", inc.ended or "", inc.outcome or "", inc.snapshot or "",
                          timeline, inc.reference or "", inc.closed_at or "", inc.closed_by or "",
-                         inc.close_reason or "", inc.close_note or ""])
+                         inc.close_reason or "", inc.close_note or "", inc.acknowledged_at or "",
+                         inc.acknowledged_by or ""])

@@ -71,8 +71,16 @@ class Fanout:
     def publish_status(self, post_id: str) -> None:
         """Pages also follow post state changes that are not CCTV events (telemetry): ``post.status``. A full
         page just misses one (it reloads the post on the next)."""
-        status = Event("status-" + post_id, "post.status", iso_utc(datetime.now(UTC)), None, post_id,
-                       {"type": "post.status", "data": {"post": {"id": post_id}}})
+        self._hint(Event("status-" + post_id, "post.status", iso_utc(datetime.now(UTC)), None, post_id,
+                         {"type": "post.status", "data": {"post": {"id": post_id}}}))
+
+    def publish_call(self, incident: str, post_id: str) -> None:
+        """And a live call's steps that are not CCTV events (a desk rung, back in the queue, the overflow route
+        answered): ``call.updated``, on which a page reads the call again."""
+        self._hint(Event("call-" + incident, "call.updated", iso_utc(datetime.now(UTC)), incident, post_id,
+                         {"type": "call.updated", "data": {"incident": incident, "post": {"id": post_id}}}))
+
+    def _hint(self, status: Event) -> None:
         with self._lock:
             subscribers = list(self._subscribers)
         for q in subscribers:

@@ -107,4 +107,9 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX audit_at ON audit(at);
     """,
+    # 5: an operator's acknowledgement of a call no desk had answered: it silences the pages' alarm.
+    """
+    ALTER TABLE incidents ADD COLUMN acknowledged_at TEXT;     -- ISO UTC; NULL while not acknowledged
+    ALTER TABLE incidents ADD COLUMN acknowledged_by TEXT;     -- the operator (or the admin token)
+    """,
 )

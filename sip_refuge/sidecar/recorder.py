@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 from sip_refuge.config.model import Retention, Site
 from sip_refuge.config.secrets import incident_snapshot_url
-from sip_refuge.sidecar import calls, closeout
+from sip_refuge.sidecar import alarm, calls, closeout
 from sip_refuge.sidecar.ami import Snapshot
 from sip_refuge.sidecar.backlog import CALL, TELEMETRY
 from sip_refuge.sidecar.board import CallBoard, LiveCall, References
@@ -111,7 +111,8 @@ class Recorder:
             report = message.detail
             if isinstance(report, SelfTestReport) and report.result is SelfTestResult.FAIL:
                 events.append(build_event("selftest.failed", self.site, post_id=post_id, now=now,
-                                          reason=report.detail or "self-test failed"))
+                                          reason=report.detail or "self-test failed",
+                                          extra={"part": report.part or None}))
             body = message.to_wire()
             size = len(json.dumps(body, separators=(",", ":")))
 
@@ -152,6 +153,39 @@ class Recorder:
                      close.reason.id)
             return replace(incident, closed_at=iso_utc(now), closed_by=by, close_reason=close.reason.id,
                            close_note=close.note)
+
+    def acknowledge_incident(self, incident_id: str, body: object, *, by: str | None) -> dict[str, str | None]:
+        """An operator acknowledges the alarm of a call no desk answered, live or missed (see :mod:`alarm`);
+        every page silences it. Returns ``{incident, reference, acknowledged_at, acknowledged_by, desk}``.
+        Raises AcknowledgeRefused (404, 409, 422), or StoreError when the store cannot be read."""
+        with self.lock:
+            desk = alarm.parse(body, self.site.desks)
+            live = self.board.get(incident_id)
+            if live is not None:
+                alarm.check_live(live)
+                post_id, reference = live.post_id, live.reference
+            else:
+                over = alarm.check_over(self.store.incident(incident_id), incident_id)
+                post_id, reference = over.post_id, over.reference
+                if post_id not in {p.id for p in self.site.posts}:
+                    raise alarm.AcknowledgeRefused(409, f"incident {incident_id}: its post {post_id!r} is no "
+                                                        "longer in the site file")
+            now = datetime.now(UTC)
+            at = iso_utc(now)
+            step = {k: v for k, v in {"by": by, "desk": desk}.items() if v is not None}
+
+            def changes(store: Store) -> None:
+                store.acknowledge_incident(incident_id, by=by, at=now)
+                store.add_timeline(incident_id, "acknowledged", now, step)
+
+            self._record(changes, [])
+            self.board.acknowledge(incident_id, at, by)
+            # Pages only: no CCTV target gets it (see alarm.py), so it goes to the fan-out, not the outbox.
+            self.fanout.publish([alarm.acknowledged_event(self.site, incident=incident_id, reference=reference,
+                                                          post_id=post_id, at=now, by=by, desk=desk)])
+            log.info("incident %s (%s) acknowledged by %s", reference or incident_id, post_id, by)
+            return {"incident": incident_id, "reference": reference, "acknowledged_at": at, "acknowledged_by": by,
+                    "desk": desk}
 
     # -- what is live ----------------------------------------------------------------------------
     def state(self) -> LiveState:
@@ -214,6 +248,8 @@ class Recorder:
                                       reference=reference, desk_id=desk, snapshot_url=snapshot_url,
                                       reason=outcome if unanswered else None, extra=extra))
         self._record(changes, events)
+        if occ.type in calls.INTERNAL:
+            self.fanout.publish_call(incident, post)
         if queued and snapshot_url is not None and self.snapshots is not None:
             self.snapshots.take(incident, post)
 
@@ -251,5 +287,6 @@ class Recorder:
             self.board.put(LiveCall(inc.id, inc.reference, inc.post_id, inc.state if inc.state in
                                     ("queued", "answered", "overflowed") else "queued", inc.created,
                                     desk=inc.answered_by, answered_at=inc.answered_at, overflowed_at=overflowed_at,
-                                    snapshot_url=inc.snapshot))
+                                    snapshot_url=inc.snapshot, acknowledged_at=inc.acknowledged_at,
+                                    acknowledged_by=inc.acknowledged_by))
 

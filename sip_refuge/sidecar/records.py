@@ -43,6 +43,8 @@ class Incident:
     closed_by: str | None = None
     close_reason: str | None = None
     close_note: str | None = None
+    acknowledged_at: str | None = None  # an operator acknowledged the alarm of a call no desk had answered
+    acknowledged_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

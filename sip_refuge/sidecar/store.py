@@ -338,6 +338,19 @@ class Store:
                          (iso_utc(at), by, reason, note, incident_id))
         return cur.rowcount == 1
 
+    def acknowledge_incident(self, incident_id: str, *, by: str | None, at: datetime) -> bool:
+        """Record an operator's acknowledgement of an incident's alarm; False when it is not there or was
+        acknowledged already (the first acknowledgement stands)."""
+        cur = self._exec("UPDATE incidents SET acknowledged_at = ?, acknowledged_by = ?"
+                         " WHERE id = ? AND acknowledged_at IS NULL", (iso_utc(at), by, incident_id))
+        return cur.rowcount == 1
+
+    def missed_incidents(self, since: datetime) -> list[Incident]:
+        """Calls created since ``since`` that are over and that no desk answered, nobody acknowledged and
+        nobody closed: their alarm is still on (:mod:`sip_refuge.sidecar.alarm`). Newest first."""
+        return self._incidents("WHERE created >= ? AND state = 'ended' AND answered_by IS NULL"
+                               " AND acknowledged_at IS NULL AND closed_at IS NULL", (iso_utc(since),), None)
+
     def close_counts(self) -> dict[str, int]:
         """``{close reason: count}`` over every closed incident, for /metrics."""
         rows = self._all("SELECT close_reason, COUNT(*) FROM incidents WHERE closed_at IS NOT NULL"
@@ -377,7 +390,8 @@ class Store:
                     lines[t["incident"]].append(TimelineEntry(t["at"], t["kind"], json.loads(t["detail"])))
         return [Incident(r["id"], r["post_id"], r["state"], r["created"], r["answered_by"], r["answered_at"],
                          r["ended"], r["outcome"], r["snapshot"], tuple(lines[r["id"]]), r["reference"],
-                         r["closed_at"], r["closed_by"], r["close_reason"], r["close_note"]) for r in rows]
+                         r["closed_at"], r["closed_by"], r["close_reason"], r["close_note"], r["acknowledged_at"],
+                         r["acknowledged_by"]) for r in rows]
 
     def incident(self, incident_id: str) -> Incident | None:
         found = self._incidents("WHERE id = ?", (incident_id,), None)

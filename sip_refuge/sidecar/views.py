@@ -2,25 +2,29 @@
 and the store. No locks of its own and no writes: every answer is built from one consistent copy.
 
 A live call carries its real times (ISO UTC) and how long its caller waited, so a page opened mid-call shows
-them; and its post's camera status, so a page can show a camera fault on a calling post.
+them; its post's camera status, so a page can show a camera fault on a calling post; and whether it sounds
+the pages' alarm (:mod:`alarm`), beside the missed calls that still do.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sip_refuge.config.model import Site
-from sip_refuge.sidecar import export
+from sip_refuge.sidecar import alarm, export
 from sip_refuge.sidecar.board import LiveCall
 from sip_refuge.sidecar.events import iso_utc
 from sip_refuge.sidecar.recorder import LiveState, Recorder
 from sip_refuge.sidecar.records import CameraStatus, Incident
 from sip_refuge.sidecar.snapshots import SnapshotCache
-from sip_refuge.sidecar.store import Store
+from sip_refuge.sidecar.store import Store, StoreError
 from sip_refuge.telemetry import shown_status
+
+log = logging.getLogger(__name__)
 
 
 class ReadModel:
@@ -44,11 +48,26 @@ class ReadModel:
         return [self._call(c, state.cameras, now) for c in sorted(state.calls, key=lambda c: c.queued_at)]
 
     def overview(self) -> dict[str, Any]:
-        """``/api/v1/posts``: the posts and live calls from one copy, and the time they were read (a page
-        counts waiting times on from it, whatever its own clock says)."""
+        """``/api/v1/posts``: the posts and live calls from one copy, the missed calls still sounding the
+        alarm, and the time they were read (a page counts waiting times on from it, whatever its own clock
+        says)."""
         state, now = self.recorder.state(), self.now()
         return {"now": iso_utc(now), "posts": [self._post(p.id, state, now) for p in self.site.posts],
-                "calls": [self._call(c, state.cameras, now) for c in sorted(state.calls, key=lambda c: c.queued_at)]}
+                "calls": [self._call(c, state.cameras, now) for c in sorted(state.calls, key=lambda c: c.queued_at)],
+                "missed": self.missed(now)}
+
+    def missed(self, now: datetime) -> list[dict[str, Any]]:
+        """Calls over that no desk answered and nobody acknowledged or closed yet (:mod:`alarm`), newest
+        first. Read from the store: while it cannot be read the pages still get the live calls."""
+        try:
+            incidents = self.store.missed_incidents(now - timedelta(seconds=alarm.MISSED_FOR))
+        except StoreError as exc:  # /healthz and /metrics report the store's fault; this is asked per page
+            log.debug("missed calls could not be read: %s", exc)
+            return []
+        names = {p.id: p.name for p in self.site.posts}
+        return [{"incident": i.id, "reference": i.reference, "post": i.post_id,
+                 "post_name": names.get(i.post_id, i.post_id), "queued_at": i.created, "ended": i.ended,
+                 "outcome": i.outcome, "alarm": True} for i in incidents]
 
     def _call(self, call: LiveCall, cameras: Mapping[str, CameraStatus], now: datetime) -> dict[str, Any]:
         post = self.site.post(call.post_id)
@@ -58,7 +77,8 @@ class ReadModel:
             "desk": call.desk, "state": call.state, "rung": list(call.rung),
             "queued_at": call.queued_at, "answered_at": call.answered_at, "overflowed_at": call.overflowed_at,
             "overflow_answered_at": call.overflow_answered_at, "wait_seconds": wait_seconds(call, now),
-            "late": call.late, "snapshot_url": call.snapshot_url,
+            "late": call.late, "snapshot_url": call.snapshot_url, "alarm": alarm.sounding(call),
+            "acknowledged_at": call.acknowledged_at, "acknowledged_by": call.acknowledged_by,
             "camera": None if post.camera is None else {
                 "ok": camera.ok if camera else None, "reason": camera.reason if camera else None},
         }
@@ -80,7 +100,7 @@ class ReadModel:
             "call": None if call is None else {
                 "incident": call.incident, "reference": call.reference, "state": call.state, "desk": call.desk,
                 "queued_at": call.queued_at, "answered_at": call.answered_at, "overflowed_at": call.overflowed_at,
-                "wait_seconds": wait_seconds(call, now)},
+                "wait_seconds": wait_seconds(call, now), "alarm": alarm.sounding(call)},
         }
 
     # -- incidents ---------------------------------------------------------------------------------

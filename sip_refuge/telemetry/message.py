@@ -28,6 +28,9 @@ class SelfTestResult(StrEnum):
     ABORTED = "aborted"  # a press or a call-back came first: neither passed nor failed
 
 
+SELFTEST_PARTS = ("local", "pbx")
+
+
 @dataclass(frozen=True)
 class StateChange:
     kind: ClassVar[Kind] = Kind.STATE
@@ -56,6 +59,7 @@ class SelfTestReport:
     result: SelfTestResult
     call: str | None = None
     detail: str = ""
+    part: str = ""  # a failed test: the part that failed (SELFTEST_PARTS)
 
     @property
     def passed(self) -> bool | None:
@@ -92,6 +96,7 @@ class SelfTest:
     at: str  # ISO 8601 UTC
     passed: bool
     detail: str = ""
+    part: str = ""  # when it failed: local (speaker or microphone) or pbx (network, PBX or media)
 
 
 @dataclass(frozen=True)
@@ -163,7 +168,7 @@ def _read(f: Fields) -> Telemetry:
     registered, faults, mock_gpio = f.flag("registered"), f.names("faults"), f.flag("mock_gpio")
     last = f.object("last_self_test")
     last_self_test = None if last is None else SelfTest(at=last.time("at"), passed=last.flag("passed"),
-                                                        detail=last.text("detail") or "")
+                                                        detail=last.text("detail") or "", part=_part(last))
     return Telemetry(post=post, at=at, state=state, registered=registered, faults=faults, mock_gpio=mock_gpio,
                      detail=_read_detail(_DETAILS[kind], f), last_self_test=last_self_test,
                      sip_counters=f.counters("sip_counters"))
@@ -179,7 +184,7 @@ def shown_status(state: object, detail: object) -> dict[str, object]:
     def last_self_test() -> dict[str, object] | None:
         last = f.object("last_self_test")
         return None if last is None else asdict(SelfTest(last.time("at"), last.flag("passed"),
-                                                         last.text("detail") or ""))
+                                                         last.text("detail") or "", _part(last)))
 
     return {"state": _or_unknown(lambda: f.maybe_name("state"), None),
             "registered": _or_unknown(lambda: f.maybe_flag("registered"), None),
@@ -187,6 +192,13 @@ def shown_status(state: object, detail: object) -> dict[str, object]:
             "mock_gpio": _or_unknown(lambda: f.maybe_flag("mock_gpio"), None) is True,
             "last_self_test": _or_unknown(last_self_test, None),
             "sip_counters": _or_unknown(lambda: f.counters("sip_counters"), dict[str, int]())}
+
+
+def _part(f: Fields) -> str:
+    part = f.text("part") or ""
+    if part and part not in SELFTEST_PARTS:
+        raise TelemetryError("part", f"{part!r} is not one of {', '.join(SELFTEST_PARTS)}")
+    return part
 
 
 def _or_unknown(read: Callable[[], T], unknown: T) -> T:
@@ -206,7 +218,8 @@ def _read_detail(kind: type[Detail], f: Fields) -> Detail:
                           retry_in=f.seconds("retry_in"), duration=f.seconds("duration"))
     if kind is SelfTestReport:
         report = SelfTestReport(result=f.choice("result", SelfTestResult),
-                                call=f.text("call", limit=MAX_NAME * 4), detail=f.text("detail") or "")
+                                call=f.text("call", limit=MAX_NAME * 4), detail=f.text("detail") or "",
+                                part=_part(f))
         passed = f.maybe_flag("passed")
         if passed is not None and passed != report.passed:
             raise TelemetryError("passed", f"{passed} does not agree with result {str(report.result)!r}")

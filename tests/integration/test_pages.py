@@ -2,20 +2,17 @@
 
 The app is served by the sidecar's own HTTP server (as in production) around a hub built in-process, with a real camera monitor
 reading a real RTSP test camera. AMI is the only part played by the test: it feeds the hub the events
-Asterisk's queue sends (QueueCallerJoin, AgentCalled, AgentConnect, AgentComplete, ContactStatus).
+Asterisk's queue sends (QueueCallerJoin, AgentCalled, AgentConnect, AgentComplete, ContactStatus)
+(tests/support/pages.py).
 """
 
 from __future__ import annotations
 
 import http.client
-import itertools
 import json
 import re
-import secrets
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,106 +20,36 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
-import yaml
-from playwright.sync_api import Page, Route, expect
+from playwright.sync_api import Route, expect
 
-from sip_refuge.config import HttpLimits, Site, load_site
-from sip_refuge.config.secrets import init_secrets, telemetry_token
-from sip_refuge.sidecar.access import Access
-from sip_refuge.sidecar.cameras import CameraMonitor
-from sip_refuge.sidecar.core import Hub
-from sip_refuge.sidecar.outbox import Outbox
-from sip_refuge.sidecar.store import Store
-from sip_refuge.sidecar.web import MAX_BODY, create_app
-from sip_refuge.sidecar.web.admission import Admission
-from sip_refuge.sidecar.web.server import HttpServer
+from sip_refuge.config.secrets import telemetry_token
 from tests.support.browser import Browser, log_in
-from tests.support.operators import add_operator
-from tests.support.rtsp_camera import TestCamera
+from tests.support.pages import (
+    CAMERA_FRAME_SHOWN,
+    OPERATOR,
+    SCREENSHOTS,
+    TOKEN,
+    WAIT_MS,
+    PageSidecar,
+    answer,
+    assert_not_reloaded,
+    end_every_call,
+    hang_up,
+    open_page,
+    page_sidecar,
+    queue_call,
+)
 from tests.support.telemetry import message, report
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "config" / "site.example.yaml"
-SCREENSHOTS = REPO / "docs" / "img"
-TOKEN = "t0ken-for-the-page-tests-0123456789"
-CAMERA_USER = "viewer"
-WAIT_MS = 15_000  # generous bound for page updates: these tests prove behaviour, not speed
-_uniqueids = itertools.count(1)
-
-
-OPERATOR = "alice"
-
-
-@dataclass
-class Sidecar:
-    """The sidecar as the pages see it: an HTTP base URL, and the hub the test feeds AMI events to."""
-
-    url: str
-    hub: Hub
-    monitor: CameraMonitor
-    camera: TestCamera
-    camera_password: str
-    password: str  # the operator's (OPERATOR), in the site's users file
-    access: Access
-
-
-def write_site(folder: Path, camera: TestCamera, password: str) -> Site:
-    """The example site with every post camera on the test camera, behind a login like a real one."""
-    data = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
-    secret = folder / "secrets" / "camera.secret"
-    secret.parent.mkdir(mode=0o700, parents=True)
-    secret.write_text(password + "\n", encoding="utf-8")
-    secret.chmod(0o600)
-    for post in data["posts"]:
-        post["camera"] = {"rtsp_url": camera.url(post["id"], user=CAMERA_USER),
-                          "password_file": "secrets/camera.secret"}
-    path = folder / "site.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    init_secrets(load_site(path, check_secrets=False))
-    return load_site(path)
+Sidecar = PageSidecar
 
 
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
-    folder = tmp_path_factory.mktemp("pages")
-    password = "cam-" + secrets.token_hex(8)
-    with TestCamera(["sutton-market", "idlewells", "kirkby-bus-station"], user=CAMERA_USER,
-                    password=password) as camera:
-        site = write_site(folder, camera, password)
-        store = Store(folder / "sidecar.sqlite3")
-        monitor: CameraMonitor | None = None
-
-        def snapshot(post_id: str) -> bytes:
-            assert monitor is not None
-            return monitor.snapshot(post_id)
-
-        hub = Hub(site, store, Outbox(store, []), base_url="http://127.0.0.1", snapshot=snapshot)
-        assert hub.snapshots is not None
-        snapshots = threading.Thread(target=hub.snapshots.run, name="snapshots")  # as the runner starts it
-        snapshots.start()
-        monitor = CameraMonitor.for_site(site, on_change=hub.recorder.on_camera_change, interval=300)
-        # One probe each now, in this thread: the dashboard then has camera states and thumbnails to show.
-        for post in site.posts:
-            monitor.probe(post.id)
-        stop = threading.Event()
-        operator_password = add_operator(site, OPERATOR)
-        access = Access.for_site(site, store, TOKEN)
-        admission = Admission(HttpLimits(), trusted=site.pbx.networks.posts)
-        app = create_app(hub, token=TOKEN, cameras=monitor, stop=stop, http=admission.status, access=access)
-        server = HttpServer(app, admission, host="127.0.0.1", port=0, max_body=MAX_BODY).start()
-        try:
-            yield Sidecar(f"http://127.0.0.1:{server.port}", hub, monitor, camera, password, operator_password,
-                          access)
-        finally:
-            # As the runner stops: streams end, the server joins its threads, then the live views' decoders.
-            stop.set()
-            hub.close()
-            server.stop()
-            monitor.close_feeds()
-            snapshots.join(30)
-            store.close()
+    with page_sidecar(tmp_path_factory.mktemp("pages")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -139,56 +66,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory, sidecar: Sidecar) -> Itera
 def no_call_left(sidecar: Sidecar) -> Iterator[None]:
     """Each test starts without a live call, even when the one before failed half-way through a call."""
     yield
-    for call in sidecar.hub.recorder.tracker.live_calls():
-        sidecar.hub.recorder.on_ami_event({"Event": "Hangup", "Uniqueid": call.uniqueid, "Cause-txt": "test cleanup"})
-
-
-# -- AMI as Asterisk's queue reports a refuge call --------------------------------------------------------
-
-def queue_call(hub: Hub, post_id: str) -> str:
-    uid = f"1700000000.{next(_uniqueids)}"
-    hub.recorder.on_ami_event({"Event": "QueueCallerJoin", "Queue": hub.site.queue.name,
-                      "Channel": f"PJSIP/{post_id}-{int(uid.split('.')[1]):08x}", "Uniqueid": uid, "Position": "1"})
-    for desk in hub.site.desks:
-        hub.recorder.on_ami_event({"Event": "AgentCalled", "Uniqueid": uid, "Interface": f"PJSIP/{desk.id}"})
-    return uid
-
-
-def answer(hub: Hub, uid: str, desk_id: str) -> None:
-    hub.recorder.on_ami_event({"Event": "AgentConnect", "Uniqueid": uid, "Interface": f"PJSIP/{desk_id}"})
-
-
-def hang_up(hub: Hub, uid: str) -> None:
-    hub.recorder.on_ami_event({"Event": "AgentComplete", "Uniqueid": uid, "Reason": "agent"})
-
-
-# A camera frame is on screen: the image has a picture and it is the test camera's colour bars, not the
-# sidecar's black "camera unavailable" placeholder of the same size.
-CAMERA_FRAME_SHOWN = """() => {
-  const img = document.getElementById("camera");
-  if (!img.src || img.naturalWidth === 0) return false;
-  const canvas = document.createElement("canvas");
-  canvas.width = 32; canvas.height = 18;
-  const g = canvas.getContext("2d");
-  g.drawImage(img, 0, 0, 32, 18);
-  const px = g.getImageData(0, 0, 32, 18).data;
-  let sum = 0;
-  for (let i = 0; i < px.length; i += 4) sum += px[i] + px[i + 1] + px[i + 2];
-  return sum / (px.length / 4) / 3 > 60;
-}"""
-
-
-def open_page(browser: Browser, url: str) -> Page:
-    """``url`` loaded and subscribed to the event stream, with a marker that only a reload would lose."""
-    page = browser.page()
-    page.goto(url)
-    expect(page.locator("#link-state")).to_have_attribute("data-state", "open", timeout=WAIT_MS)
-    page.evaluate("window.loadMarker = 'still the first load'")
-    return page
-
-
-def assert_not_reloaded(page: Page) -> None:
-    assert page.evaluate("window.loadMarker") == "still the first load"
+    end_every_call(sidecar.hub)
 
 
 # -- tests ------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from sip_refuge.post.control import ControlServer, ask, control_port
 from sip_refuge.post.events import Tick
 from sip_refuge.post.runner import PostRunner
 from sip_refuge.post.sip import SipBackend
+from sip_refuge.post.sound import Sound
 from tests.support.waiting import wait_for
 
 T = TypeVar("T")
@@ -123,11 +124,13 @@ class Agent:
 
 
 class InProcessAgent(Agent):
-    """``sip-refuge post SITE --post ID --gpio mock --audio null`` built in this process, its runner in a thread."""
+    """``sip-refuge post SITE --post ID --gpio mock`` (``--audio null``, or the mock card ``sound``) built in this
+    process, its runner in a thread."""
 
-    def __init__(self, site: Site, post_id: str, state_dir: Path) -> None:
+    def __init__(self, site: Site, post_id: str, state_dir: Path, sound: Sound | None = None) -> None:
         super().__init__(site, post_id, state_dir)
-        self.runner: PostRunner = build_runner(site, self.post, gpio="mock", audio_device="null", spool=self.spool)
+        self.runner: PostRunner = build_runner(site, self.post, gpio="mock", sound=sound or Sound(),
+                                               spool=self.spool)
         self.server: ControlServer | None = None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None

@@ -30,10 +30,11 @@ def rtp_range() -> tuple[int, int]:
             return start, start + 198
 
 
-def agent_site(folder: Path, *, sidecar_port: int | None = None) -> Site:
+def agent_site(folder: Path, *, sidecar_port: int | None = None, queue: dict[str, Any] | None = None) -> Site:
     """The example site for post agents: free ports, short queue timings, a control port per post, and the
     pjsua2 and pyVoIP backends on the posts named in :data:`POSTS`. Telemetry goes to ``sidecar_port``
-    (by default a free port nothing listens on, so reports stay in each agent's outbox)."""
+    (by default a free port nothing listens on, so reports stay in each agent's outbox). ``queue`` overrides
+    queue keys."""
     example = load_site(EXAMPLE, check_secrets=False)
     ports = on_free_ports(example).pbx
     data = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
@@ -41,7 +42,7 @@ def agent_site(folder: Path, *, sidecar_port: int | None = None) -> Site:
     pbx.update(host=ports.host, bind=ports.bind, sip_port=ports.sip_port, transport="udp", qualify_frequency=5)
     pbx["rtp_start"], pbx["rtp_end"] = rtp_range()
     pbx["ami"]["port"] = ports.ami.port
-    data["queue"].update(ring_timeout=5, max_wait=8)
+    data["queue"].update({"ring_timeout": 5, "max_wait": 8, **(queue or {})})
     data["sidecar"]["listen"] = f"127.0.0.1:{sidecar_port or free_port()}"
     for post in data["posts"]:
         post["control_port"] = free_port()

@@ -155,7 +155,22 @@ def test_selftest_failure_from_telemetry_raises_an_event(client: FlaskClient, hu
     [(_, event)] = hub.store.events_since(0)
     assert event.type == "selftest.failed" and event.body["data"]["reason"] == "no echo"
     shown = client.get("/api/v1/posts/sutton-market").get_json()["last_self_test"]
-    assert shown == {"at": AT, "passed": False, "detail": "no echo"}
+    assert shown == {"at": AT, "passed": False, "detail": "no echo", "part": ""}
+
+
+def test_selftest_failed_names_the_part_that_failed(client: FlaskClient, hub: Hub) -> None:
+    detail = "local: the microphone did not hear the speaker"
+    client.post("/api/v1/posts/sutton-market/telemetry", headers=AUTH,
+                json=report("sutton-market", "selftest", result="fail", passed=False, detail=detail, part="local",
+                            last_self_test={"at": AT, "passed": False, "detail": detail, "part": "local"}))
+    [(_, event)] = hub.store.events_since(0)
+    assert event.type == "selftest.failed" and event.body["data"]["part"] == "local"
+    shown = client.get("/api/v1/posts/sutton-market").get_json()["last_self_test"]
+    assert shown["part"] == "local"
+    refused = client.post("/api/v1/posts/sutton-market/telemetry", headers=AUTH,
+                          json=report("sutton-market", "selftest", result="fail", passed=False, part="kitchen",
+                                      last_self_test={"at": AT, "passed": False}))
+    assert refused.status_code == 422 and "part" in refused.get_json()["detail"]
 
 
 def test_what_a_post_sends_is_what_the_sidecar_reads(client: FlaskClient, hub: Hub, site: Site,
@@ -190,7 +205,8 @@ def test_what_a_post_sends_is_what_the_sidecar_reads(client: FlaskClient, hub: H
     assert [Telemetry.from_wire(body) for _, body in reversed(hub.store.telemetry("idlewells"))] == sent
     shown = client.get("/api/v1/posts/idlewells").get_json()
     assert shown["faults"] == ["selftest_failed", "tamper"] and shown["mock_gpio"] is True
-    assert shown["last_self_test"] == {"at": "2026-11-26T21:04:05.500Z", "passed": False, "detail": "no echo"}
+    assert shown["last_self_test"] == {"at": "2026-11-26T21:04:05.500Z", "passed": False, "detail": "no echo",
+                                       "part": ""}
     assert [e.type for _, e in hub.store.events_since(0)] == ["selftest.failed"]
 
 

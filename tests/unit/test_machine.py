@@ -9,12 +9,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import pytest
 
 import sip_refuge.post.machine as machine_module
 from sip_refuge.config.model import Ami, Gpio, Location, Pbx, Post, Queue, Secret, SelfTest, Site
+from sip_refuge.post import speech
 from sip_refuge.post.commands import (
     Answer,
+    CheckAudio,
     Command,
     Dial,
     Hangup,
@@ -25,8 +28,10 @@ from sip_refuge.post.commands import (
     Report,
     Ring,
     SetLights,
+    StopPrompts,
 )
 from sip_refuge.post.events import (
+    AudioHeard,
     ButtonPressed,
     ButtonReleased,
     CallAnswered,
@@ -36,11 +41,11 @@ from sip_refuge.post.events import (
     CallProgress,
     Event,
     IncomingCall,
-    MediaTimeout,
+    MediaResumed,
+    MediaStalled,
     Registered,
     RegistrationFailed,
     SelfTestRequested,
-    SelfTestResult,
     TamperChanged,
     Unregistered,
 )
@@ -65,8 +70,8 @@ def make_site(secondary: str | None = None, **post_fields: object) -> Site:
 class Harness:
     """A post machine plus everything it said, so tests read like the story of one post.
 
-    While ``pbx_alive`` is True the PBX answers every probe at once (200 to the OPTIONS), as a running
-    Asterisk does; set it False and probes go unanswered, as after a ``kill -9``."""
+    While ``pbx_alive`` is True the PBX answers every INVITE (100 Trying) and every probe (200 to the OPTIONS) at
+    once, as a running Asterisk does; set it False and both go unanswered, as after a ``kill -9``."""
 
     def __init__(self, site: Site | None = None, *, registered: bool = True) -> None:
         self.site = site or make_site()
@@ -88,6 +93,9 @@ class Harness:
         for command in commands:
             if isinstance(command, SetLights):
                 self.lights = command
+        for dial in of(Dial, commands):
+            if self.pbx_alive:
+                commands = commands + self.send(CallProgress(dial.call_id, 100), now)
         for probe in of(ProbeCall, commands):
             if self.pbx_alive:
                 commands = commands + self.send(CallProbed(probe.call_id, 200), now)
@@ -333,13 +341,28 @@ def test_queue_dropping_the_alarm_unanswered_is_retried_and_yellow_stays() -> No
     assert h.lights == lights(yellow=Light.ON, green=Light.ON)
 
 
-def test_no_answer_at_all_from_the_pbx_times_out_and_retries() -> None:
+def test_no_ringing_from_a_pbx_that_only_said_trying_times_out_and_retries() -> None:
     h = Harness()
-    cid = h.dial(h.press(10.0)).call_id
+    cid = h.dial(h.press(10.0)).call_id  # 100 Trying, then nothing
     assert h.m.next_deadline() == 10.0 + h.m.settings.dial_timeout
     out = h.tick(10.0 + h.m.settings.dial_timeout)
     assert Hangup(cid, "timeout") in out and PlayPrompt("unreachable") in out
     assert h.state() is State.FAULT
+
+
+def test_a_pbx_that_answers_nothing_at_all_is_given_up_after_4_s_and_the_alarm_resent() -> None:
+    h = Harness(make_site(secondary="pbx-b"))
+    h.pbx_alive = False
+    first = h.dial(h.press(10.0))
+    assert h.m.next_deadline() == 10.0 + h.m.settings.no_response
+    out = h.tick(10.0 + h.m.settings.no_response)
+    assert out[0] == Hangup(first.call_id, "no response") and PlayPrompt("unreachable") in out
+    assert h.state() is State.FAULT
+    h.pbx_alive = True
+    retry = h.dial(h.tick(10.0 + h.m.settings.no_response + h.m.settings.retry_first))
+    assert retry.host != first.host  # straight to the secondary
+    h.tick(40.0)
+    assert h.state() is State.CALLING  # this one answered (100 Trying): no fast-fail
 
 
 def test_queued_too_long_is_hung_up_and_sent_again() -> None:
@@ -400,9 +423,31 @@ def test_media_silence_alone_does_not_end_a_call_the_pbx_still_has() -> None:
     h = Harness()
     cid = connect(h, 10.0)
     h.live_until(100.0)
-    out = h.send(MediaTimeout(cid), 100.0)  # the desk's phone suppresses silence
+    out = h.send(MediaStalled(cid), 100.0)  # the desk's phone suppresses silence
     assert ProbeCall(cid) in out and not of(Hangup, out)  # asked at once, not at the next probe
     assert h.state() is State.CONNECTED and h.lights == lights(yellow=Light.ON, green=Light.ON)
+    h.send(MediaResumed(cid), 103.0)
+    h.live_until(200.0)
+    assert h.m.faults() == [] and h.state() is State.CONNECTED
+
+
+def test_dead_media_on_a_call_the_pbx_still_has_raises_a_fault_and_keeps_the_call() -> None:
+    h = Harness()
+    cid = connect(h, 10.0)
+    h.send(MediaStalled(cid), 100.0)
+    h.live_until(100.0 + h.m.settings.media_timeout)
+    assert h.m.faults() == []  # not yet: silence suppression looks the same for a while
+    out = h.tick(100.0 + h.m.settings.media_timeout)
+    assert {"fault": "media_stalled", "active": True}.items() <= reports(out, "fault")[0].detail.items()
+    assert reports(out, "call")[0].detail["event"] == "media_stalled"
+    assert not of(Hangup, out) and h.state() is State.CONNECTED  # the caller may still be heard: not cut off
+    assert h.lights == lights(yellow=Light.ON, green=Light.ON, red=Light.BLINK)
+    out = h.send(MediaResumed(cid), 130.0)
+    assert {"fault": "media_stalled", "active": False}.items() <= reports(out, "fault")[0].detail.items()
+    h.send(MediaStalled(cid), 140.0)
+    h.live_until(200.0)
+    h.send(CallEnded(cid), 200.0)  # the fault belongs to the call: it ends with it
+    assert h.m.faults() == [] and h.lights == lights()
 
 
 def test_media_silence_and_an_unanswered_probe_end_the_call_and_resend_the_alarm() -> None:
@@ -410,7 +455,7 @@ def test_media_silence_and_an_unanswered_probe_end_the_call_and_resend_the_alarm
     cid = connect(h, 10.0)
     h.live_until(100.0)
     h.pbx_alive = False
-    out = h.send(MediaTimeout(cid), 100.0)
+    out = h.send(MediaStalled(cid), 100.0)
     assert ProbeCall(cid) in out and h.state() is State.CONNECTED
     assert h.m.next_deadline() == 100.0 + h.m.settings.probe_timeout
     out = h.tick(100.0 + h.m.settings.probe_timeout)
@@ -477,17 +522,44 @@ def test_press_edge_after_a_missed_release_clears_stuck_and_calls() -> None:
 # ------------------------------------------------------------------------------------------------ self-test
 
 
+RATE = 8000
+
+
+def chirp(gain: float = 1.0, delay: float = 0.05, noise: float = 0.0, seconds: float = 3.0) -> bytes:
+    """What a check records when the chirp comes back at ``gain`` after ``delay`` (seconds), over ``noise``."""
+    heard = np.random.default_rng(7).standard_normal(int(seconds * RATE)) * noise
+    signal = speech.test_signal(RATE) * gain
+    start = int(delay * RATE)
+    heard[start:start + len(signal)] += signal[: len(heard) - start]
+    return speech.pcm16(heard)
+
+
+def checks(h: Harness, commands: list[Command], *, call: bytes, local: bytes, now: float) -> list[Command]:
+    """Answer the self-test's echo call and hand the machine what each check heard; everything it said."""
+    dial = h.dial(commands)
+    out = h.send(CallAnswered(dial.call_id), now)
+    check = of(CheckAudio, out)[0]
+    assert (check.path, check.call_id) == ("call", dial.call_id)
+    out = h.send(AudioHeard(check.check_id, RATE, call), now + 3)
+    assert Hangup(dial.call_id, "self-test: echo checked") in out
+    check = of(CheckAudio, out)[0]
+    assert (check.path, check.call_id) == ("local", None)
+    return out + h.send(AudioHeard(check.check_id, RATE, local), now + 6)
+
+
 def test_self_test_runs_every_interval_and_records_the_result() -> None:
     h = Harness()
     assert h.m.next_deadline() == DAY
-    dial = h.dial(h.tick(DAY))
-    assert (dial.target, dial.extension) == ("selftest", "7099") and h.state() is State.SELFTEST
-    h.send(CallAnswered(dial.call_id), DAY + 0.2)
-    out = h.send(SelfTestResult(dial.call_id, True, "tone echoed"), DAY + 4)
-    assert Hangup(dial.call_id, "self-test done") in out and h.state() is State.IDLE
-    assert h.m.status()["last_self_test"] == {"at": DAY + 4, "passed": True, "detail": "tone echoed"}
+    out = h.tick(DAY)
+    assert StopPrompts() in out and h.dial(out).target == "selftest" and h.dial(out).extension == "7099"
+    assert h.state() is State.SELFTEST
+    out = checks(h, out, call=chirp(), local=chirp(gain=0.3, noise=0.05), now=DAY + 0.2)
+    assert h.state() is State.IDLE
+    last = h.m.status()["last_self_test"]
+    assert isinstance(last, dict) and last["passed"] is True and last["part"] == "" and last["at"] == DAY + 6.2
+    assert "pbx: chirp heard" in str(last["detail"]) and "local: chirp heard" in str(last["detail"])
     assert reports(out, "selftest")[0].detail["result"] == "pass"
-    assert h.m.next_deadline() == 2 * DAY + 4
+    assert h.m.next_deadline() == 2 * DAY + 6.2
 
 
 def test_self_test_on_demand() -> None:
@@ -496,38 +568,81 @@ def test_self_test_on_demand() -> None:
     assert h.dial(out).target == "selftest"
 
 
-def test_self_test_failure_shows_on_the_post_and_in_telemetry_and_retries_in_10_minutes() -> None:
+@pytest.mark.parametrize(("call", "local", "part"), [
+    (chirp(), bytes(RATE * 6), "local"),  # a dead microphone: digital silence
+    (chirp(), chirp(gain=0.3, noise=0.4), "local"),  # the speaker drowned: heard, but not clearly enough
+    (chirp(), chirp(gain=0.001), "local"),  # a speaker that whispers
+    (bytes(RATE * 6), chirp(gain=0.3), "pbx"),  # the echo returned silence
+    (b"", chirp(gain=0.3), "pbx"),  # nothing came back at all
+    (np.random.default_rng(1).integers(-8000, 8000, RATE * 3, dtype=np.int16).tobytes(), chirp(gain=0.3), "pbx"),
+    (b"", b"", "local"),  # both failed: local, the part only this test can show (the detail names both)
+])
+def test_self_test_names_the_part_that_failed(call: bytes, local: bytes, part: str) -> None:
     h = Harness()
-    cid = h.dial(h.send(SelfTestRequested(), 100.0)).call_id
-    out = h.send(SelfTestResult(cid, False, "no echo"), 105.0)
-    assert reports(out, "selftest")[0].detail["result"] == "fail"
+    out = checks(h, h.send(SelfTestRequested(), 100.0), call=call, local=local, now=100.1)
+    last = h.m.status()["last_self_test"]
+    assert isinstance(last, dict) and last["passed"] is False and last["part"] == part, last
+    report = reports(out, "selftest")[0].detail
+    assert report["result"] == "fail" and report["part"] == part
     assert {"fault": "selftest_failed", "active": True}.items() <= reports(out, "fault")[0].detail.items()
     assert h.lights == lights(red=Light.BLINK) and h.state() is State.IDLE
-    assert h.m.next_deadline() == 705.0
-    cid = h.dial(h.tick(705.0)).call_id
-    h.send(SelfTestResult(cid, True), 709.0)
+
+
+def test_self_test_failure_retries_in_10_minutes_and_a_pass_clears_it() -> None:
+    h = Harness()
+    checks(h, h.send(SelfTestRequested(), 100.0), call=b"", local=chirp(gain=0.3), now=100.1)
+    assert h.m.next_deadline() == 706.1
+    checks(h, h.tick(706.1), call=chirp(), local=chirp(gain=0.3), now=706.2)
     assert h.lights == lights() and h.m.faults() == []
 
 
-def test_self_test_call_that_fails_or_times_out_is_a_failed_test() -> None:
+def test_self_test_call_that_fails_or_times_out_fails_pbx_and_still_checks_local() -> None:
     h = Harness()
     cid = h.dial(h.send(SelfTestRequested(), 100.0)).call_id
-    h.send(CallFailed(cid, 404), 100.1)
-    assert h.m.last_self_test is not None and h.m.last_self_test["passed"] is False
-    cid = h.dial(h.tick(700.1)).call_id
-    out = h.tick(700.1 + h.m.settings.self_test_timeout)
-    assert Hangup(cid, "self-test done") in out
-    assert h.m.last_self_test["detail"] == "call failed: timeout"
+    out = h.send(CallFailed(cid, 404), 100.1)
+    check = of(CheckAudio, out)[0]
+    assert check.path == "local" and h.state() is State.SELFTEST  # a dead PBX must not hide a dead speaker
+    h.send(AudioHeard(check.check_id, RATE, chirp(gain=0.3)), 103.1)
+    assert h.m.last_self_test is not None and h.m.last_self_test["part"] == "pbx"
+    assert "the echo call failed: 404" in str(h.m.last_self_test["detail"])
+    cid = h.dial(h.tick(703.1)).call_id
+    out = h.tick(703.1 + h.m.settings.self_test_timeout)
+    assert Hangup(cid, "the echo call timed out") in out and of(CheckAudio, out)[0].path == "local"
+
+
+def test_a_backend_that_never_reports_what_it_heard_fails_the_check() -> None:
+    h = Harness()
+    cid = h.dial(h.send(SelfTestRequested(), 100.0)).call_id
+    h.send(CallAnswered(cid), 100.2)
+    s = h.m.settings
+    assert h.m.next_deadline() == 100.2 + s.check_seconds + s.check_grace
+    out = h.tick(100.2 + s.check_seconds + s.check_grace)
+    assert Hangup(cid, "self-test: echo checked") in out
+    h.tick(200.0)  # and the local check too
+    assert h.m.last_self_test is not None and h.m.last_self_test["part"] == "local"
+    assert str(h.m.last_self_test["detail"]).startswith("pbx: ")
+    assert "recorded nothing in time" in str(h.m.last_self_test["detail"])
 
 
 def test_press_during_self_test_aborts_it_and_calls_at_once() -> None:
     h = Harness()
     test_call = h.dial(h.send(SelfTestRequested(), 100.0)).call_id
+    h.send(CallAnswered(test_call), 100.2)
     out = h.send(ButtonPressed(), 101.0)
     assert out[0] == Hangup(test_call, "self-test aborted")
     assert h.dial(out).target == "queue" and h.state() is State.CALLING
-    h.send(SelfTestResult(test_call, True), 102.0)  # a late verdict of the aborted test is ignored
+    h.send(AudioHeard(f"{test_call}-call", RATE, chirp()), 102.0)  # a late recording of the aborted test
     assert h.m.last_self_test is None and h.state() is State.CALLING
+    assert reports(out, "selftest")[0].detail == {"post": h.m.post.id, "result": "aborted", "call": test_call}
+
+
+def test_press_during_the_local_check_aborts_it_too() -> None:
+    h = Harness()
+    cid = h.dial(h.send(SelfTestRequested(), 100.0)).call_id
+    out = h.send(CallFailed(cid, 503), 100.1)
+    assert of(CheckAudio, out)[0].path == "local"
+    out = h.send(ButtonPressed(), 101.0)
+    assert h.dial(out).target == "queue" and reports(out, "selftest")[0].detail["result"] == "aborted"
 
 
 def test_self_test_due_during_a_call_waits_for_the_call_to_end() -> None:
@@ -615,7 +730,7 @@ def test_answered_call_back_has_a_maximum_duration_and_ends_when_the_pbx_is_gone
     assert Hangup("in-1", "maximum call duration") in h.tick(400.0)
     h.send(IncomingCall("in-2", "2001"), 500.0)
     h.pbx_alive = False
-    assert ProbeCall("in-2") in h.send(MediaTimeout("in-2"), 510.0)
+    assert ProbeCall("in-2") in h.send(MediaStalled("in-2"), 510.0)
     assert Hangup("in-2", "no answer to a probe") in h.send(CallProbed("in-2", None), 511.0)
     # No alarm to re-send: the post shows it lost the PBX until a registration succeeds again.
     assert h.state() is State.FAULT and h.lights.red is Light.ON and "unregistered" in h.m.faults()

@@ -91,7 +91,7 @@ class Sidecar:
                 event = self.page.get_nowait()
             except queue.Empty:
                 return out
-            if event is not None and event.type != "post.status":
+            if event is not None and event.type not in ("post.status", "call.updated"):  # hints, not events
                 out.append(event.type)
 
     def close(self) -> None:

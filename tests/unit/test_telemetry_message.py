@@ -23,7 +23,6 @@ from sip_refuge.post.events import (
     IncomingCall,
     Registered,
     SelfTestRequested,
-    SelfTestResult,
     TamperChanged,
     Unregistered,
 )
@@ -41,7 +40,7 @@ from sip_refuge.telemetry import (
     shown_status,
 )
 from tests.support.telemetry import AT, report
-from tests.unit.test_machine import Harness, connect
+from tests.unit.test_machine import Harness, checks, chirp, connect
 
 # -- the round trip --------------------------------------------------------------------------------------------
 
@@ -114,9 +113,8 @@ def test_every_report_the_machine_makes_builds_a_message_the_sidecar_accepts() -
     h.send(CallEnded("in-1", "far end hung up"), 230.0)
     h.send(TamperChanged(True), 300.0)
     h.send(TamperChanged(False), 301.0)
-    for at, passed in ((10_000.0, True), (20_000.0, False)):
-        test_call = h.dial(h.send(SelfTestRequested(), at)).call_id
-        h.send(SelfTestResult(test_call, passed, "echo heard" if passed else "no echo\nat all"), at + 5)
+    for at, heard in ((10_000.0, (chirp(), chirp(gain=0.3))), (20_000.0, (chirp(), b""))):
+        checks(h, h.send(SelfTestRequested(), at), call=heard[0], local=heard[1], now=at)
     h.dial(h.send(SelfTestRequested(), 30_000.0))
     h.send(ButtonPressed(), 30_001.0)  # aborts the self-test
     h.send(Unregistered("network down"), 30_100.0)
@@ -134,7 +132,8 @@ def test_every_report_the_machine_makes_builds_a_message_the_sidecar_accepts() -
     assert {"dial", "failed", "queued", "answered", "ended", "incoming"} <= events, events
     results = [m.detail for m in built if isinstance(m.detail, SelfTestReport)]
     assert [r.result for r in results] == ["pass", "fail", "aborted"]
-    assert results[1].detail == "no echo at all"  # a line break would split a CCTV event's line
+    assert results[1].part == "local" and results[1].detail.startswith("local: the microphone did not hear")
+    assert results[0].part == "" and results[2].part == ""
 
 
 def test_the_post_cuts_long_text_rather_than_lose_the_report() -> None:
@@ -297,4 +296,4 @@ def test_a_status_stored_by_an_earlier_version_shows_only_what_reads() -> None:
             "last_self_test": {"at": 1795727045.5, "passed": False, "detail": "no echo"}}
     assert shown_status("fault", good) == {
         "state": "fault", "registered": True, "faults": ["tamper"], "mock_gpio": True, "sip_counters": {"refused": 3},
-        "last_self_test": {"at": "2026-11-26T21:04:05.500Z", "passed": False, "detail": "no echo"}}
+        "last_self_test": {"at": "2026-11-26T21:04:05.500Z", "passed": False, "detail": "no echo", "part": ""}}

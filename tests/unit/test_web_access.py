@@ -115,7 +115,8 @@ def test_every_route_but_login_and_static_refuses_a_stranger(app: Flask) -> None
             checked.add(rule.endpoint)
             if rule.endpoint in OPEN:
                 continue
-            if rule.endpoint.startswith("pages.") and rule.endpoint not in ("pages.thumbnail", "pages.live"):
+            if rule.endpoint.startswith("pages.") and rule.endpoint not in ("pages.thumbnail", "pages.live",
+                                                                            "pages.plan_image"):
                 assert reply.status_code == 303 and reply.location.startswith("/login?next="), (url, method)
             else:
                 assert reply.status_code == 401, (url, method, reply.status_code)
@@ -123,7 +124,8 @@ def test_every_route_but_login_and_static_refuses_a_stranger(app: Flask) -> None
                 if method != "HEAD":
                     assert reply.get_json()["error"] == "Unauthorized"
     assert {"pages.dashboard", "pages.operator", "pages.live", "pages.thumbnail", "stream.events", "api.incidents",
-            "api.snapshot", "api.press", "auth.audit", "health.metrics", "health.healthz"} <= checked
+            "api.snapshot", "api.press", "api.acknowledge", "api.close", "pages.plan_image", "auth.audit",
+            "health.metrics", "health.healthz"} <= checked
     # An export, and a path that does not exist, say nothing either.
     assert stranger.get("/api/v1/incidents?format=csv").status_code == 401
     assert stranger.get("/nothing/here").status_code == 401

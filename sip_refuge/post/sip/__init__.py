@@ -1,7 +1,9 @@
 """SIP backends of the post agent, behind one small Protocol chosen per post by ``sip_backend``.
 
-A backend turns commands from the machine into SIP and SIP into machine events. Its library's
-callbacks only call ``emit`` (which enqueues); they never touch the machine. Each real library is
+A backend turns commands from the machine into SIP and SIP into machine events, and owns the post's sound card
+(call audio, prompts and the self-test's chirp all go through its audio path: nothing else opens the device). It
+reports facts (responses, silence on the media, what was heard); every policy (timeouts, verdicts) is the machine's.
+Its library's callbacks only call ``emit`` (which enqueues); they never touch the machine. Each real library is
 imported only inside its own module, so a post on pyVoIP never needs pjsua2 and the other way round.
 """
 
@@ -10,24 +12,27 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import import_module
+from pathlib import Path
 from typing import Protocol
 
 from sip_refuge.config.model import Pbx, Post
 from sip_refuge.errors import SipError
 from sip_refuge.post.events import Event
+from sip_refuge.post.sound import Sound
 
 Emit = Callable[[Event], None]
 
 
 @dataclass(frozen=True)
 class Account:
-    """What a backend needs to register: the post's SIP identity and the PBX (spec section 2)."""
+    """What a backend needs: the post's SIP identity and the PBX (spec section 2), its sound card and prompts."""
 
     post: Post
     pbx: Pbx
     password: str = field(repr=False)  # never in a log line or a traceback
     local_port: int = 0  # 0 = any free port
-    selftest_digits: str = "1379"  # sent on a self-test call; the echo must bring them back
+    sound: Sound = field(default_factory=Sound)
+    prompts_dir: Path | None = None  # the site's own prompts, if it has them
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,9 @@ class SipBackend(Protocol):
         """Create the stack and register to ``account.pbx.host`` (retrying by itself)."""
 
     def dial(self, call_id: str, extension: str, host: str, selftest: bool) -> None:
-        """INVITE ``extension`` at ``host``; report CallProgress / CallAnswered / CallFailed / CallEnded.
-        With ``selftest`` also run the echo test once answered and report SelfTestResult, then hang up."""
+        """INVITE ``extension`` at ``host``; report CallProgress (the first response of each status, 100 Trying
+        included) / CallAnswered / CallFailed / CallEnded. A ``selftest`` call's audio is not connected to the
+        card (``check_audio`` uses it); any other call's is, once answered."""
 
     def answer(self, call_id: str) -> None:
         """Answer the incoming call ``call_id``."""
@@ -61,6 +67,17 @@ class SipBackend(Protocol):
 
     def hangup(self, call_id: str) -> None:
         """End, cancel or refuse ``call_id``; a call the backend no longer knows is a no-op."""
+
+    def play_prompt(self, name: str) -> None:
+        """Queue prompt ``name`` on the speaker (prompts play one after another)."""
+
+    def stop_prompts(self) -> None:
+        """Silence the prompt playing and drop the ones waiting."""
+
+    def check_audio(self, check_id: str, path: str, call_id: str | None, seconds: float) -> None:
+        """Play the self-test's chirp on ``path`` (``local``: the speaker; ``call``: into ``call_id``) and record the
+        other end of that path (the microphone before the echo canceller; what the call brings back) for
+        ``seconds``; report AudioHeard (with no samples if it could not)."""
 
     def send_dtmf(self, call_id: str, digits: str) -> None:
         """Send RFC 4733 DTMF on an established call."""

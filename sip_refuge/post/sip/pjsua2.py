@@ -8,6 +8,11 @@ worker threads of its own (:func:`~sip_refuge.post.sip.pjsua2_api.endpoint_confi
 also runs on the owner thread, between commands. Callbacks only update the small per-call records,
 build events and call ``emit``; anything that needs pjsua is enqueued as a command.
 
+The sound card is the conference bridge's (:mod:`~sip_refuge.post.sip.pjsua2_audio`): calls, prompts (players)
+and the self-test's chirp meet there; a real card is pjmedia's ALSA device with its echo canceller, the mock
+card an ``AudioMediaPort`` on the null device's clock. The backend reports facts (responses, 100 Trying included;
+``MediaStalled``/``MediaResumed``; what a check heard); every timing decision is the machine's.
+
 The binding is pjproject's official SWIG one, built by :mod:`sip_refuge.post.sip.pjsua2_build`
 (``make venv``); :mod:`~sip_refuge.post.sip.pjsua2_api` holds what this module asks of it.
 
@@ -39,6 +44,7 @@ from sip_refuge.post.sip import Account, Emit, Health
 from sip_refuge.post.sip import pjsua2_api as api
 from sip_refuge.post.sip.guard import Counters, Gate, local_address_for, pbx_addresses
 from sip_refuge.post.sip.pjsua2_api import MediaSettings, pj
+from sip_refuge.post.sip.pjsua2_audio import BridgeAudio
 
 __all__ = ["Backend", "MediaSettings"]
 
@@ -47,7 +53,7 @@ log = logging.getLogger(__name__)
 Command = Callable[[], None]
 _STOP = object()  # the owner thread's last command
 POLL_MS = 100  # longest wait for packets; commands do not wait for it (doorbell)
-TICK = 0.2  # seconds between timer checks (self-test steps, media timeout, registration watchdog)
+TICK = 0.1  # seconds between timer checks (prompts in turn, checks heard, silent media, registration watchdog)
 DIAL_HANDOFF = 0.05  # longest wait of dial() for its INVITE to leave (pjsua busy, stopping): then it returns
 STALL = 10.0  # the owner thread not turning for this long is a stuck SIP stack (health says so)
 
@@ -68,16 +74,11 @@ class _Record:
     finished: bool = False
     local_hangup: bool = False
     created: float = 0.0
-    # self-test
-    deadline: float = 0.0
-    digits_due: float = 0.0
-    digits_sent: bool = False
-    received: str = ""
-    verdict: bool = False
-    # media timeout
+    media: Any = None  # the call's audio stream on the bridge, once it has one
+    # silent media
     rx_packets: int | None = None
     rx_changed: float = 0.0
-    media_timeout_sent: bool = False
+    stalled: bool = False
     probing: bool = False  # an OPTIONS of ours is out in this call's dialog
 
 
@@ -131,20 +132,15 @@ class Backend:
     """
 
     def __init__(self, *, media: MediaSettings | None = None, registration_expiry: int = 60,
-                 refresh_every: int = 25, retry_interval: int = 5, media_timeout: float = 20.0,
-                 no_response_timeout: float = 4.0, selftest_timeout: float = 8.0, bind_address: str = "", pjsua_log_file: str = "",
-                 pjsua_log_level: int = 3) -> None:
+                 refresh_every: int = 25, retry_interval: int = 5, media_gap: float = 1.0,
+                 bind_address: str = "", pjsua_log_file: str = "", pjsua_log_level: int = 3) -> None:
         self.media = media or MediaSettings()
         self.registration_expiry = registration_expiry
         # Refresh well before expiry: a PBX that lost its contacts (restart on a fresh disk, failover) learns
         # the post again within refresh_every seconds, not within the expiry.
         self.refresh_every = refresh_every
         self.retry_interval = retry_interval
-        self.media_timeout = media_timeout
-        # pjsip waits 32 s (Timer B) for a PBX that does not answer at all; a post in an emergency must try the
-        # secondary PBX long before that. Asterisk sends 100 Trying within milliseconds.
-        self.no_response_timeout = no_response_timeout
-        self.selftest_timeout = selftest_timeout
+        self.media_gap = media_gap  # no RTP for this long: MediaStalled (a fact; the machine decides what it means)
         self.bind_address = bind_address
         self.pjsua_log_file, self.pjsua_log_level = pjsua_log_file, pjsua_log_level
         self.on_dtmf: Callable[[str, str], None] | None = None
@@ -156,6 +152,7 @@ class Backend:
         self._emit: Emit = _drop
         self._post = "-"
         self._ep: Any = None
+        self._audio: BridgeAudio | None = None
         self._acc: Any = None
         self._transport_id = -1
         self._poll: Callable[[int], None] | None = None
@@ -223,6 +220,16 @@ class Backend:
 
     def send_dtmf(self, call_id: str, digits: str) -> None:
         self._submit(lambda: self._send_dtmf(call_id, digits))
+
+    def play_prompt(self, name: str) -> None:
+        self._submit(lambda: self._audio.play_prompt(name) if self._audio is not None else None)
+
+    def stop_prompts(self) -> None:
+        self._submit(lambda: self._audio.stop_prompts() if self._audio is not None else None)
+
+    def check_audio(self, check_id: str, path: str, call_id: str | None, seconds: float) -> None:
+        if not self._submit(lambda: self._check_audio(check_id, path, call_id, seconds)):
+            self._emit(ev.AudioHeard(check_id, 0))
 
     def stop(self) -> None:
         thread = self._thread
@@ -324,9 +331,11 @@ class Backend:
         ep = pj.Endpoint()
         self._ep = ep
         ep.libCreate()
-        ep.libInit(api.endpoint_config(self.media, self.pjsua_log_file, self.pjsua_log_level))
-        if api.use_null_sound(ep, self.media):
-            log.info("%s: no sound device; using the null audio device", self._post)
+        ep.libInit(api.endpoint_config(self.media, self.pjsua_log_file, self.pjsua_log_level,
+                                       sound_card=not (account.sound.mock or account.sound.null)))
+        api.codec_priorities(ep, self.media)
+        self._audio = BridgeAudio(ep, account.sound, self.media, post.id, account.prompts_dir)
+        self._audio.open()
         tls = pbx.tls if pbx.transport == "tls" else None
         # Only the address that routes to the PBX, never 0.0.0.0; only the PBX's addresses are answered.
         address = self.bind_address or local_address_for(pbx.host, api.pbx_port(pbx)[0])
@@ -354,18 +363,12 @@ class Backend:
         with self._lock:
             records = list(self._calls.values())
         for rec in records:
-            if rec.finished:
-                continue
-            if rec.outgoing and not rec.responded and now - rec.created > self.no_response_timeout:
-                log.warning("%s: call %s: no response from the PBX in %.0f s", self._post, rec.call_id,
-                            now - rec.created)
-                # Kept until pjsua drops it: deleting a pjsua2 Call that pjsua still runs hangs it up again.
-                self._finish(rec, ev.CallFailed(rec.call_id, None, "no response from the PBX"), forget=False)
-                self._end_call(rec)  # pjsip sends CANCEL should the PBX wake up after all
-            elif rec.selftest:
-                self._selftest_step(rec, now)
-            elif rec.answered and rec.media_up:
+            if not rec.finished and rec.answered and rec.media_up:
                 self._check_media(rec, now)
+        heard = self._audio.tick() if self._audio is not None else None
+        if heard is not None:
+            log.info("%s: check %s heard %.1f s", self._post, heard[0], len(heard[2]) / 2 / heard[1])
+            self._emit(ev.AudioHeard(*heard))
         # pjsua retries timeouts and 5xx by itself but not 401/403/404 (a secret fixed on the PBX later).
         if not self._registered and now - self._reg_activity > max(30.0, 3.0 * self.retry_interval):
             self._reg_activity = now
@@ -381,43 +384,35 @@ class Backend:
             return
         if count != rec.rx_packets:
             rec.rx_packets, rec.rx_changed = count, now
-        elif now - rec.rx_changed >= self.media_timeout and not rec.media_timeout_sent:
-            rec.media_timeout_sent = True
-            log.warning("%s: no RTP on call %s for %.0f s", self._post, rec.call_id, now - rec.rx_changed)
-            self._emit(ev.MediaTimeout(rec.call_id))
+            if rec.stalled:
+                rec.stalled = False
+                log.info("%s: RTP on call %s again", self._post, rec.call_id)
+                self._emit(ev.MediaResumed(rec.call_id))
+        elif now - rec.rx_changed >= self.media_gap and not rec.stalled:
+            rec.stalled = True
+            log.warning("%s: no RTP on call %s for %.1f s", self._post, rec.call_id, now - rec.rx_changed)
+            self._emit(ev.MediaStalled(rec.call_id))
 
-    def _selftest_step(self, rec: _Record, now: float) -> None:
-        account = self._account
-        assert account is not None
-        if rec.verdict:
-            return
-        if rec.media_up and not rec.digits_sent and rec.digits_due and now >= rec.digits_due:
-            rec.digits_sent = True
-            rec.deadline = now + self.selftest_timeout
-            rec.call.dialDtmf(account.selftest_digits)
-            log.info("%s: self-test %s sent DTMF", self._post, rec.call_id)
-        expected = account.selftest_digits
-        if expected in rec.received:
-            self._selftest_verdict(rec, True, f"DTMF {expected} echoed back")
-        elif now > rec.deadline:
-            detail = (f"sent {expected}, got back {rec.received or 'nothing'}" if rec.digits_sent
-                      else "echo extension did not answer" if not rec.answered else "no media")
-            self._selftest_verdict(rec, False, detail)
-
-    def _selftest_verdict(self, rec: _Record, passed: bool, detail: str) -> None:
-        rec.verdict = True
-        log.info("%s: self-test %s %s: %s", self._post, rec.call_id, "passed" if passed else "FAILED", detail)
-        self._emit(ev.SelfTestResult(rec.call_id, passed, detail))
-        self._hangup(rec.call_id, "self-test done")
+    def _check_audio(self, check_id: str, path: str, call_id: str | None, seconds: float) -> None:
+        rec = self._record(call_id) if call_id else None
+        if rec is not None and not rec.finished and rec.media is None and rec.call is not None:
+            rec.media = api.call_audio(rec.call)  # answered before its media callback was handled
+        media = rec.media if rec is not None and not rec.finished else None
+        try:
+            if self._audio is None or (path == "call" and media is None):
+                raise SipError("no call audio to check" if self._audio else "no audio")
+            self._audio.check(check_id, path, media, seconds)
+            log.info("%s: check %s: chirp on the %s path", self._post, check_id, path)
+        except (SipError, pj.Error) as exc:
+            log.warning("%s: check %s cannot run: %s", self._post, check_id, exc)
+            self._emit(ev.AudioHeard(check_id, 0))
 
     def _dial(self, call_id: str, extension: str, host: str, selftest: bool) -> None:
         account = self._account
         assert account is not None
         port, suffix = api.pbx_port(account.pbx)
         uri = f"sip:{extension}@{host}:{port}{suffix}"
-        now = time.monotonic()
-        # A self-test gets a while to be answered; the echo's own deadline starts when the digits go out.
-        rec = _Record(call_id, outgoing=True, selftest=selftest, created=now, deadline=now + 15.0)
+        rec = _Record(call_id, outgoing=True, selftest=selftest, created=time.monotonic())
         rec.call = _PjCall(self, rec, self._acc)
         with self._lock:
             self._calls[call_id] = rec  # before makeCall: its first callbacks may come before it returns
@@ -460,11 +455,14 @@ class Backend:
         rec.call.dialDtmf(digits)  # RFC 4733 events on the RTP stream
 
     def _connect_audio(self, rec: _Record) -> None:
-        if rec.finished or self._ep is None:
+        if rec.finished or self._ep is None or self._audio is None:
             return
-        api.connect_audio(self._ep, rec.call)
-        if rec.selftest and not rec.digits_due:
-            rec.digits_due = time.monotonic() + 0.3  # let the echo path carry RTP before the digits
+        media = api.call_audio(rec.call)
+        if media is None or media is rec.media:
+            return
+        rec.media = media
+        if not rec.selftest:  # the echo call carries only the self-test's chirp
+            self._audio.connect(media)
 
     def _forget(self, rec: _Record) -> None:
         with self._lock:
@@ -489,6 +487,8 @@ class Backend:
                     break
             self._drain(0.05)
         self._drain(0.0)
+        if self._audio is not None:
+            self._audio.close()
         with self._lock:
             records = list(self._calls.values())
             self._calls.clear()
@@ -510,6 +510,9 @@ class Backend:
                 item()  # type: ignore[operator]
 
     def _destroy(self) -> None:
+        audio, self._audio = self._audio, None
+        if audio is not None:
+            audio.close()  # before libDestroy: the card's port leaves the bridge, OUT.wav is finished
         acc, self._acc = self._acc, None
         if acc is not None:
             try:
@@ -631,9 +634,8 @@ class Backend:
 
     def _finish(self, rec: _Record, event: ev.Event, *, forget: bool = True) -> None:
         rec.finished = True
-        if rec.selftest and not rec.verdict:
-            rec.verdict = True
-            self._emit(ev.SelfTestResult(rec.call_id, False, f"call ended before the echo came back: {event}"))
+        if rec.media is not None and self._audio is not None:
+            self._audio.call_gone(rec.media)
         self._emit(event)
         if forget:
             self._internal(lambda: self._forget(rec))
@@ -641,6 +643,8 @@ class Backend:
     def _on_tsx_state(self, rec: _Record, prm: Any) -> None:
         if not rec.responded and api.invite_response(prm):
             rec.responded = True
+            if rec.outgoing:
+                self._emit(ev.CallProgress(rec.call_id, 100))  # the PBX is there: the machine's fast-fail is off
         final = api.request_final(prm, "OPTIONS") if rec.probing else None
         if final is not None:
             rec.probing = False
@@ -655,9 +659,6 @@ class Backend:
         self._internal(lambda: self._connect_audio(rec))
 
     def _on_dtmf(self, rec: _Record, digit: str) -> None:
-        rec.received += digit
-        if rec.selftest:
-            self._internal(lambda: self._selftest_step(rec, time.monotonic()))
         hook = self.on_dtmf
         if hook is not None:
             hook(rec.call_id, digit)

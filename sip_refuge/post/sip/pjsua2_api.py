@@ -33,10 +33,10 @@ TRANSPORTS = {"udp": int(pj.PJSIP_TRANSPORT_UDP), "tcp": int(pj.PJSIP_TRANSPORT_
 
 @dataclass(frozen=True)
 class MediaSettings:
-    """Audio settings. ``sound_device`` None: use a sound card when pjmedia finds one, else the null device
-    (tests, the demo). Echo canceller and jitter buffer matter only on a real speaker and microphone."""
+    """Audio settings. ``codecs``: codec ids (``G722/16000``, ``PCMU/8000``...) to offer, first preferred; empty
+    keeps pjsua's order (G.722 first). Which card is used is the account's ``sound``."""
 
-    sound_device: bool | None = None
+    codecs: tuple[str, ...] = ()
     ec_tail_ms: int = 200  # a metal post box rings: 200 ms covers its echo tail
     jb_init_ms: int = -1  # -1: pjmedia's adaptive default
     jb_min_pre_ms: int = 60  # LTE routers jitter: keep a little more in the buffer than pjmedia's default
@@ -44,7 +44,7 @@ class MediaSettings:
     jb_max_ms: int = 500
 
 
-def endpoint_config(media: MediaSettings, log_file: str, log_level: int) -> Any:
+def endpoint_config(media: MediaSettings, log_file: str, log_level: int, *, sound_card: bool = False) -> Any:
     """The library settings: no worker threads, quiet logs, the post's media settings.
 
     No pjsip or media threads (``threadCnt = 0``, no media ioqueue) and ``mainThreadOnly``: the owner thread
@@ -70,23 +70,28 @@ def endpoint_config(media: MediaSettings, log_file: str, log_level: int) -> Any:
     # RTP keeps flowing through silence: a quiet post must not look dead to the PBX's rtp_timeout, and
     # the media timeout (stream statistics) can only judge a stream that never pauses.
     med.noVad = True
-    if media.sound_device is not False:
-        med.ecTailLen = media.ec_tail_ms  # pjmedia's default canceller: speex (Debian's libspeexdsp)
-        med.jbInit, med.jbMinPre = media.jb_init_ms, media.jb_min_pre_ms
-        med.jbMaxPre, med.jbMax = media.jb_max_pre_ms, media.jb_max_ms
-    else:
-        med.ecTailLen = 0  # no speaker, no echo
+    med.clockRate = 16000  # the bridge (pjsua2_audio.BRIDGE_RATE): wideband end to end for G.722
+    # pjmedia's canceller (speex, Debian's libspeexdsp) sits at a real sound device; with the mock card the card's
+    # port runs the same library itself (pjsua2_audio.CardPort), and without a card there is no echo.
+    med.ecTailLen = media.ec_tail_ms if sound_card else 0
+    med.jbInit, med.jbMinPre = media.jb_init_ms, media.jb_min_pre_ms
+    med.jbMaxPre, med.jbMax = media.jb_max_pre_ms, media.jb_max_ms
     return cfg
 
 
-def use_null_sound(ep: Any, media: MediaSettings) -> bool:
-    """Switch to the null audio device when asked to or when there is no sound card; True if it did.
-    The null device still clocks the conference bridge, so RTP and DTMF flow."""
-    manager = ep.audDevManager()
-    if media.sound_device is False or (media.sound_device is None and manager.getDevCount() == 0):
-        manager.setNullDev()
-        return True
-    return False
+def codec_priorities(ep: Any, media: MediaSettings) -> None:
+    """Offer only ``media.codecs``, in that order (nothing to do when it is empty)."""
+    if not media.codecs:
+        return
+    infos = ep.codecEnum2()  # kept in a name while read (SWIG)
+    known = [str(info.codecId) for info in infos]
+    for codec in known:
+        ep.codecSetPriority(codec, 0)
+    for rank, wanted in enumerate(media.codecs):
+        match = next((c for c in known if c.lower().startswith(wanted.lower())), None)
+        if match is None:
+            raise ValueError(f"codec {wanted!r} unknown to pjsua2 (it has {', '.join(known)})")
+        ep.codecSetPriority(match, 250 - rank)
 
 
 def transport_config(port: int, bound_address: str, tls: Tls | None = None) -> Any:
@@ -173,15 +178,19 @@ def _audio_indexes(call: Any) -> list[int]:
             if int(mi.type) == pj.PJMEDIA_TYPE_AUDIO and int(mi.status) == pj.PJSUA_CALL_MEDIA_ACTIVE]
 
 
-def connect_audio(ep: Any, call: Any) -> int:
-    """Connect the call's audio to the sound device both ways; the number of streams connected."""
-    manager = ep.audDevManager()
+def call_audio(call: Any) -> Any:
+    """The call's (first active) audio stream on the conference bridge, or None."""
     indexes = _audio_indexes(call)
-    for index in indexes:
-        media = call.getAudioMedia(index)
-        media.startTransmit(manager.getPlaybackDevMedia())
-        manager.getCaptureDevMedia().startTransmit(media)
-    return len(indexes)
+    return call.getAudioMedia(indexes[0]) if indexes else None
+
+
+def codec_of(call: Any) -> str:
+    """The codec the call's audio stream uses (``G722/16000``...), or ""."""
+    indexes = _audio_indexes(call)
+    if not indexes:
+        return ""
+    info = call.getStreamInfo(indexes[0])  # kept in a name while read (SWIG)
+    return f"{info.codecName}/{info.codecClockRate}"
 
 
 def rx_packets(call: Any) -> int | None:

@@ -4,54 +4,62 @@ Built on pyVoIP 1.6.8's SIP parser and RTP client through :mod:`.pyvoip_ua`, whi
 ``VoIPPhone`` is not used (among other things: the ~1 s late ANSWERED came from its ``Timer(1, ...)`` hand-off
 of incoming INVITEs, and its ACKs made Asterisk drop every call after 32 s).
 
-Everything here runs on the agent's one thread (created in :meth:`Backend.start`, joined in
-:meth:`Backend.stop`); its callbacks only build an event and call ``emit``.
+The sound card belongs to :class:`~sip_refuge.post.engine.AudioEngine` (8 kHz, 20 ms frames, speexdsp's echo
+canceller): a connected call's RTP is carried to and from it, prompts and the self-test's chirp play through it.
+A self-test call is never connected to the card; :meth:`Backend.check_audio` uses it.
+
+SIP runs on the agent's one thread (created in :meth:`Backend.start`, joined in :meth:`Backend.stop`); its
+callbacks only build an event and call ``emit``. Timing policy (how long the PBX may stay silent, how long a
+silence on the media is dead) is the machine's: this backend reports facts.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
 from sip_refuge.errors import SipError
+from sip_refuge.post.audio import prompt_pcm
+from sip_refuge.post.engine import AudioEngine
 from sip_refuge.post.events import (
+    AudioHeard,
     CallAnswered,
     CallEnded,
     CallFailed,
     CallProbed,
     CallProgress,
     IncomingCall,
-    MediaTimeout,
+    MediaResumed,
+    MediaStalled,
     Registered,
     RegistrationFailed,
-    SelfTestResult,
     Unregistered,
 )
 from sip_refuge.post.sip import Account, Emit, Health
 from sip_refuge.post.sip.guard import Counters, local_address_for, pbx_addresses
 from sip_refuge.post.sip.pyvoip_ua import Call, Prefixed, Ua
+from sip_refuge.post.sound import open_card
 
 log = logging.getLogger(__name__)
-
-SELFTEST_START = 0.3  # s after answer before the digits go: Echo() is running by then
-SELFTEST_TIMEOUT = 6.0  # s for the digits to come back
+RATE = 8000  # G.711's rate: the engine runs at the codec's rate, so no resampling between card and RTP
 
 
 class Backend:
     """:class:`sip_refuge.post.sip.SipBackend` on pyVoIP."""
 
     def __init__(self) -> None:
-        self.media_timeout = 20.0  # s without RTP on an answered call -> MediaTimeout
+        self.media_gap = 1.0  # s without RTP on an answered call -> MediaStalled (and MediaResumed when it is back)
         self.refresh_interval = 15.0  # s at most between REGISTERs (a restarted PBX has us back within it)
         self.on_dtmf: Callable[[str, str], None] | None = None  # (call_id, digit), called on the RTP thread
         self._ua: Ua | None = None
+        self._engine: AudioEngine | None = None
         self._emit: Emit | None = None
         self._account: Account | None = None
         self._log: Prefixed = Prefixed(log, {"who": "post ?"})
         self._calls: dict[str, Call] = {}  # by the machine's call id
-        self._selftests: dict[str, _SelfTest] = {}
+        self._selftests: set[str] = set()  # calls to the echo extension: never connected to the card
+        self._prompts: dict[str, bytes] = {}
         self._counters = Counters(self._log)
 
     # -- SipBackend -------------------------------------------------------------------------------------
@@ -69,22 +77,25 @@ class Backend:
         # SIP and RTP only on the address that routes to the PBX, and only from the PBX's addresses.
         trusted = pbx_addresses(pbx, self._log)
         host = local_address_for(pbx.host, pbx.sip_port)
+        sound = account.sound
+        self._engine = AudioEngine(lambda: open_card(sound, RATE), RATE, name=account.post.id)
+        self._engine.start()
         self._ua = Ua(user=account.post.id, password=account.password, server=(pbx.host, pbx.sip_port),
                       listener=self, display=account.post.name, local_port=account.local_port,
-                      name=account.post.id, refresh_interval=self.refresh_interval,
-                      media_timeout=self.media_timeout, on_dtmf=self._on_dtmf, logger=self._log,
+                      name=account.post.id, refresh_interval=self.refresh_interval, keep_audio=True,
+                      media_gap=self.media_gap, on_dtmf=self._on_dtmf, logger=self._log,
                       host=host, trusted=trusted, counters=self._counters)
-        self._log.info("pyVoIP agent on %s:%d registering to %s:%d", self._ua.host, self._ua.port,
-                       account.pbx.host, account.pbx.sip_port)
+        self._log.info("pyVoIP agent on %s:%d registering to %s:%d; %s, echo canceller %s", self._ua.host,
+                       self._ua.port, account.pbx.host, account.pbx.sip_port, sound.describe(),
+                       "on" if self._engine.echo_cancelling else "MISSING")
         self._ua.start()
 
     def dial(self, call_id: str, extension: str, host: str, selftest: bool) -> None:
         ua = self._need()
         self._log.info("call %s: dialling %s at %s%s", call_id, extension, host, " (self-test)" if selftest else "")
-        call = ua.dial(extension, host, key=call_id)
-        self._calls[call_id] = call
         if selftest:
-            self._selftests[call_id] = _SelfTest(self._account.selftest_digits if self._account else "1379")
+            self._selftests.add(call_id)
+        self._calls[call_id] = ua.dial(extension, host, key=call_id)
 
     def answer(self, call_id: str) -> None:
         self._on_call(call_id, "answer", lambda ua, call: ua.answer_now(call))
@@ -94,14 +105,36 @@ class Backend:
 
     def hangup(self, call_id: str) -> None:
         self._on_call(call_id, "hang up", lambda ua, call: ua.hangup_now(call))
-        self._calls.pop(call_id, None)
-        self._selftests.pop(call_id, None)
+        self._forget(call_id)
 
     def send_dtmf(self, call_id: str, digits: str) -> None:
         call = self._calls.get(call_id)
         if call is not None:
             self._log.info("call %s: sending DTMF %s", call_id, digits)
             call.rtp.send_dtmf(digits)
+
+    def play_prompt(self, name: str) -> None:
+        engine, account = self._engine, self._account
+        if engine is None or account is None:
+            return
+        if name not in self._prompts:
+            self._prompts[name] = prompt_pcm(name, account.prompts_dir, RATE)
+        engine.play(self._prompts[name])
+
+    def stop_prompts(self) -> None:
+        if self._engine is not None:
+            self._engine.stop_prompts()
+
+    def check_audio(self, check_id: str, path: str, call_id: str | None, seconds: float) -> None:
+        engine = self._engine
+        call = self._calls.get(call_id) if call_id else None
+        if engine is None or (path == "call" and (call is None or call.state != "confirmed")):
+            self._log.warning("check %s: nothing to check on (%s)", check_id, "no call" if engine else "no audio")
+            self._send(AudioHeard(check_id, RATE))
+            return
+        self._log.info("check %s: chirp on the %s path", check_id, path)
+        engine.check(check_id, path, call.rtp if call is not None else None, seconds,
+                     lambda cid, rate, pcm: self._send(AudioHeard(cid, rate, pcm)))
 
     def probe(self, call_id: str) -> None:
         ua, call = self._ua, self._calls.get(call_id)
@@ -116,18 +149,21 @@ class Backend:
         self._send(CallProbed(call_id, status))
 
     def health(self) -> Health:
-        ua = self._ua
-        problem = ua.health() if ua is not None else ""
+        ua, engine = self._ua, self._engine
+        problem = (ua.health() if ua is not None else "") or (engine.health() if engine is not None else "")
         return Health(not problem, problem, self._counters.snapshot())
 
     def stop(self) -> None:
         ua, self._ua = self._ua, None
-        if ua is None:
-            return
-        ua.stop()
+        engine, self._engine = self._engine, None
+        if ua is not None:
+            ua.stop()
+        if engine is not None:
+            engine.stop()
         self._calls.clear()
         self._selftests.clear()
-        self._log.info("pyVoIP agent stopped")
+        if ua is not None:
+            self._log.info("pyVoIP agent stopped")
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _need(self) -> Ua:
@@ -142,45 +178,19 @@ class Backend:
         self._log.info("call %s: %s", call_id, what)
         ua.post(lambda: action(ua, call))
 
+    def _forget(self, call_id: str) -> None:
+        call = self._calls.pop(call_id, None)
+        self._selftests.discard(call_id)
+        if call is not None and self._engine is not None:
+            self._engine.disconnect(call.rtp)
+
     def _send(self, event: Any) -> None:
         if self._emit is not None:
             self._emit(event)
 
     def _on_dtmf(self, call: Call, digit: str) -> None:
-        # RTP thread: hand the digit to the agent's thread for the self-test; tests get it at once.
-        if self.on_dtmf is not None:
+        if self.on_dtmf is not None:  # RTP thread: tests get the digit at once
             self.on_dtmf(call.key, digit)
-        ua = self._ua
-        if ua is not None and call.key in self._selftests:
-            ua.post(lambda: self._selftest_heard(call, digit))
-
-    # -- self-test (agent thread) -----------------------------------------------------------------------
-    def _selftest_begin(self, call: Call) -> None:
-        test = self._selftests.get(call.key)
-        if test is None or call.state != "confirmed":
-            return
-        test.sent_at = time.monotonic()
-        call.rtp.send_dtmf(test.digits)
-        self._need().call_later(SELFTEST_TIMEOUT, lambda: self._selftest_done(call, False))
-
-    def _selftest_heard(self, call: Call, digit: str) -> None:
-        test = self._selftests.get(call.key)
-        if test is None or not test.sent_at:
-            return
-        test.heard += digit
-        if test.digits in test.heard:
-            self._selftest_done(call, True)
-
-    def _selftest_done(self, call: Call, passed: bool) -> None:
-        test = self._selftests.pop(call.key, None)
-        if test is None:
-            return
-        detail = (f"echo returned {test.digits} in {time.monotonic() - test.sent_at:.2f} s" if passed
-                  else f"sent {test.digits}, heard {test.heard or 'nothing'} within {SELFTEST_TIMEOUT:.0f} s")
-        self._log.info("call %s: self-test %s: %s", call.key, "passed" if passed else "FAILED", detail)
-        self._send(SelfTestResult(call.key, passed, detail))
-        self._calls.pop(call.key, None)
-        self._need().hangup_now(call)
 
     # -- UaListener (agent thread) ----------------------------------------------------------------------
     def on_registered(self, expires: int) -> None:
@@ -201,22 +211,18 @@ class Backend:
 
     def on_answered(self, call: Call) -> None:
         self._log.info("call %s: answered", call.key)
+        if call.key not in self._selftests and self._engine is not None:
+            self._engine.connect(call.rtp)
         self._send(CallAnswered(call.key))
-        if call.key in self._selftests:
-            self._need().call_later(SELFTEST_START, lambda: self._selftest_begin(call))
 
     def on_failed(self, call: Call, status: int | None, reason: str) -> None:
         self._log.warning("call %s: failed: %s", call.key, reason)
-        self._calls.pop(call.key, None)
+        self._forget(call.key)
         self._send(CallFailed(call.key, status, reason))
-        if self._selftests.pop(call.key, None) is not None:
-            self._send(SelfTestResult(call.key, False, f"self-test call failed: {reason}"))
 
     def on_ended(self, call: Call, reason: str) -> None:
         self._log.info("call %s: ended by the far end (%s)", call.key, reason)
-        self._calls.pop(call.key, None)
-        if self._selftests.pop(call.key, None) is not None:
-            self._send(SelfTestResult(call.key, False, f"self-test call ended early ({reason})"))
+        self._forget(call.key)
         self._send(CallEnded(call.key, reason))
 
     def on_incoming(self, call: Call) -> None:
@@ -224,13 +230,10 @@ class Backend:
         self._calls[call.key] = call
         self._send(IncomingCall(call.key, call.caller))
 
-    def on_media_timeout(self, call: Call) -> None:
-        self._log.warning("call %s: no RTP for %.0f s", call.key, self.media_timeout)
-        self._send(MediaTimeout(call.key))
+    def on_media_stalled(self, call: Call) -> None:
+        self._log.warning("call %s: no RTP for %.1f s", call.key, self.media_gap)
+        self._send(MediaStalled(call.key))
 
-
-class _SelfTest:
-    def __init__(self, digits: str) -> None:
-        self.digits = digits
-        self.heard = ""
-        self.sent_at = 0.0
+    def on_media_resumed(self, call: Call) -> None:
+        self._log.info("call %s: RTP again", call.key)
+        self._send(MediaResumed(call.key))

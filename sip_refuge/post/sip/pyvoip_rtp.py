@@ -29,7 +29,7 @@ from typing import Any
 from sip_refuge.post.sip.guard import Counters
 
 with warnings.catch_warnings():
-    # pyVoIP imports audioop, deprecated since Python 3.11 (PEP 594); we run with warnings as errors.
+    # pyVoIP imports audioop, deprecated since Python 3.11 (PEP 594; audioop-lts on 3.13): quietly, as .pcm does.
     warnings.filterwarnings("ignore", message=".*audioop.*", category=DeprecationWarning)
     import audioop
 
@@ -42,6 +42,7 @@ DTMF_KEYS = "0123456789*#ABCD"
 EVENT_FRAMES = 5  # 100 ms of tone per digit
 EVENT_END_REPEATS = 3  # RFC 4733 2.5.1.4: the end packet is sent three times
 DIGIT_GAP_FRAMES = 3  # 60 ms of silence between digits so the far end sees separate events
+LIVE_BACKLOG = 2  # frames (40 ms) of live audio waiting to be sent, at most: each one is delay
 
 PCMU, PCMA, EVENT = RTP.PayloadType.PCMU, RTP.PayloadType.PCMA, RTP.PayloadType.EVENT
 OFFER: dict[int, Any] = {0: PCMU, 8: PCMA, 101: EVENT}  # what we offer and accept, by payload number
@@ -82,6 +83,7 @@ class RtpSession(RTP.RTPClient):
         self._out_audio: collections.deque[bytes] = collections.deque()
         self._digits: collections.deque[str] = collections.deque()
         self._in_audio: collections.deque[bytes] = collections.deque(maxlen=500)  # 10 s
+        self.recording: bytearray | None = None  # every frame received, in order, once record() is on
         self._in_ready = threading.Condition(self._lock)
         self._last_event_ts: int | None = None
         self._event: dict[str, int] | None = None  # the digit being sent: key, start timestamp, packets sent
@@ -144,6 +146,37 @@ class RtpSession(RTP.RTPClient):
         with self._lock:
             for i in range(0, len(pcm), step):
                 self._out_audio.append(pcm[i:i + step].ljust(step, b"\0"))
+
+    def send_frame(self, pcm: bytes) -> None:
+        """Queue one live 20 ms frame (a microphone's): a backlog beyond :data:`LIVE_BACKLOG` frames is dropped from
+        its old end, so a sender clocked a little faster than this stream cannot build up delay."""
+        with self._lock:
+            self._out_audio.append(pcm)
+            while len(self._out_audio) > LIVE_BACKLOG:
+                self._out_audio.popleft()
+
+    def pending(self) -> int:
+        """Received frames not yet read."""
+        with self._lock:
+            return len(self._in_audio)
+
+    def take_frame(self) -> bytes | None:
+        """The oldest received frame, or None; never waits."""
+        with self._lock:
+            return self._in_audio.popleft() if self._in_audio else None
+
+    def drop_frames(self, keep: int) -> int:
+        """Drop the oldest received frames until ``keep`` are left; how many went."""
+        with self._lock:
+            gone = max(0, len(self._in_audio) - keep)
+            for _ in range(gone):
+                self._in_audio.popleft()
+            return gone
+
+    def record(self) -> None:
+        """Keep every frame received from now on in :attr:`recording` as well (a test's ear)."""
+        with self._lock:
+            self.recording = bytearray()
 
     def send_dtmf(self, digits: str) -> None:
         with self._lock:
@@ -208,8 +241,11 @@ class RtpSession(RTP.RTPClient):
             self._on_event(msg)
         elif self.keep_audio and msg.payload_type in (PCMU, PCMA):
             decode = audioop.ulaw2lin if msg.payload_type == PCMU else audioop.alaw2lin
+            pcm = decode(msg.payload, 2)
             with self._in_ready:
-                self._in_audio.append(decode(msg.payload, 2))
+                self._in_audio.append(pcm)
+                if self.recording is not None:
+                    self.recording += pcm
                 self._in_ready.notify_all()
 
     def _on_event(self, msg: Any) -> None:

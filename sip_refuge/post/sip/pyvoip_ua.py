@@ -61,7 +61,7 @@ from sip_refuge.post.sip.pyvoip_rtp import OFFER, RtpSession
 
 T1 = 0.5  # RFC 3261 retransmission base over UDP
 REGISTER_TIMEOUT = 4.0  # no answer to a REGISTER within this: the PBX is unreachable
-INVITE_TIMEOUT = 8.0  # no answer at all (not even 100 Trying) to an INVITE within this
+INVITE_TIMEOUT = 32.0  # timer B: no answer at all to an INVITE (the post's machine gives up long before)
 REQUEST_TIMEOUT = 4.0  # BYE, CANCEL, un-REGISTER
 ANSWER_TIMEOUT = 32.0  # retransmit our 200 OK to an INVITE until ACK, at most this long (timer H)
 TURN = 1.0  # the thread's loop turns at least this often, so a stuck thread can be told from an idle one
@@ -79,7 +79,8 @@ class UaListener(Protocol):
     def on_failed(self, call: Call, status: int | None, reason: str) -> None: ...
     def on_ended(self, call: Call, reason: str) -> None: ...
     def on_incoming(self, call: Call) -> None: ...
-    def on_media_timeout(self, call: Call) -> None: ...
+    def on_media_stalled(self, call: Call) -> None: ...
+    def on_media_resumed(self, call: Call) -> None: ...
 
 
 class Prefixed(logging.LoggerAdapter[logging.Logger]):
@@ -117,7 +118,7 @@ class Call:
     sdp_version: int = 1
     invite_sent_at: float = 0.0
     answered_at: float = 0.0
-    media_timed_out: bool = False
+    media_stalled: bool = False
     headers: dict[str, str] = field(default_factory=dict)  # of the INVITE received: call-info, alert-info...
 
 
@@ -138,7 +139,7 @@ class Ua:
 
     def __init__(self, *, user: str, password: str, server: tuple[str, int], listener: UaListener,
                  display: str = "", local_port: int = 0, name: str = "", expires: int = 120,
-                 refresh_interval: float = 15.0, media_timeout: float = 20.0, keep_audio: bool = False,
+                 refresh_interval: float = 15.0, media_gap: float = 1.0, keep_audio: bool = False,
                  on_dtmf: Callable[[Call, str], None] | None = None, logger: logging.LoggerAdapter[Any] | None = None,
                  host: str | None = None, trusted: frozenset[str] | None = None,
                  counters: Counters | None = None) -> None:
@@ -148,7 +149,7 @@ class Ua:
         self.listener = listener
         self.expires = expires  # asked of the registrar; it may grant less (or more)
         self.refresh_interval = refresh_interval  # never longer between REGISTERs: a restarted PBX sees us soon
-        self.media_timeout = media_timeout
+        self.media_gap = media_gap  # no RTP for this long: on_media_stalled (a fact; the owner decides)
         self.keep_audio = keep_audio
         self.on_dtmf = on_dtmf
         self.name = name or user
@@ -471,9 +472,9 @@ class Ua:
         if resp.code in (180, 183):
             call.state = "early"
             self._use_remote_sdp(call, resp)  # 183 brings early media: the ring tone of Queue(r)
-            if resp.code not in call.progress_seen:
-                call.progress_seen.add(resp.code)
-                self.listener.on_progress(call, resp.code)
+        if resp.code not in call.progress_seen:  # 100 Trying too: it tells the owner the PBX is there
+            call.progress_seen.add(resp.code)
+            self.listener.on_progress(call, resp.code)
 
     def _on_invite_final(self, call: Call, resp: Message | None, authed: bool) -> None:
         if resp is None:
@@ -524,14 +525,14 @@ class Ua:
                 call.rtp.start()
 
     def _watch_media(self, call: Call) -> None:
-        if call.state != "confirmed" or call.media_timed_out:
+        """While the call is up: report when its RTP stops (for ``media_gap``) and when it comes back."""
+        if call.state != "confirmed":
             return
-        last = max(call.rtp.last_rx, call.answered_at)
-        if time.monotonic() - last >= self.media_timeout:
-            call.media_timed_out = True
-            self.listener.on_media_timeout(call)
-            return
-        self.call_later(min(1.0, self.media_timeout / 4), lambda: self._watch_media(call))
+        silent = time.monotonic() - max(call.rtp.last_rx, call.answered_at) >= self.media_gap
+        if silent != call.media_stalled:
+            call.media_stalled = silent
+            (self.listener.on_media_stalled if silent else self.listener.on_media_resumed)(call)
+        self.call_later(min(0.25, self.media_gap / 4), lambda: self._watch_media(call))
 
     # -- commands on calls (post them; hangup_now etc. run on the agent's thread) -----------------------
     def probe_now(self, call: Call, on_result: Callable[[int | None], None]) -> None:

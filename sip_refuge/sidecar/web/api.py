@@ -1,4 +1,4 @@
-"""The JSON API (spec section 5): posts, incidents, snapshots, close-out and post telemetry."""
+"""The JSON API (spec section 5): posts, incidents, snapshots, acknowledgement, close-out and post telemetry."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from flask import Blueprint, Response, abort, jsonify, request
 from sip_refuge.config.secrets import snapshot_key
 from sip_refuge.control import ask, control_port
 from sip_refuge.errors import RefugeError
+from sip_refuge.sidecar.alarm import AcknowledgeRefused
 from sip_refuge.sidecar.closeout import CloseRefused
 from sip_refuge.sidecar.store import StoreError
 from sip_refuge.sidecar.web.context import hub, require_post_token
@@ -94,16 +95,41 @@ def close(incident_id: str) -> tuple[Response, int]:
     body = request.get_json(silent=True)
     if body is None:
         abort(400, description="body: not valid JSON")
-    # Who closed it: the operator whose session made the request, else the admin token.
-    person = who()
-    by = person.name if person is not None and person.via == "session" else "admin-token"
     try:
-        closed = hub().recorder.close_incident(incident_id, body, by=by)
+        closed = hub().recorder.close_incident(incident_id, body, by=_by())
     except CloseRefused as exc:
         abort(exc.status, description=str(exc))
     except StoreError as exc:
         abort(503, description=f"the incident log cannot be read now ({exc}); try again")
     return jsonify(closed.to_dict()), 200
+
+
+@bp.post("/incidents/<incident_id>/acknowledge")
+@require_operator_write("incident.acknowledge")
+def acknowledge(incident_id: str) -> tuple[Response, int]:
+    """Silence the alarm of a call no desk answered, on every open page: empty, or ``{"desk": ID}`` (the
+    console's desk). 200 with who and when; 404 (no such incident), 409 (answered, acknowledged already, or
+    closed), 422 (a bad body)."""
+    body: object = None
+    if request.get_data(cache=True):
+        if not request.is_json:
+            abort(400, description="body: must be JSON (Content-Type: application/json), or empty")
+        body = request.get_json(silent=True)
+        if body is None:
+            abort(400, description="body: not valid JSON")
+    try:
+        done = hub().recorder.acknowledge_incident(incident_id, body, by=_by())
+    except AcknowledgeRefused as exc:
+        abort(exc.status, description=str(exc))
+    except StoreError as exc:
+        abort(503, description=f"the incident log cannot be read now ({exc}); try again")
+    return jsonify(done), 200
+
+
+def _by() -> str:
+    """Who writes: the operator whose session made the request, else the admin token."""
+    person = who()
+    return person.name if person is not None and person.via == "session" else "admin-token"
 
 
 @bp.post("/posts/<post_id>/telemetry")

@@ -5,34 +5,34 @@
 "use strict";
 
 (() => {
-  const names = JSON.parse(document.getElementById("site-data").textContent);
-  const steps = JSON.parse(document.getElementById("step-labels").textContent);
+  const ui = window.refugeUi;
+  const { esc, list, object, str, strings, plural, desk, post, reason, when, duration, put, getJson, badge,
+    closeoutCell } = ui;
+  const steps = ui.names.steps;
   const EVENTS = ["call.queued", "call.answered", "call.ended", "call.unanswered", "post.offline",
-    "post.online", "camera.fault", "camera.ok", "selftest.failed", "post.status"];
+    "post.online", "camera.fault", "camera.ok", "selftest.failed", "post.status", "incident.closed",
+    "incident.acknowledged", "call.updated"];
+  // The part of a post a failed self-test names: who has to go and fix it.
+  const PARTS = {local: "speaker or microphone", pbx: "network, PBX or media"};
   const THUMB_REFRESH_MS = 30000; // the camera monitor takes a new picture once a probe interval anyway
   const RECONNECT_MS = 5000;
+  const STATE_WORDS = { offline: "Offline", calling: "Calling", answered: "Answered", fault: "Fault",
+    unknown: "Not heard from yet", idle: "Idle" };
 
-  const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
-  // The JSON API is the sidecar's, but a post's part of it started as that post's report: whatever shape it
-  // has, one post must never stop the page showing the others. These read a value as the type expected.
-  const list = (v) => (Array.isArray(v) ? v : []);
-  const strings = (v) => list(v).filter((f) => typeof f === "string" && f);
-  const object = (v) => (v !== null && typeof v === "object" && !Array.isArray(v) ? v : null);
-  const str = (v) => (typeof v === "string" ? v : "");
-  const badge = (kind, label) => `<span class="badge ${kind}">${esc(label)}</span>`;
-  const when = (iso) => (iso ? `<time datetime="${esc(iso)}">${esc(iso)}</time>` : "—");
-  const desk = (id) => names.desks[id] || id;
+  const cameraFault = (c) => object(c.camera)?.ok === false;
 
-  // Times come as UTC; the control room reads local time, with the date only when it is not today.
-  function localTimes(root) {
-    const today = new Date().toDateString();
-    for (const t of root.querySelectorAll("time[datetime]")) {
-      const d = new Date(t.dateTime);
-      if (Number.isNaN(d.getTime())) continue;
-      const time = d.toLocaleTimeString([], { hour12: false });
-      t.textContent = d.toDateString() === today ? time
-        : `${d.toLocaleDateString([], { day: "numeric", month: "short" })} ${time}`;
-    }
+  function hasFault(p) {
+    const t = object(p.last_self_test);
+    return cameraFault(p) || strings(p.faults).length > 0 || t?.passed === false;
+  }
+
+  // A post's colour on the site plan: the rule of sidecar/siteplan.py's state_of; keep the two in step.
+  function planState(p) {
+    const c = object(p.call);
+    if (p.online === false) return "offline";
+    if (c) return c.state === "answered" ? "answered" : "calling";
+    if (hasFault(p)) return "fault";
+    return p.online === true ? "idle" : "unknown";
   }
 
   function postInfo(p) {
@@ -43,8 +43,9 @@
     const cam = !camera ? "No camera" : camera.ok === true ? badge("ok", "OK")
       : camera.ok === false ? badge("bad", `Fault: ${str(camera.reason)}`) : badge("", "Not checked yet");
     const t = object(p.last_self_test);
-    const test = !t ? "No report" : `${t.passed === true ? badge("ok", "Passed") : t.passed === false ? badge("bad", "Failed")
-      : badge("", "Unknown")} ${when(str(t.at))}`;
+    const part = PARTS[str(t?.part)];
+    const test = !t ? "No report" : `${t.passed === true ? badge("ok", "Passed")
+      : t.passed === false ? badge("bad", part ? `Failed: ${part}` : "Failed") : badge("", "Unknown")} ${when(str(t.at))}`;
     const c = object(p.call);
     const call = !c ? "None" : c.state === "answered" ? badge("ok", `Answered by ${desk(str(c.desk))}`)
       : c.state === "overflowed" ? badge("bad", "Overflowed: on the overflow route")
@@ -53,7 +54,7 @@
     const faults = faultList.length ? `<dt>Faults</dt><dd>${faultList.map((f) => badge("bad", f)).join(" ")}</dd>` : "";
     const press = p.mock_gpio === true
       ? `<button type="button" class="press" data-post="${esc(p.id)}">Press call button (mock)</button>` : "";
-    return `<h3>${esc(p.name)}</h3>
+    return `<h3>${esc(p.name)}${c && cameraFault(p) ? ` ${badge("bad", "Camera fault")}` : ""}</h3>
       <p class="where">Ext. ${esc(p.extension)} · ${esc(object(p.location)?.address)}</p>
       <dl><dt>Reachable</dt><dd>${online}</dd><dt>Registered</dt><dd>${registered}</dd>
         <dt>State</dt><dd>${esc(str(p.state) || "—")}</dd><dt>Camera</dt><dd>${cam}</dd>
@@ -61,26 +62,28 @@
   }
 
   function postClass(p) {
-    const t = object(p.last_self_test);
-    const fault = p.online === false || object(p.camera)?.ok === false || strings(p.faults).length
-      || t?.passed === false;
-    return `post ${object(p.call) ? "calling" : fault ? "fault" : ""}`;
+    const fault = p.online === false || hasFault(p);
+    return `post${object(p.call) ? " calling" : ""}${fault ? " fault" : ""}`;
   }
 
-  // Writes only real changes: re-writing a live region would make a screen reader announce it again.
-  function put(el, html) {
-    if (el.dataset.html !== html) {
-      el.innerHTML = html;
-      el.dataset.html = html;
-      localTimes(el);
-    }
+  function callItem(c) {
+    const wait = duration(c.wait_seconds);
+    const rung = list(c.rung).length;
+    const what = c.state === "answered" ? `answered by ${esc(desk(str(c.desk)))} after ${wait}`
+      : c.state === "overflowed" ? `overflowed after ${wait}: the caller is on the overflow route`
+      // The clock is filled in by common.js's tick(), and hidden from screen readers: this list is a live
+      // region, which would otherwise be read out again every second.
+      : `waiting <span class="wait" data-since="${esc(c.queued_at)}" aria-hidden="true"></span>, ringing desks`
+        + (rung ? ` (rang ${plural(rung, "desk")})` : "");
+    const camera = cameraFault(c) ? ` ${badge("bad", `Camera fault: ${str(object(c.camera).reason)}`)}` : "";
+    const acked = str(c.acknowledged_by) ? ` <span class="acked">acknowledged by ${esc(c.acknowledged_by)}</span>` : "";
+    return `<li class="${esc(c.state)}" data-incident="${esc(c.incident)}" data-alarm="${c.alarm === true ? "on" : "off"}">`
+      + `<strong>${esc(c.post_name)}</strong>${str(c.reference) ? ` <span class="ref">${esc(c.reference)}</span>` : ""}: `
+      + `${what}${camera}${acked}</li>`;
   }
 
   function renderCalls(calls) {
-    const items = list(calls).map(object).filter(Boolean).map((c) => `<li class="${esc(c.state)}" data-incident="${esc(c.incident)}">`
-      + `<strong>${esc(c.post_name)}</strong>: `
-      + `${c.state === "answered" ? `answered by ${esc(desk(c.desk))}` : c.state === "overflowed"
-        ? "overflowed, the caller is on the overflow route" : "waiting, ringing desks"}</li>`);
+    const items = list(calls).map(object).filter(Boolean).map(callItem);
     put(document.getElementById("calls"), items.join("") || '<li class="none">No calls in progress</li>');
   }
 
@@ -90,19 +93,30 @@
       if (!card) continue; // posts come from the site file: a new one needs a restart and a reload anyway
       card.className = postClass(p);
       put(card.querySelector(".post-info"), postInfo(p));
+      const marker = document.getElementById(`marker-${str(p.id)}`);
+      if (marker) {
+        const state = planState(p);
+        const fault = hasFault(p) && state !== "fault";
+        marker.setAttribute("class", `marker ${state}${hasFault(p) ? " has-fault" : ""}`);
+        marker.dataset.state = state;
+        marker.querySelector("title").textContent = `${str(p.name)}: ${STATE_WORDS[state]}${fault ? ", fault" : ""}`;
+      }
     }
   }
 
   function outcome(i) {
-    if (i.outcome === "ended") return badge("", "Ended");
-    if (i.outcome) return badge("bad", i.outcome.charAt(0).toUpperCase() + i.outcome.slice(1));
-    return i.state === "answered" ? badge("ok", "Connected")
-      : i.state === "overflowed" ? badge("bad", "Overflowed (live)") : badge("wait", "Waiting");
+    const acked = str(i.acknowledged_by) ? ` <span class="acked">acknowledged by ${esc(i.acknowledged_by)}</span>` : "";
+    if (i.outcome === "ended") return badge("", "Ended") + acked;
+    if (i.outcome) return badge("bad", i.outcome.charAt(0).toUpperCase() + i.outcome.slice(1)) + acked;
+    return (i.state === "answered" ? badge("ok", "Connected")
+      : i.state === "overflowed" ? badge("bad", "Overflowed: on the overflow route") : badge("wait", "Waiting")) + acked;
   }
 
   function step(t) {
-    const d = t.detail || {};
-    return `<li>${when(t.at)} ${esc(steps[t.kind] || t.kind)}${d.desk ? `: ${esc(desk(d.desk))}` : ""}`
+    const d = object(t.detail) || {};
+    return `<li>${when(t.at)} ${esc(steps[t.kind] || t.kind)}${d.by ? ` ${esc(d.by)}` : ""}`
+      + `${d.desk ? `${t.kind === "acknowledged" ? " at " : ": "}${esc(desk(d.desk))}` : ""}`
+      + `${d.reason && t.kind === "closed" ? `: ${esc(reason(d.reason))}` : ""}`
       + `${d.outcome ? ` (${esc(d.outcome)})` : ""}</li>`;
   }
 
@@ -111,18 +125,24 @@
     // Keep open the timelines the operator opened.
     const open = new Set([...body.querySelectorAll("details[open]")].map((d) => d.closest("tr").dataset.incident));
     const rows = incidents.map((i) => `<tr data-incident="${esc(i.id)}"><td>${when(i.created)}</td>`
-      + `<td>${esc(names.posts[i.post_id] || i.post_id)}</td><td>${outcome(i)}</td>`
+      + `<td class="reference"><strong>${esc(i.reference || "—")}</strong><br><code class="uuid">${esc(i.id)}</code></td>`
+      + `<td>${esc(post(i.post_id))}</td><td>${outcome(i)}</td>`
       + `<td>${i.answered_by ? esc(desk(i.answered_by)) : "—"}</td>`
-      + `<td><details${open.has(i.id) ? " open" : ""}><summary>${i.timeline.length} steps</summary>`
-      + `<ol class="timeline">${i.timeline.map(step).join("")}</ol></details></td></tr>`);
-    put(body, rows.join("") || '<tr><td colspan="5" class="empty">No calls yet</td></tr>');
+      + `<td><details${open.has(i.id) ? " open" : ""}><summary>${plural(i.timeline.length, "step")}</summary>`
+      + `<ol class="timeline">${i.timeline.map(step).join("")}</ol></details></td>`
+      + `<td class="closeout-cell">${closeoutCell(i)}</td></tr>`);
+    put(body, rows.join("") || '<tr><td colspan="7" class="empty">No calls yet</td></tr>');
   }
 
-  async function getJson(url) {
-    const reply = await fetch(url, { cache: "no-store" });
-    if (reply.status === 401) window.refuge?.toLogin(); // the session is over: log in again
-    if (!reply.ok) throw new Error(`${url}: HTTP ${reply.status}`);
-    return reply.json();
+  // The calls that sound the alarm: live ones no desk answered and nobody acknowledged, and missed ones.
+  function alarms(overview) {
+    const live = list(overview.calls).map(object).filter((c) => c && c.alarm === true).map((c) => ({
+      incident: str(c.incident), name: str(c.post_name), reference: str(c.reference),
+      why: c.state === "overflowed" ? "overflowed: the caller is on the overflow route" : "ringing the desks" }));
+    const missed = list(overview.missed).map(object).filter(Boolean).map((c) => ({
+      incident: str(c.incident), name: str(c.post_name), reference: str(c.reference),
+      why: "missed: the caller hung up before any desk answered" }));
+    return [...live, ...missed];
   }
 
   // One refresh at a time; events that arrive meanwhile fold into one more round.
@@ -135,9 +155,11 @@
       do {
         again = false;
         const [p, i] = await Promise.all([getJson("/api/v1/posts"), getJson("/api/v1/incidents?limit=50")]);
+        ui.serverNow(p.now);
         renderCalls(p.calls);
         renderPosts(p.posts);
-        renderIncidents(i.incidents);
+        renderIncidents(list(i.incidents).map(object).filter(Boolean).map((x) => ({ ...x, timeline: list(x.timeline) })));
+        window.refugeConsole.set(alarms(p));
       } while (again);
     } catch (err) {
       setLink("lost", "Cannot read the sidecar: the page may be out of date");
@@ -169,6 +191,7 @@
     // A camera fault is best seen in its picture: fetch the one the probe just took.
     for (const type of ["camera.fault", "camera.ok"]) source.addEventListener(type, reloadThumbs);
   }
+  document.addEventListener("refuge:closed", refresh);
 
   // Camera thumbnails: a missing picture (404 until the first probe) shows words instead of a broken image.
   function markThumb(img) {
@@ -189,23 +212,14 @@
   document.addEventListener("click", async (e) => {
     const button = e.target.closest("button.press");
     if (!button || !window.refuge) return;
-    const post = button.dataset.post;
-    try {
-      const reply = await window.refuge.post(`/api/v1/posts/${encodeURIComponent(post)}/press`);
-      if (reply.status === 401) {
-        window.refuge.toLogin();
-      } else if (reply.status === 403) {
-        notice("The sidecar refused the press: reload the page and try again.");
-      } else if (reply.status === 404 || reply.status === 405) {
-        notice("This sidecar cannot press a post's button.");
-      } else {
-        notice(reply.ok ? `Pressed the call button of ${names.posts[post]}.` : `Press failed: HTTP ${reply.status}.`);
-      }
-    } catch (err) {
-      notice("Press failed: the sidecar did not answer.");
-    }
+    const id = button.dataset.post;
+    const reply = await ui.write(`/api/v1/posts/${encodeURIComponent(id)}/press`);
+    if (reply.status === 403) notice("The sidecar refused the press: reload the page and try again.");
+    else if (reply.status === 404 || reply.status === 405) notice("This sidecar cannot press a post's button.");
+    else if (reply.status === 0) notice("Press failed: the sidecar did not answer.");
+    else notice(reply.ok ? `Pressed the call button of ${post(id)}.` : `Press failed: HTTP ${reply.status}.`);
   });
 
-  localTimes(document);
+  ui.localTimes(document);
   connect();
 })();
