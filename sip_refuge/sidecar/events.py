@@ -28,12 +28,17 @@ POST_ONLINE = "post.online"
 CAMERA_FAULT = "camera.fault"
 CAMERA_OK = "camera.ok"
 SELFTEST_FAILED = "selftest.failed"
+POST_FAULT = "post.fault"
+POST_OK = "post.ok"
 INCIDENT_CLOSED = "incident.closed"
 
 EVENT_TYPES = (
     CALL_QUEUED, CALL_ANSWERED, CALL_ENDED, CALL_UNANSWERED,
-    POST_OFFLINE, POST_ONLINE, CAMERA_FAULT, CAMERA_OK, SELFTEST_FAILED, INCIDENT_CLOSED,
+    POST_OFFLINE, POST_ONLINE, CAMERA_FAULT, CAMERA_OK, SELFTEST_FAILED, INCIDENT_CLOSED, POST_FAULT, POST_OK,
 )
+# A post agent's faults that raise post.fault. The others have events of their own: selftest_failed
+# (selftest.failed) and the derived unregistered and unreachable (post.offline, from Asterisk's qualify).
+DEVICE_FAULTS = frozenset({"button_stuck", "tamper", "media_stalled", "sip_stack"})
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@
   const steps = ui.names.steps;
   const EVENTS = ["call.queued", "call.answered", "call.ended", "call.unanswered", "post.offline",
     "post.online", "camera.fault", "camera.ok", "selftest.failed", "post.status", "incident.closed",
-    "incident.acknowledged", "call.updated"];
+    "incident.acknowledged", "call.updated", "post.fault", "post.ok"];
   // The part of a post a failed self-test names: who has to go and fix it.
   const PARTS = {local: "speaker or microphone", pbx: "network, PBX or media"};
   const THUMB_REFRESH_MS = 30000; // the camera monitor takes a new picture once a probe interval anyway
@@ -156,6 +156,7 @@
         again = false;
         const [p, i] = await Promise.all([getJson("/api/v1/posts"), getJson("/api/v1/incidents?limit=50")]);
         ui.serverNow(p.now);
+        document.getElementById("problems").innerHTML = strings(p.problems).map((x) => `<li>${esc(x)}</li>`).join("");
         renderCalls(p.calls);
         renderPosts(p.posts);
         renderIncidents(list(i.incidents).map(object).filter(Boolean).map((x) => ({ ...x, timeline: list(x.timeline) })));
