@@ -94,10 +94,14 @@ def load_yaml(path: Path) -> Source:
 # libyaml's scanner and parser when PyYAML has them (its wheels do): the pure-Python ones took about 4 s of
 # the 6 s a 1,000-post site file took to load. The node tree is still composed here, in Python, so the limits
 # below hold whichever parser reads the file.
-_Parser: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# Composer goes first so its Python compose_node (below) replaces libyaml's own composer; without libyaml,
+# SafeLoader already has it (listing it again there would be an impossible method order).
+_Parser: Any = getattr(yaml, "CSafeLoader", None)
+_Base: Any = type("_Base", (Composer, _Parser), {}) if _Parser is not None else yaml.SafeLoader
+_Parser = _Parser or yaml.SafeLoader
 
 
-class _Loader(Composer, _Parser):  # type: ignore[misc]
+class _Loader(_Base):  # type: ignore[misc]
     """PyYAML's safe loader, held to the limits while it builds the node tree (it recurses per level)."""
 
     def __init__(self, text: str) -> None:
