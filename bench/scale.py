@@ -32,11 +32,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import requests  # noqa: E402
 import yaml  # noqa: E402
 
 from bench.common import machine_lines, percentile  # noqa: E402
@@ -204,7 +202,7 @@ def burst(step: Step, site: Site, pbx: Asterisk, baseline: AmiBaseline, receiver
     usage = Usage(pids)
     callers = Sipp(f"calls-{step.label}", folder, CALLER.replace("{talk_ms}", str(talk_ms)),
                    (site.pbx.host, site.pbx.sip_port), injection=injection, calls=len(posts), rate=len(posts),
-                   service=site.queue.extension, errors=True).start()
+                   service=site.queue.extension).start()
     try:
         callers.wait(600)
     finally:
@@ -364,13 +362,15 @@ def main() -> int:
     parser.add_argument("--talk", type=int, default=1000, help="ms a caller talks once a desk answered")
     parser.add_argument("--loads", type=int, default=10, help="dashboard loads per site")
     parser.add_argument("--skip-startup", action="store_true")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (logs, SIPp files, databases)")
     args = parser.parse_args()
     steps = [int(n) for n in args.steps.split(",")]
     print("\n".join(machine_lines()))
     print(f"- command: .venv/bin/python bench/scale.py --posts {args.posts} --desks {args.desks} "
           f"--steps {args.steps} --singles {args.singles} --talk {args.talk} --loads {args.loads}")
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        folder = Path(tmp)
+        folder = Path(tmp) if args.keep is None else args.keep
+        folder.mkdir(parents=True, exist_ok=True)
         if not args.skip_startup:
             rows, pages = startup(folder, args.posts, args.desks, args.loads)
             print(f"\n| start-up | 3 posts (s) | {args.posts} posts (s) | ratio |\n|---|---:|---:|---:|")
@@ -386,7 +386,6 @@ def main() -> int:
                       f"{percentile(big, .5) * 1000:.0f} / {percentile(big, .95) * 1000:.0f} | "
                       f"{percentile(big, .95) / percentile(small, .95):.1f}x |")
         load_run(folder, args.posts, args.desks, steps, args.talk, args.singles)
-    _ = requests
     return 0
 
 

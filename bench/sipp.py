@@ -10,7 +10,8 @@ Three kinds of SIPp process, each on its own UDP socket:
   for Asterisk's ACK and BYE. Ringall makes Asterisk ring every free desk; the first 200 wins and the
   others get ACK then BYE, or a CANCEL that crossed their 200.
 - **callers**: post ids dialling the queue extension (INVITE, digest challenge, INVITE with credentials),
-  waiting in the queue until a desk answers, talking ``talk_ms``, then hanging up (BYE).
+  waiting in the queue until a desk answers, talking ``talk_ms``, then hanging up (BYE). A re-INVITE while
+  talking (Asterisk's connected-line update once a desk answers) is answered, and the caller then hangs up.
 
 Injection files name each id and its SIP secret; they are written 0600 into the bench's own folder and
 removed with it. Nothing here parses SIPp's screens: each process writes its statistics file (``-trace_stat``)
@@ -226,7 +227,31 @@ Max-Forwards: 70
 Content-Length: 0
 
 ]]></send>
-  <pause milliseconds="{talk_ms}"/>
+  <!-- Talk. Asterisk may re-INVITE meanwhile (the connected line: which desk answered, send_connected_line):
+       answer it as a phone does, then hang up; a plain pause would abort the call on that INVITE. -->
+  <recv request="INVITE" timeout="{talk_ms}" ontimeout="bye"/>
+  <send><![CDATA[
+SIP/2.0 200 OK
+[last_Via:]
+[last_From:]
+[last_To:]
+[last_Call-ID:]
+[last_CSeq:]
+Contact: <sip:[field0]@[local_ip]:[local_port]>
+Content-Type: application/sdp
+Content-Length: [len]
+
+v=0
+o=post 1 3 IN IP4 [local_ip]
+s=-
+c=IN IP4 [local_ip]
+t=0 0
+m=audio [media_port] RTP/AVP 0
+a=rtpmap:0 PCMU/8000
+
+]]></send>
+  <recv request="ACK"/>
+  <label id="bye"/>
   <send retrans="500"><![CDATA[
 BYE [next_url] SIP/2.0
 Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
