@@ -26,6 +26,7 @@ Prints Markdown.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ import yaml  # noqa: E402
 
 from bench.common import machine_lines, percentile  # noqa: E402
 from bench.queue_to_webhook import AmiBaseline, TimedReceiver, templates  # noqa: E402
-from bench.sipp import CALLER, DESK, OPTIONS_OK, REGISTER, Sipp, write_injection  # noqa: E402
+from bench.sipp import CALLER, DESK, OPTIONS_OK, REGISTER, SIPP, Sipp, write_injection  # noqa: E402
 from sip_refuge.config import Site, load_site  # noqa: E402
 from sip_refuge.config.secrets import init_secrets  # noqa: E402
 from sip_refuge.pbx.asterisk import Asterisk, free_port  # noqa: E402
@@ -364,6 +365,8 @@ def main() -> int:
     parser.add_argument("--skip-startup", action="store_true")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (logs, SIPp files, databases)")
     args = parser.parse_args()
+    if shutil.which(SIPP) is None:
+        parser.error(f"{SIPP} is not installed: it is Debian's sip-tester (apt-get install sip-tester)")
     steps = [int(n) for n in args.steps.split(",")]
     print("\n".join(machine_lines()))
     print(f"- command: .venv/bin/python bench/scale.py --posts {args.posts} --desks {args.desks} "
