@@ -35,8 +35,10 @@ from sip_refuge.config import Site, load_site
 from sip_refuge.pbx.asterisk import Asterisk, free_port
 from tests.support.agent import AgentProcess
 from tests.support.audio import babble, write_wav
+from tests.support.browser import Browser, log_in
 from tests.support.disk import SmallDisk
 from tests.support.metrics import Scrape
+from tests.support.operators import add_operator
 from tests.support.receivers import OutageReceiver
 from tests.support.rtsp_camera import TestCamera
 from tests.support.sidecar import Sidecar, wait_until
@@ -344,3 +346,21 @@ def test_fault_shows_everywhere_within_its_time(system: System, row: Row) -> Non
                          f"(shown: { {k: round(v, 1) for k, v in seen.items()} }); sidecar log:\n"
                          f"{system.sidecar.log_tail(30)}")
     print(f"{row.fault}: shown after " + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(seen.items())))
+
+
+def test_the_dashboard_shows_the_sidecars_own_problem_without_a_reload(system: System, tmp_path: Path) -> None:
+    """A refused AMI login appears in the open dashboard's notice without a reload, and goes once healed."""
+    password = add_operator(system.site, "fault-operator")
+    with Browser(tmp_path / "profile") as browser:
+        page = browser.page()
+        log_in(page, system.sidecar.url + "/", "fault-operator", password)
+        page.wait_for_function("document.querySelectorAll('#posts > li').length > 0")
+        assert page.locator("#problems li").count() == 0
+        refuse_ami_login(system)
+        try:
+            # The page reads the API every 15 s (no event says AMI is lost): 30 s is two chances.
+            page.locator("#problems li", has_text="ami: not connected").wait_for(timeout=30_000)
+        finally:
+            accept_ami_login(system)
+        page.locator("#problems li").first.wait_for(state="detached", timeout=30_000)
+        assert not browser.errors, browser.errors

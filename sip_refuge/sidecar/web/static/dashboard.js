@@ -15,6 +15,8 @@
   // The part of a post a failed self-test names: who has to go and fix it.
   const PARTS = {local: "speaker or microphone", pbx: "network, PBX or media"};
   const THUMB_REFRESH_MS = 30000; // the camera monitor takes a new picture once a probe interval anyway
+  // The sidecar's own problems (AMI lost, a CCTV target down, the disk full) come with no event: read again.
+  const PROBLEMS_REFRESH_MS = 15000;
   const RECONNECT_MS = 5000;
   const STATE_WORDS = { offline: "Offline", calling: "Calling", answered: "Answered", fault: "Fault",
     unknown: "Not heard from yet", idle: "Idle" };
@@ -207,6 +209,7 @@
     for (const img of document.querySelectorAll(".thumb img")) img.src = `${img.src.split("?")[0]}?t=${Date.now()}`;
   }
   setInterval(reloadThumbs, THUMB_REFRESH_MS);
+  setInterval(refresh, PROBLEMS_REFRESH_MS);
 
   // Mock posts only: press the call button from here (for demos and tests), as the logged-in operator.
   const notice = (text) => { document.getElementById("press-notice").textContent = text; };
