@@ -115,7 +115,8 @@ class _Loader(_Base):  # type: ignore[misc]
             self.aliases += 1
             if self.aliases > MAX_ALIASES:
                 raise ComposerError(None, None, f"more than {MAX_ALIASES} aliases (*name) in one file", mark)
-            return super().compose_node(parent, index)
+            alias: yaml.Node | None = super().compose_node(parent, index)
+            return alias
         self.nodes += 1
         if self.nodes > MAX_VALUES:
             raise ComposerError(None, None, f"more than {MAX_VALUES} values in one file", mark)
@@ -123,7 +124,8 @@ class _Loader(_Base):  # type: ignore[misc]
             raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
         self.depth += 1
         try:
-            return super().compose_node(parent, index)
+            node: yaml.Node | None = super().compose_node(parent, index)
+            return node
         finally:
             self.depth -= 1
 
