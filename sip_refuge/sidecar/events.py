@@ -28,6 +28,8 @@ POST_ONLINE = "post.online"
 CAMERA_FAULT = "camera.fault"
 CAMERA_OK = "camera.ok"
 SELFTEST_FAILED = "selftest.failed"
+POST_FAULT = "post.fault"
+POST_OK = "post.ok"
 INCIDENT_CLOSED = "incident.closed"
 PBX_DOWN = "pbx.down"
 PBX_UP = "pbx.up"
@@ -35,7 +37,11 @@ PBX_UP = "pbx.up"
 EVENT_TYPES = (
     CALL_QUEUED, CALL_ANSWERED, CALL_ENDED, CALL_UNANSWERED,
     POST_OFFLINE, POST_ONLINE, CAMERA_FAULT, CAMERA_OK, SELFTEST_FAILED, INCIDENT_CLOSED, PBX_DOWN, PBX_UP,
+    POST_FAULT, POST_OK,
 )
+# A post agent's faults that raise post.fault. The others have events of their own: selftest_failed
+# (selftest.failed) and the derived unregistered and unreachable (post.offline, from Asterisk's qualify).
+DEVICE_FAULTS = frozenset({"button_stuck", "tamper", "media_stalled", "sip_stack"})
 
 
 @dataclass(frozen=True)

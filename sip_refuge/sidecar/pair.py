@@ -6,9 +6,11 @@ every event says which PBX sent it (``Pbx``). The primary's go through unchanged
 as before. The tracker keeps each call's PBX and, when a post's alarm comes back through the other PBX while the
 one that carried it is down, makes it the next leg of the same incident.
 
-:class:`PbxWatch` says which PBX is down as the sidecar sees it: its AMI link lost (Asterisk killed, host gone),
-or never up within the grace after start. It raises ``pbx.down`` and ``pbx.up`` (pairs only: a single PBX's
-outage is the ``ami`` problem it always was).
+:class:`PbxWatch` says which PBX is down as the sidecar sees it: its AMI link lost (Asterisk killed, host gone,
+the AMI login refused), or never up within the grace after start. It raises ``pbx.down`` and ``pbx.up`` on every
+site: with one PBX nothing follows the calls while it is down, which the control room must hear of as much as of
+half a pair. Only a pair's PBXs are listed as down (:meth:`PbxWatch.down`, /healthz's ``pbx``): a single PBX's
+outage there is the ``ami`` problem it always was.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class PbxWatch:
                 return [PbxChange("pbx.up", role, p.host, "AMI connected again")]
             return []
         p.since = now
-        if was and self.pair:  # it was up: its link dropping is the PBX going (kill -9 drops it at once)
+        if was:  # it was up: its link dropping is the PBX going (kill -9 drops it at once)
             p.reported = True
             return [PbxChange("pbx.down", role, p.host, "AMI connection lost")]
         return []
@@ -104,13 +106,13 @@ class PbxWatch:
         """``pbx.down`` for a PBX whose AMI never came up within the grace after start."""
         out = []
         for p in self.pbxs.values():
-            if self.pair and not p.up and not p.reported and now - p.since >= self.grace:
+            if not p.up and not p.reported and now - p.since >= self.grace:
                 p.reported = True
                 out.append(PbxChange("pbx.down", p.role, p.host, f"AMI not connected for {self.grace:g} s"))
         return out
 
     def next_deadline(self) -> float | None:
-        due = [p.since + self.grace for p in self.pbxs.values() if self.pair and not p.up and not p.reported]
+        due = [p.since + self.grace for p in self.pbxs.values() if not p.up and not p.reported]
         return min(due) if due else None
 
     def down(self) -> dict[str, float]:

@@ -26,7 +26,16 @@ from sip_refuge.sidecar.ami import Snapshot
 from sip_refuge.sidecar.backlog import CALL, TELEMETRY
 from sip_refuge.sidecar.board import CallBoard, LiveCall, References
 from sip_refuge.sidecar.calls import CallTracker, Occurrence
-from sip_refuge.sidecar.events import Event, build_event, closed_event, iso_utc, pbx_event
+from sip_refuge.sidecar.events import (
+    DEVICE_FAULTS,
+    POST_FAULT,
+    POST_OK,
+    Event,
+    build_event,
+    closed_event,
+    iso_utc,
+    pbx_event,
+)
 from sip_refuge.sidecar.fanout import Fanout
 from sip_refuge.sidecar.link import AmiLink
 from sip_refuge.sidecar.outbox import STORED, Outbox
@@ -122,8 +131,9 @@ class Recorder:
         """A post agent's report (already validated): remember it, show its state, and raise selftest.failed."""
         with self.lock:
             now = datetime.now(UTC)
+            before = self.statuses.faults(post_id) & DEVICE_FAULTS
             status = self.statuses.telemetry(post_id, message, iso_utc(now))
-            events = []
+            events = self._fault_events(post_id, before, set(message.faults) & DEVICE_FAULTS, now)
             report = message.detail
             if isinstance(report, SelfTestReport) and report.result is SelfTestResult.FAIL:
                 events.append(build_event("selftest.failed", self.site, post_id=post_id, now=now,
@@ -140,6 +150,15 @@ class Recorder:
             if stored == STORED:
                 self._telemetry_budget.added(self.store, post_id, size)
             self.fanout.publish_status(post_id)
+
+    def _fault_events(self, post_id: str, before: set[str], after: set[str], now: datetime) -> list[Event]:
+        """``post.fault`` for each device fault the agent reports anew (a stuck button cannot call: the control
+        room must hear of it as of a dead camera), ``post.ok`` once the last one has cleared."""
+        events = [build_event(POST_FAULT, self.site, post_id=post_id, now=now, reason=fault,
+                              extra={"faults": sorted(after)}) for fault in sorted(after - before)]
+        if before and not after:
+            events.append(build_event(POST_OK, self.site, post_id=post_id, now=now, extra={"faults": []}))
+        return events
 
     def close_incident(self, incident_id: str, body: object, *, by: str | None) -> Incident:
         """An operator closes an incident (see :mod:`closeout` for the rules); returns it as closed. Raises

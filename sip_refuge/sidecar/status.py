@@ -25,6 +25,11 @@ class StatusBoard:
     def cameras(self) -> dict[str, CameraStatus]:
         return dict(self._cameras)
 
+    def faults(self, post_id: str) -> set[str]:
+        """The faults the post's agent reported last (none known: empty)."""
+        previous = self._posts.get(post_id)
+        return set(previous.detail.get("faults") or []) if previous is not None and previous.detail else set()
+
     def telemetry(self, post_id: str, message: Telemetry, at: str) -> PostStatus:
         """Merge an agent's report: its state and faults replace the last ones; a report without a self-test
         result keeps the last result known; reachability stays Asterisk's."""

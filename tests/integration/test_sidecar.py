@@ -34,7 +34,7 @@ from sip_refuge.pbx.asterisk import Asterisk, free_port
 from tests.integration.conftest import EXAMPLE, desks_ready
 from tests.support.disk import SmallDisk
 from tests.support.metrics import Scrape
-from tests.support.receivers import WebhookReceiver, _WebhookHandler
+from tests.support.receivers import OutageReceiver
 from tests.support.rtsp_camera import TestCamera
 from tests.support.sidecar import Sidecar, wait_until
 from tests.support.sipua import IncomingCall, OutgoingCall, SipPeer
@@ -78,19 +78,6 @@ def write_site(folder: Path, camera: Any, camera_password: str, hook_port: int, 
     return path
 
 
-class _OneRequestPerConnection(_WebhookHandler):
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        super().do_POST()
-        # Without this a kept-alive connection outlives stop(): its handler thread goes on accepting events.
-        self.close_connection = True
-
-
-class OutageReceiver(WebhookReceiver):
-    """The test webhook receiver, whose stop() is a real outage: it keeps no connection open between requests."""
-
-    handler = _OneRequestPerConnection
-
-
 class EventFeed:
     """Reads the sidecar's /api/v1/events the whole module long (reconnecting across restarts), raw."""
 
@@ -129,7 +116,7 @@ class World:
     pbx: Asterisk
     camera: TestCamera
     camera_password: str
-    receiver: WebhookReceiver
+    receiver: OutageReceiver
     sidecar: Sidecar
     feed: EventFeed
     disk: SmallDisk

@@ -186,17 +186,21 @@ class InProcessAgent(Agent):
 
 
 class AgentProcess(Agent):
-    """``sip-refuge post SITE --post ID --gpio mock --state-dir DIR`` as a child process; its log in ``log_path``."""
+    """``sip-refuge post SITE --post ID --gpio mock --state-dir DIR`` as a child process; its log in ``log_path``.
+    With ``audio`` (IN.wav, OUT.wav) it runs on the mock sound card (``--audio-in``, ``--audio-out``)."""
 
-    def __init__(self, site: Site, post_id: str, state_dir: Path) -> None:
+    def __init__(self, site: Site, post_id: str, state_dir: Path, *, audio: tuple[Path, Path] | None = None) -> None:
         super().__init__(site, post_id, state_dir)
         self.log_path = state_dir / f"post-{post_id}.log"
+        self.audio = audio
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         argv = [SIP_REFUGE, "post", str(self.site.path), "--post", self.post.id, "--gpio", "mock",
                 "--state-dir", str(self.state_dir)]
+        if self.audio is not None:
+            argv += ["--audio-in", str(self.audio[0]), "--audio-out", str(self.audio[1])]
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -217,6 +221,14 @@ class AgentProcess(Agent):
         """Freeze the agent (SIGSTOP): its timers and retransmissions wait until :meth:`resume`."""
         assert self.proc is not None and self.proc.poll() is None
         self.proc.send_signal(signal.SIGSTOP)
+
+    def kill(self) -> None:
+        """SIGKILL: the post dies as when its power or its Pi fails; nothing is said to anyone."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if proc is not None:
+            proc.wait()
 
     def resume(self) -> None:
         assert self.proc is not None

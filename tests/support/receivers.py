@@ -119,6 +119,8 @@ SPEC_DATA = {
     "post.offline": ("post",), "post.online": ("post",), "camera.fault": ("post", "reason"),
     "camera.ok": ("post",), "selftest.failed": ("post", "reason"),
     "pbx.down": ("pbx", "reason"), "pbx.up": ("pbx", "reason"),
+    "camera.ok": ("post",), "selftest.failed": ("post", "reason"), "post.fault": ("post", "reason", "faults"),
+    "post.ok": ("post", "faults"),
 }
 
 
@@ -493,3 +495,16 @@ def make_site(directory: Path, cctv: str = "  []") -> Any:
     path = directory / "site.yaml"
     path.write_text(SITE_YAML.format(cctv=cctv))
     return load_site(path)
+
+
+class _OneRequestPerConnection(_WebhookHandler):
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        super().do_POST()
+        # Without this a kept-alive connection outlives stop(): its handler thread goes on accepting events.
+        self.close_connection = True
+
+
+class OutageReceiver(WebhookReceiver):
+    """The test webhook receiver, whose stop() is a real outage: it keeps no connection open between requests."""
+
+    handler = _OneRequestPerConnection

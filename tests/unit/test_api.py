@@ -207,7 +207,22 @@ def test_what_a_post_sends_is_what_the_sidecar_reads(client: FlaskClient, hub: H
     assert shown["faults"] == ["selftest_failed", "tamper"] and shown["mock_gpio"] is True
     assert shown["last_self_test"] == {"at": "2026-11-26T21:04:05.500Z", "passed": False, "detail": "no echo",
                                        "part": ""}
-    assert [e.type for _, e in hub.store.events_since(0)] == ["selftest.failed"]
+    # tamper, first reported by the first message, is a post.fault once; the failed test its selftest.failed
+    events = [e for _, e in hub.store.events_since(0)]
+    assert [e.type for e in events] == ["post.fault", "selftest.failed"]
+    assert events[0].body["data"]["reason"] == "tamper" and events[0].body["data"]["faults"] == ["tamper"]
+
+
+def test_device_faults_raise_post_fault_once_each_and_post_ok_when_all_clear(client: FlaskClient, hub: Hub) -> None:
+    url = "/api/v1/posts/idlewells/telemetry"
+    for faults in (["button_stuck"], ["button_stuck"], ["button_stuck", "tamper", "unregistered"], ["tamper"], [],
+                   ["selftest_failed"]):
+        kind = "fault" if faults else "state"
+        assert client.post(url, headers=AUTH, json=report("idlewells", kind, faults=faults)).status_code == 202
+    events = [(e.type, e.body["data"].get("reason"), e.body["data"]["faults"]) for _, e in hub.store.events_since(0)]
+    # unregistered and selftest_failed have events of their own (post.offline from Asterisk, selftest.failed)
+    assert events == [("post.fault", "button_stuck", ["button_stuck"]),
+                      ("post.fault", "tamper", ["button_stuck", "tamper"]), ("post.ok", None, [])]
 
 
 def test_an_aborted_selftest_keeps_the_last_result_and_raises_nothing(client: FlaskClient, hub: Hub) -> None:

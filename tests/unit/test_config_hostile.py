@@ -3,6 +3,7 @@ exit status 2, never a traceback, a hang, or a value written into a generated fi
 
 from __future__ import annotations
 
+import importlib
 import os
 import resource
 import shutil
@@ -350,3 +351,22 @@ def test_secrets_init_leaves_a_link_to_an_existing_file_alone(tmp_path: Path) ->
     (tmp_path / "secrets" / "desk-1.secret").symlink_to(kept)
     assert_refused(run_cli("secrets", "init", str(site)), f"{site}:", "is a symbolic link")
     assert kept.read_text() == "do not touch\n"
+
+
+def test_pure_python_yaml_is_held_to_the_same_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyYAML built without libyaml (no CSafeLoader) gets the pure-Python loader, with every limit kept."""
+    from sip_refuge.config import source
+
+    monkeypatch.delattr(yaml, "CSafeLoader")
+    pure = importlib.reload(source)
+    try:
+        assert pure._Loader.__mro__[1] is yaml.SafeLoader
+        for name, text, needle in [("deep-blocks", "".join("  " * i + f"k{i}:\n" for i in range(40)), "nested deeper"),
+                                   ("alias-loop", "site: &a [*a]\n", "aliases expand to more than")]:
+            with pytest.raises(ConfigError) as refused:
+                pure.load_yaml(write(tmp_path / f"{name}.yaml", text))
+            assert needle in str(refused.value), (name, str(refused.value))
+        assert pure.load_yaml(write(tmp_path / "fine.yaml", "site: {name: x}\n")).data == {"site": {"name": "x"}}
+    finally:
+        monkeypatch.undo()
+        importlib.reload(source)

@@ -112,14 +112,20 @@ def test_a_resync_of_one_pbx_judges_only_its_own_calls_and_contacts(site: Site) 
     assert t.is_online("sutton-market") is True  # still reachable through the secondary
 
 
-def test_a_single_pbx_site_is_as_before(single: Site) -> None:
+def test_a_single_pbx_site_tracks_calls_as_before_and_still_says_its_pbx_is_down(single: Site) -> None:
+    """One PBX: calls carry no ``pbx``, and /healthz lists no pair; but the PBX going is still pbx.down (nothing
+    follows the calls while it is down), once, and pbx.up when it is back."""
     t = CallTracker(single)
     [queued] = t.handle({"Event": "QueueCallerJoin", "Queue": "refuge", "Channel": "PJSIP/sutton-market-0000001a",
                          "Uniqueid": UID, "Position": "1"}, 1.0)
     assert "pbx" not in queued.detail
     watch = PbxWatch(single, 0.0, 30.0)
-    watch.link(PRIMARY, True, 1.0)
-    assert watch.link(PRIMARY, False, 2.0) == [] and watch.tick(100.0) == [] and watch.down() == {}
+    assert watch.link(PRIMARY, True, 1.0) == []
+    [down] = watch.link(PRIMARY, False, 2.0)
+    assert (down.type, down.role, down.host) == ("pbx.down", PRIMARY, single.pbx.host)
+    assert watch.tick(100.0) == [] and watch.down() == {}
+    [up] = watch.link(PRIMARY, True, 101.0)
+    assert up.type == "pbx.up"
 
 
 def test_pbx_down_when_its_link_drops_up_when_it_is_back_and_down_when_it_never_came(site: Site) -> None:

@@ -12,8 +12,9 @@ from sip_refuge.errors import RefugeError
 from sip_refuge.sidecar.alarm import AcknowledgeRefused
 from sip_refuge.sidecar.closeout import CloseRefused
 from sip_refuge.sidecar.store import StoreError
-from sip_refuge.sidecar.web.context import hub, require_post_token
+from sip_refuge.sidecar.web.context import http_status, hub, require_post_token
 from sip_refuge.sidecar.web.guard import readable_with_key, require_operator_write, who
+from sip_refuge.sidecar.web.health import problems
 from sip_refuge.telemetry import Telemetry, TelemetryError
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -30,8 +31,10 @@ def _post_or_404(post_id: str) -> dict[str, Any]:
 
 @bp.get("/posts")
 def posts() -> Response:
-    """Every post, every live call (longest waiting first, with its times), and ``now``."""
-    return jsonify(hub().views.overview())
+    """Every post, every live call (longest waiting first, with its times), ``now``, and the sidecar's own
+    ``problems`` (those of /healthz: AMI, database, CCTV targets), which the pages show above the posts."""
+    h = hub()
+    return jsonify({**h.views.overview(), "problems": problems(h, http_status())})
 
 
 @bp.get("/posts/<post_id>")

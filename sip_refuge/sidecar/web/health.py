@@ -31,20 +31,11 @@ def healthz() -> tuple[Response, int]:
     targets = [{"name": t.name, "healthy": t.healthy, "pending": t.pending, "last_success": t.last_success,
                 "last_error": t.last_error, "last_error_at": t.last_error_at,
                 "consecutive_failures": t.consecutive_failures} for t in status]
-    database, db_problems = _database(h)
+    database, _ = _database(h)
     link = h.link.status()
-    problems: list[str] = []
-    if not link.connected:
-        problems.append("ami: not connected" + (f" ({link.last_error})" if link.last_error else ""))
     pbx = _pbx_pair(h)
-    problems += [f"pbx {role} ({p['host']}): down since {p['since']} (AMI not connected"
-                 + (f": {p['last_error']})" if p["last_error"] else ")") for role, p in pbx.items() if not p["up"]]
-    problems += db_problems
-    problems += [f"target {t.name}: {t.consecutive_failures} failed attempts in a row"
-                 + (f" ({t.last_error})" if t.last_error else "")
-                 for t in status if t.consecutive_failures >= FAILING_TARGET]
     http = http_status()
-    problems += admission.problems(http)
+    found = problems(h, http)
     body: dict[str, Any] = {
         "ami": {"connected": link.connected, "since": link.since, "last_error": link.last_error,
                 "last_error_at": link.last_error_at, "resynced_at": link.resynced_at},
@@ -52,10 +43,11 @@ def healthz() -> tuple[Response, int]:
         "database": database,
         "targets": targets,
         "cameras": _camera_summary(cameras()),
+        "posts": _post_summary(h),
         "http": http,
-        "problems": problems,
+        "problems": found,
     }
-    ok = not problems
+    ok = not found
     body["status"] = "ok" if ok else "degraded"
     return jsonify(body), 200 if ok else 503
 
@@ -71,6 +63,36 @@ def _pbx_pair(h: Hub) -> dict[str, Any]:
         out[role] = {"host": h.site.pbx.host_of(role), "up": s.connected, "since": s.since,
                      "last_error": s.last_error}
     return out
+
+
+def problems(h: Hub, http: dict[str, Any] | None) -> list[str]:
+    """What is wrong with the sidecar itself (AMI, a PBX of the pair, database, CCTV targets, HTTP caps): /healthz is 503 while
+    there is any, and the dashboard's ``/api/v1/posts`` carries the same list so the control room sees it."""
+    found: list[str] = []
+    link = h.link.status()
+    if not link.connected:
+        found.append("ami: not connected" + (f" ({link.last_error})" if link.last_error else ""))
+    found += [f"pbx {role} ({p['host']}): down since {p['since']} (AMI not connected"
+              + (f": {p['last_error']})" if p["last_error"] else ")") for role, p in _pbx_pair(h).items()
+              if not p["up"]]
+    found += _database(h)[1]
+    found += [f"target {t.name}: {t.consecutive_failures} failed attempts in a row"
+              + (f" ({t.last_error})" if t.last_error else "")
+              for t in h.outbox.status() if t.consecutive_failures >= FAILING_TARGET]
+    found += admission.problems(http)
+    return found
+
+
+def _post_summary(h: Hub) -> dict[str, Any]:
+    """The field's faults at a glance: posts offline, posts reporting device faults, failed self-tests. These
+    are the posts' problems, not the sidecar's, so they do not make /healthz 503 (the pages, /metrics and the
+    CCTV events carry them to the control room)."""
+    posts = h.views.posts()
+    return {"count": len(posts),
+            "offline": [p["id"] for p in posts if p["online"] is False],
+            "faults": {p["id"]: sorted(p["faults"]) for p in posts if p["faults"]},
+            "selftest_failed": [p["id"] for p in posts
+                                if p["last_self_test"] is not None and p["last_self_test"]["passed"] is False]}
 
 
 def _database(h: Hub) -> tuple[dict[str, Any], list[str]]:

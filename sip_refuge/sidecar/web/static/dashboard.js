@@ -11,10 +11,12 @@
   const steps = ui.names.steps;
   const EVENTS = ["call.queued", "call.answered", "call.ended", "call.unanswered", "post.offline",
     "post.online", "camera.fault", "camera.ok", "selftest.failed", "post.status", "incident.closed",
-    "incident.acknowledged", "call.updated"];
+    "incident.acknowledged", "call.updated", "post.fault", "post.ok"];
   // The part of a post a failed self-test names: who has to go and fix it.
   const PARTS = {local: "speaker or microphone", pbx: "network, PBX or media"};
   const THUMB_REFRESH_MS = 30000; // the camera monitor takes a new picture once a probe interval anyway
+  // The sidecar's own problems (AMI lost, a CCTV target down, the disk full) come with no event: read again.
+  const PROBLEMS_REFRESH_MS = 15000;
   const RECONNECT_MS = 5000;
   const STATE_WORDS = { offline: "Offline", calling: "Calling", answered: "Answered", fault: "Fault",
     unknown: "Not heard from yet", idle: "Idle" };
@@ -165,6 +167,7 @@
         const [p, i] = await Promise.all([getJson("/api/v1/posts"), getJson("/api/v1/incidents?limit=50")]);
         ui.serverNow(p.now);
         renderPbx(object(p.pbx) || {});
+        document.getElementById("problems").innerHTML = strings(p.problems).map((x) => `<li>${esc(x)}</li>`).join("");
         renderCalls(p.calls);
         renderPosts(p.posts);
         renderIncidents(list(i.incidents).map(object).filter(Boolean).map((x) => ({ ...x, timeline: list(x.timeline) })));
@@ -215,6 +218,7 @@
     for (const img of document.querySelectorAll(".thumb img")) img.src = `${img.src.split("?")[0]}?t=${Date.now()}`;
   }
   setInterval(reloadThumbs, THUMB_REFRESH_MS);
+  setInterval(refresh, PROBLEMS_REFRESH_MS);
 
   // Mock posts only: press the call button from here (for demos and tests), as the logged-in operator.
   const notice = (text) => { document.getElementById("press-notice").textContent = text; };
