@@ -14,9 +14,14 @@ WorkingDirectory, StateDirectory, Environment, sd_notify socket and watchdog), a
 null``: qemu has no GPIO chip and no sound card.
 
 The post then runs under qemu against the x86 Asterisk 22 of the test on loopback (the chroot shares the
-host's network): it registers, a press is queued and connected when a desk robot answers, digits cross both
-ways on the call, and the self-test passes. Parametrised by SIP backend; pjsua2 joins when its arm64 build
-(``sip_refuge/post/sip/pjsua2_build.py``) lands: add it to :data:`BACKENDS` with the post that uses it.
+host's network), with the mock sound card (``--audio-in``/``--audio-out`` in place of the unit's ``--audio``):
+it registers, a press is queued and connected when a desk robot answers, caller and operator hear each other
+(found by cross-correlation, as in ``test_post_speech.py``), digits cross both ways on the call, and the
+acoustic self-test passes. Parametrised by SIP backend, one post of the site each (:data:`BACKENDS`). For the
+pjsua2 post the test also plays the control room's part of the README's pjsua2 route: it brings the arm64
+wheel that ``python -m sip_refuge.post.sip.pjsua2_build --target aarch64`` cross-compiled (cached; ``make``
+builds it first) into pi's home, and the README block marked for pjsua2 posts installs it; a pyVoIP post
+skips that block, as the README says.
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ from sip_refuge.config import Site, load_site
 from sip_refuge.config.secrets import init_secrets
 from sip_refuge.errors import RefugeError
 from sip_refuge.pbx.asterisk import Asterisk, free_port, on_free_ports
+from sip_refuge.post import speech
 from sip_refuge.post.control import ask, control_port
+from sip_refuge.post.sip.pjsua2_build import Target, ensure_wheel
+from tests.support.audio import babble, read_wav, wav_seconds, write_wav
 from tests.support.checkout import git_snapshot
 from tests.support.desk_robot import DeskRobot
 from tests.support.pi_root import LOGIN_USER, PiRoot
@@ -54,7 +62,11 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "site.example.yaml"
 SECTION = "## Installing a post on a Raspberry Pi"
 # SIP backend -> the example site's post that uses it in the emulated Pi.
-BACKENDS = {"pyvoip": "sutton-market"}
+BACKENDS = {"pjsua2": "sutton-market", "pyvoip": "idlewells"}
+# The first line of the README's block that only a pjsua2 post runs.
+PJSUA2_ONLY = "# pjsua2 posts only"
+HEARD = 0.6  # normalised correlation a voice that came through clears (test_post_speech.py); silence scores 0
+RATE = 16000  # the mock card's files
 DESK = "desk-1"
 HOME = f"/home/{LOGIN_USER}"
 VENV = "/opt/sip-refuge/venv"
@@ -63,15 +75,16 @@ UNIT = "/etc/systemd/system/sip-refuge-post@.service"
 SOURCE = f"{HOME}/sip-refuge"  # where the test puts the repository the README clones
 
 
-def readme_blocks() -> list[str]:
-    """The ```sh blocks of the README's Pi section, in order."""
+def readme_blocks(backend: str) -> list[str]:
+    """The ```sh blocks of the README's Pi section that a post on ``backend`` runs, in order."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
     start = text.index(SECTION)
     end = text.find("\n## ", start + len(SECTION))
     section = text[start:end if end > 0 else None]
     blocks = re.findall(r"^```sh\n(.*?)^```", section, flags=re.S | re.M)
     assert blocks, f"no ```sh block in README.md's section {SECTION!r}"
-    return blocks
+    assert sum(b.startswith(PJSUA2_ONLY) for b in blocks) == 1, f"one block of {SECTION!r} starts {PJSUA2_ONLY!r}"
+    return [b for b in blocks if backend == "pjsua2" or not b.startswith(PJSUA2_ONLY)]
 
 
 def control_room_site(folder: Path, backends: dict[str, str]) -> Site:
@@ -175,13 +188,16 @@ def installed(request: pytest.FixtureRequest, site: Site, tmp_path_factory: pyte
         # Brought from the control room, as the README says: the site file and this post's secret only.
         shutil.copy2(site.path, home / "site.yaml")
         shutil.copy2(site.post(post).secret.file or "", home / f"{post}.secret")
+        if request.param == "pjsua2":  # the wheel built on the control-room PC, brought like the site file
+            wheel = ensure_wheel(Target.for_machine("aarch64"))
+            shutil.copy2(wheel, home / wheel.name)
         git_snapshot(root.host_path(SOURCE))
         chown_tree(home, uid, gid)
         env = {"POST": post, "SIP_REFUGE_GIT": SOURCE,
                # This network's HTTPS proxy CA, as on the host (pip reaches PyPI through it); not a README step.
                "PIP_CERT": "/etc/host-network-ca.crt"}
         seconds = []
-        for block in readme_blocks():
+        for block in readme_blocks(request.param):
             started = time.monotonic()
             root.run(["bash", "-euo", "pipefail", "-c", block], user=LOGIN_USER, cwd=HOME, env=env, timeout=1800)
             seconds.append(time.monotonic() - started)
@@ -190,9 +206,26 @@ def installed(request: pytest.FixtureRequest, site: Site, tmp_path_factory: pyte
         root.remove()
 
 
-def start_as_systemd(pi: Installed, log: Path, notify: NotifySocket) -> subprocess.Popen[bytes]:
-    """``systemctl start sip-refuge-post@POST`` as systemd would do it, plus mock GPIO and no sound card."""
-    return start_unit(pi.root, pi.unit, pi.post, ["--gpio", "mock", "--audio", "null"], log=log, notify=notify)
+def start_as_systemd(pi: Installed, log: Path, notify: NotifySocket, card: tuple[str, str]) -> subprocess.Popen[bytes]:
+    """``systemctl start sip-refuge-post@POST`` as systemd would do it, with mock GPIO and the mock sound card
+    (microphone ``card[0]``, speaker ``card[1]``) in place of the unit's ``--audio``."""
+    return start_unit(pi.root, pi.unit, pi.post, ["--gpio", "mock", "--audio-in", card[0], "--audio-out", card[1]],
+                      without=["--audio"], log=log, notify=notify)
+
+
+def mock_card(pi: Installed, caller: speech.Samples) -> tuple[str, str, Path]:
+    """IN.wav (the caller's voice) in the service's working folder, owned by the service; OUT.wav's path in the
+    Pi and on this side."""
+    user, workdir = pi.unit.service("User") or "", pi.unit.service("WorkingDirectory") or ""
+    pi.root.run(["install", "-d", "-o", user, "-g", user, "-m", "0750", workdir])
+    uid, gid = user_ids(pi.root, user)
+    voice = write_wav(pi.root.host_path(f"{workdir}/in.wav"), caller, RATE)
+    os.chown(voice, uid, gid)
+    return f"{workdir}/in.wav", f"{workdir}/out.wav", pi.root.host_path(f"{workdir}/out.wav")
+
+
+def found(reference: speech.Samples, ref_rate: int, recording: speech.Samples, rate: int) -> speech.Match:
+    return speech.match(speech.resample(reference, ref_rate, rate), recording, rate)
 
 
 def stop(proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -273,18 +306,21 @@ def test_gpiozero_picks_lgpio_from_pip_in_the_service_working_folder(installed: 
     assert refused.returncode != 0 and ".lgd-nfy" in refused.stderr
 
 
-def test_the_unit_starts_a_post_that_registers_is_answered_and_tests_itself(
+def test_the_unit_starts_a_post_that_registers_talks_both_ways_and_tests_itself(
         installed: Installed, pbx: Asterisk, tmp_path: Path) -> None:
-    """The unit's command runs the post in the Pi: READY and watchdog, registered, press queued then answered."""
+    """The unit's command runs the post in the Pi: READY and watchdog, registered, queued then answered, speech
+    both ways, self-test passed."""
     site, post = installed.site, installed.post
     desk = site.desk(DESK)
     log = tmp_path / "post.log"
+    caller, operator = babble(6.0, RATE, seed=1), babble(6.0, 8000, seed=2)
+    card_in, card_out, out = mock_card(installed, caller)
     notify = NotifySocket()
-    agent = start_as_systemd(installed, log, notify)
+    agent = start_as_systemd(installed, log, notify, (card_in, card_out))
     robot = DeskRobot(desk.id, desk.secret.read(), (site.pbx.host, site.pbx.sip_port), answer_after=None,
                       display=desk.name).start()
     try:
-        notify.wait("READY=1", 180)  # emulated start-up: Python and pyVoIP under qemu
+        notify.wait("READY=1", 180)  # emulated start-up: Python and the SIP stack under qemu
         notify.wait("WATCHDOG=1", 60)
         robot.wait_registered(15)
         installed.wait_status(f"post {post} idle and registered", 90, agent, log, state="idle", registered=True)
@@ -301,11 +337,27 @@ def test_the_unit_starts_a_post_that_registers_is_answered_and_tests_itself(
         connected = installed.status()
         assert connected["state"] == "connected"
         assert connected["lights"] == {"yellow": "on", "green": "on", "red": "off"}
+        robot.record(ring)
+        answered = wav_seconds(out)
+        robot.play_pcm(speech.pcm16(operator), ring)
+        wait_for(lambda: wav_seconds(out) >= answered + 8.0 and len(robot.recording(ring)) >= 8 * 16000 or None,
+                 90, "8 s of conversation")
         robot.hangup(ring)
         installed.wait_status("idle after the desk hung up", 30, agent, log, state="idle")
 
+        heard, rate = read_wav(out)
+        at_post = found(operator, 8000, heard, rate)
+        at_desk = found(caller, RATE, speech.samples(robot.recording(ring)), 8000)
+        print(f"{post}: the operator in OUT.wav: {at_post.describe()}; the caller at the desk: {at_desk.describe()}")
+        assert at_post.correlation >= HEARD and at_post.delay >= answered, \
+            f"the post's speaker did not play the operator: {at_post.describe()}"
+        assert at_desk.correlation >= HEARD, f"the caller's voice did not reach the desk: {at_desk.describe()}"
+
+        before = installed.ask("status").get("last_self_test")
         installed.ask("selftest")
-        tested = wait_for(lambda: installed.ask("status").get("last_self_test") or None, 120, "a self-test result")
+        tested = wait_for(lambda: (s := installed.ask("status"))["state"] != "selftest"
+                          and s.get("last_self_test") not in (None, before) and s["last_self_test"], 120,
+                          "a new self-test result")
         assert isinstance(tested, dict) and tested.get("passed") is True, tested
     finally:
         robot.stop()

@@ -20,6 +20,7 @@ from typing import Any
 from sip_refuge.post.agent import build_runner, load_post
 from sip_refuge.post.control import ControlServer, control_port
 from sip_refuge.post.events import Tick
+from sip_refuge.post.soundcard import Sound
 
 _out = threading.Lock()
 
@@ -31,7 +32,7 @@ def say(line: str) -> None:
 
 def main(site_file: str, post_id: str, state_dir: str) -> int:
     site, post = load_post(site_file, post_id)
-    runner = build_runner(site, post, gpio="mock", audio_device="null",
+    runner = build_runner(site, post, gpio="mock", sound=Sound("null"),
                           spool=Path(state_dir) / f"post-{post_id}-telemetry.jsonl")
     backend: Any = runner.backend  # on_dtmf is a hook of both backends, outside the SipBackend Protocol
     backend.on_dtmf = lambda call_id, digit: say(f"heard {call_id} {digit}")

@@ -134,10 +134,11 @@ class NotifySocket:
 
 
 def start_unit(root: PiRoot, unit: Unit, instance: str, extra: Sequence[str], *, log: Path,
-               notify: NotifySocket) -> subprocess.Popen[bytes]:
+               notify: NotifySocket, without: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     """What systemd does on ``systemctl start`` of the unit (instance ``instance``), as far as the process can
-    tell: StateDirectory made and owned, Environment and EnvironmentFile, ExecStart (+ ``extra``) as User with
-    Group and SupplementaryGroups in WorkingDirectory, NOTIFY_SOCKET and WATCHDOG_USEC."""
+    tell: StateDirectory made and owned, Environment and EnvironmentFile, ExecStart (+ ``extra``, less the
+    options in ``without`` with their values) as User with Group and SupplementaryGroups in WorkingDirectory,
+    NOTIFY_SOCKET and WATCHDOG_USEC."""
     user, group = unit.service("User") or "root", unit.service("Group") or "root"
     state = f"/var/lib/{unit.service('StateDirectory')}"
     root.run(["install", "-d", "-o", user, "-g", group, "-m", unit.service("StateDirectoryMode") or "0755", state])
@@ -147,7 +148,11 @@ def start_unit(root: PiRoot, unit: Unit, instance: str, extra: Sequence[str], *,
         if path.is_file():
             files[entry.removeprefix("-")] = path.read_text()
     env = unit.environment(files)
-    argv = unit.exec_start(instance, env) + list(extra)
+    argv = unit.exec_start(instance, env)
+    for option in without:
+        assert option in argv, f"{option} is not in the unit's ExecStart: {argv}"
+        del argv[argv.index(option):argv.index(option) + 2]
+    argv += extra
     watchdog = unit.service("WatchdogSec") or "30"
     env.update(NOTIFY_SOCKET="@" + notify.name, WATCHDOG_USEC=str(int(watchdog) * 1_000_000),
                STATE_DIRECTORY=state, PYTHONUNBUFFERED="1")

@@ -12,6 +12,7 @@ import pytest
 
 from sip_refuge.post.sip import pjsua2_build as build
 from sip_refuge.post.sip.pjsua2_build import BUILD_PACKAGES, PJPROJECT, Target
+from sip_refuge.post.sip.pjsua2_cross import HOST_PACKAGES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,7 +21,23 @@ def test_make_deps_installs_every_build_package() -> None:
     text = (REPO / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")
     listed = re.search(r"^DEB_PACKAGES := (.*)$", text, re.M)
     assert listed is not None
-    assert set(BUILD_PACKAGES) <= set(listed.group(1).split())
+    assert set(BUILD_PACKAGES) | set(HOST_PACKAGES) <= set(listed.group(1).split())
+
+
+def test_the_pi_target_is_debian_12s_python_on_arm64_from_the_cached_sysroot(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SIP_REFUGE_CACHE", str(tmp_path))
+    pi = Target.for_machine("aarch64")
+    assert pi.cross is not None
+    sysroot = pi.cross.sysroot
+    assert sysroot.parent == tmp_path / "pjsua2" and sysroot.name.startswith("sysroot-bookworm-arm64-")
+    assert pi.key == f"pjproject-{PJPROJECT}-{build.recipe_id()}-cp311-linux_aarch64"
+    assert pi.wheel_name == f"pjsua2-{PJPROJECT}+refuge.{build.recipe_id()}-cp311-cp311-linux_aarch64.whl"
+    assert (pi.ext_suffix, pi.cxx) == (".cpython-311-aarch64-linux-gnu.so", "aarch64-linux-gnu-g++")
+    assert pi.python_include == sysroot / "usr/include/python3.11"
+    assert pi.cross.configure_args() == ("--host=aarch64-linux-gnu", f"--with-ssl={sysroot}")
+    assert pi.cross.build_env()["LDFLAGS"] == pi.cross.cflags == f"--sysroot={sysroot}"
+    assert Target.for_machine("native") == Target.native()
 
 
 def test_cache_key_names_pjproject_recipe_python_and_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -4,6 +4,8 @@
 (``make venv`` installs it). The first run builds it (about 4 minutes on 2 cores); later runs find it in
 ``<cache>/pjsua2/<key>/`` in well under a second. The key names the pjproject version, this recipe, the
 Python ABI and the platform, so a Raspberry Pi running the same command builds its own natively.
+``--target aarch64`` cross-compiles on a PC the wheel for a Raspberry Pi (Debian 12's Python 3.11, arm64):
+:mod:`sip_refuge.post.sip.pjsua2_cross` holds what that adds (the arm64 sysroot, the check under qemu).
 
 Source: Debian unstable's ``asterisk`` source package carries pjproject as the component tarball
 ``*.orig-Xpjproject.tar.xz``, fetched with ``apt-get source`` through a private sources list (signature
@@ -17,9 +19,6 @@ Debian's.
 ``-DNDEBUG``: pjlib then logs a failed ``pj_assert`` instead of aborting, and ``PJ_ASSERT_RETURN`` returns an
 error that the binding raises as ``pjsua2.Error``: a bad call must not take an emergency post down.
 
-Cross-compiling for arm64 would add a :class:`Target` with ``host="aarch64-linux-gnu"`` (configure
-``--host``, ``aarch64-linux-gnu-g++``, arm64 ``-dev`` packages through multiarch, the arm64
-``libpython3.11-dev`` headers) and run :func:`check_binding` inside the arm64 root under qemu.
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ from pathlib import Path
 
 from sip_refuge.errors import SipError
 from sip_refuge.pbx.asterisk import cache_dir
+from sip_refuge.post.sip.pjsua2_cross import CROSS, HOST_PACKAGES, Cross, ensure_sysroot
 
 MODULE = "sip_refuge.post.sip.pjsua2_build"  # also when run as __main__
 PJPROJECT = "2.17"  # the version the backend is tested with; a different one in Debian's source is an error
@@ -84,13 +84,14 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Target:
-    """The Python and machine the wheel is for (today: the running interpreter on this machine)."""
+    """The Python and machine the wheel is for: the running interpreter's, or another machine's (``cross``)."""
 
     python_tag: str  # cp311
     platform_tag: str  # linux_x86_64, linux_aarch64
     ext_suffix: str  # .cpython-311-x86_64-linux-gnu.so
     python_include: Path
     cxx: str = "g++"
+    cross: Cross | None = None
 
     @classmethod
     def native(cls) -> Target:
@@ -98,6 +99,15 @@ class Target:
         platform = re.sub(r"[-.]", "_", sysconfig.get_platform())
         return cls(tag, platform, str(sysconfig.get_config_var("EXT_SUFFIX")), Path(sysconfig.get_paths()["include"]),
                    os.environ.get("CXX", "g++"))
+
+    @classmethod
+    def for_machine(cls, machine: str) -> Target:
+        """``native`` (the running Python), or a machine of :data:`CROSS` to cross-compile for."""
+        if machine == "native":
+            return cls.native()
+        cross = CROSS[machine]
+        return cls(f"cp{cross.python.replace('.', '')}", f"linux_{cross.machine}", cross.ext_suffix,
+                   cross.python_include, cross.cxx, cross)
 
     @property
     def key(self) -> str:
@@ -137,7 +147,10 @@ def ensure_wheel(target: Target | None = None, *, progress: Progress | None = No
         if wheel.is_file() and not rebuild:
             say(f"pjsua2: cached wheel {wheel} (built by another run)")
             return wheel
-        _check_packages()
+        # Cross-compiling, the -dev packages come from the sysroot: the PC needs only the tools.
+        _check_packages((*BUILD_PACKAGES[:3], *HOST_PACKAGES) if target.cross else BUILD_PACKAGES)
+        if target.cross:
+            ensure_sysroot(target.cross, say)
         if not (target.python_include / "Python.h").is_file():
             raise SipError(f"no Python.h in {target.python_include}: install the Python headers "
                            "(Debian: sudo apt-get install -y python3-dev)")
@@ -146,7 +159,7 @@ def ensure_wheel(target: Target | None = None, *, progress: Progress | None = No
             started = time.monotonic()
             tree = unpack_source(fetch_source(store / "src", say), work / "src", say)
             built = build(tree, target, work / "out", say)
-            check_binding(built.parent, say)
+            check_binding(built.parent, say, target.cross)
             wheel_dir = work / "wheel"
             write_wheel(built.parent, wheel_dir / target.wheel_name, target)
             if wheel.parent.exists():  # an older build of the same key (--rebuild); the lock says nobody writes it
@@ -169,13 +182,13 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _check_packages() -> None:
+def _check_packages(packages: Sequence[str]) -> None:
     if shutil.which("dpkg-query") is None:
         return  # not Debian: configure names what is missing
-    out = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${Status}\n", *BUILD_PACKAGES], capture_output=True,
+    out = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${Status}\n", *packages], capture_output=True,
                          text=True, check=False).stdout
     have = {line.split()[0] for line in out.splitlines() if line.endswith(" installed")}
-    missing = [p for p in BUILD_PACKAGES if p not in have]
+    missing = [p for p in packages if p not in have]
     if missing:
         raise SipError(f"building pjsua2 needs Debian packages: sudo apt-get install -y {' '.join(missing)} "
                        "(or run `make deps`)")
@@ -257,9 +270,12 @@ def build(tree: Path, target: Target, out: Path, say: Progress) -> Path:
     """configure, the static libraries and the SWIG wrapper (in parallel), then link ``_pjsua2``."""
     logs = out / "logs"
     logs.mkdir(parents=True)
-    env = {**os.environ, "CFLAGS": CFLAGS, "CXXFLAGS": CFLAGS, "LC_ALL": "C"}
-    say(f"pjsua2: configure {' '.join(CONFIGURE)}")
-    _run(["./configure", *CONFIGURE], tree, "configure", env=env, log=logs / "configure.log")
+    cross = target.cross
+    cflags = f"{CFLAGS} {cross.cflags}" if cross else CFLAGS
+    env = {**os.environ, "CFLAGS": cflags, "CXXFLAGS": cflags, "LC_ALL": "C", **(cross.build_env() if cross else {})}
+    configure = (*(cross.configure_args() if cross else ()), *CONFIGURE)
+    say(f"pjsua2: configure {' '.join(configure)}")
+    _run(["./configure", *configure], tree, "configure", env=env, log=logs / "configure.log")
     jobs = str(max(1, os.cpu_count() or 1))
     say(f"pjsua2: compiling pjproject and the SWIG wrapper (make -j{jobs} beside g++; about 4 min on 2 cores)...")
     swig_dir = tree / "pjsip-apps/src/swig/python"
@@ -365,11 +381,20 @@ def missing_features(caps: dict[str, object]) -> list[str]:
     return gaps
 
 
-def check_binding(stage: Path, say: Progress) -> None:
-    """Import the freshly built binding in a child process and insist on what a post needs."""
-    path = [str(stage), *filter(None, [os.environ.get("PYTHONPATH")])]
-    done = subprocess.run([sys.executable, "-m", MODULE, "--capabilities"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(path)}, timeout=60, check=False)
+def check_binding(stage: Path, say: Progress, cross: Cross | None = None) -> None:
+    """Import the freshly built binding in a child process and insist on what a post needs; a cross-built
+    one in the target's own Python under qemu, with a copy of sip_refuge (pure Python) beside it."""
+    if cross is None:
+        python, path = [sys.executable], [str(stage), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ}
+    else:
+        package = Path(__file__).resolve().parents[2]
+        shutil.copytree(package, stage.parent / "check" / package.name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        python, path = cross.python_argv(), [str(stage), str(stage.parent / "check")]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **cross.python_env()}
+    done = subprocess.run([*python, "-m", MODULE, "--capabilities"], capture_output=True, text=True, cwd=path[0],
+                          env={**env, "PYTHONPATH": os.pathsep.join(path)}, timeout=300, check=False)
     lines = done.stdout.strip().splitlines()
     if not lines or not lines[-1].startswith("{"):
         raise SipError(f"the built pjsua2 does not import or start:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -409,6 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the wheel's path (building it first if needed); ``--capabilities`` reports the installed binding."""
     parser = argparse.ArgumentParser(prog="python -m sip_refuge.post.sip.pjsua2_build", description=__doc__.split("\n")[0])
     parser.add_argument("--rebuild", action="store_true", help="build again even if a cached wheel exists")
+    parser.add_argument("--target", choices=["native", *CROSS], default="native",
+                        help="the machine the wheel is for: this one (default), or aarch64 (a Raspberry Pi's "
+                             "Debian 12 Python 3.11) cross-compiled here")
     parser.add_argument("--capabilities", action="store_true",
                         help="print what the importable pjsua2 offers (JSON) and exit non-zero if a post needs more")
     args = parser.parse_args(argv)
@@ -417,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(caps))
         return 1 if missing_features(caps) else 0
     try:
-        print(ensure_wheel(rebuild=args.rebuild))
+        print(ensure_wheel(Target.for_machine(args.target), rebuild=args.rebuild))
     except SipError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
