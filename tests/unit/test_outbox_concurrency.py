@@ -21,7 +21,9 @@ from sip_refuge.sidecar import events as ev
 from sip_refuge.sidecar.outbox import Backoff, Outbox
 from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.targets import TargetError
+from tests.support.disk import SmallDisk
 from tests.support.receivers import make_site
+from tests.unit.test_store_faults import truncate_wal
 
 T0 = datetime(2026, 12, 2, 2, 0, 0, tzinfo=UTC)
 FAST = Backoff(base=0.01, cap=0.05)  # real backoff, compressed so retries come within a test's time
@@ -271,3 +273,37 @@ def test_concurrency_is_a_target_setting_with_a_default_and_bounds(tmp_path: Pat
         make_site(tmp_path / "zero", entry + "    concurrency: 0\n")
     [problem] = [str(p) for p in info.value.problems]
     assert str(tmp_path / "zero") in problem and "concurrency" in problem
+
+
+def test_on_a_full_disk_held_events_go_from_memory_concurrently_and_in_order_and_are_recorded_once(
+        tmp_path: Path, site: Site) -> None:
+    """A real full disk: the events wait in memory, the senders still take every stream's head at once, and
+    once the disk has space the deliveries are recorded from the worker's ``_sent``, not sent again."""
+    gate = Gate()
+    with SmallDisk(tmp_path / "disk", "2m") as disk:
+        store = Store(disk.path / "refuge.sqlite3")
+        outbox = Outbox(store, [gate], concurrency=4, backoff=FAST)
+        try:
+            truncate_wal(disk.path / "refuge.sqlite3")
+            disk.fill()
+            calls = [call(site, f"inc-{n}", post=("sutton-market", "bus-station")[n % 2]) for n in range(2)]
+            published = [e for events in calls for e in events]
+            for event in published:
+                outbox.publish(event)
+            assert outbox.backlog.status().events == 6 and store.pending_count("hook") == 0  # all in memory
+            outbox.start()
+            gate.wait_for(lambda: len(gate.inside) == 2, "both heads in flight from memory")
+            assert {e.type for e in gate.inside} == {ev.CALL_QUEUED}
+            gate.open_all()
+            gate.wait_for(lambda: len(gate.accepted) == 6, "all six")
+            eventually(lambda: outbox.status()[0].delivered == 6, "six recorded as sent")
+            disk.free()
+            assert outbox.flush(force=True) == 6
+            eventually(lambda: store.delivery_counts() == {"hook": {"delivered": 6}}, "the store to record them")
+        finally:
+            gate.open_all()
+            outbox.close()
+            store.close()
+    assert gate.peak_per_stream == 1
+    assert by_stream(gate.accepted) == by_stream(published)
+    assert len(gate.attempts) == 6  # none sent twice
