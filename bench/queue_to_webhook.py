@@ -63,8 +63,10 @@ class TimedReceiver(WebhookReceiver):
 
     def handle(self, path: str, body: bytes, headers: dict[str, str]) -> int:
         at = time.time()
-        status = super().handle(path, body, headers)
+        # One hold of the (re-entrant) lock around both: with requests arriving at once, the event appended
+        # here must be the one paired with this request's time.
         with self.cond:
+            status = super().handle(path, body, headers)
             if status == 204 and len(self.arrived) < len(self.events):
                 self.arrived.append((at, self.events[-1]))
         return status

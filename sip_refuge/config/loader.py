@@ -16,6 +16,7 @@ from sip_refuge.config.files import control_character, printable
 from sip_refuge.config.model import (
     DEFAULT_CLOSE_REASONS,
     MONITORING_NETWORKS,
+    TARGET_CONCURRENCY,
     Ami,
     Camera,
     CctvTarget,
@@ -505,10 +506,13 @@ class _Builder:
         kind = cctv.kind(kind_name or "")
         if kind is None:
             return None
+        # At most 10: an HTTP target keeps 10 connections open (requests' pool); more would open and drop one
+        # per event.
+        concurrency = r.integer("concurrency", TARGET_CONCURRENCY, low=1, high=10) or TARGET_CONCURRENCY
         options, secret = kind.read(r, self)
         if options is None or name is None:
             return None
-        return CctvTarget(kind.name, name, options, secret)
+        return CctvTarget(kind.name, name, options, secret, concurrency)
 
     def plain_mapping(self, r: Reader) -> dict[str, str]:
         """A mapping of free names to one-line values (webhook headers, Nx camera ids)."""

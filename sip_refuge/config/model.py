@@ -259,6 +259,9 @@ class TargetOptions:
     """The type-specific keys of one CCTV target, validated: each kind subclasses this (``config/cctv``)."""
 
 
+TARGET_CONCURRENCY = 8  # ``cctv[].concurrency`` when a site file does not say
+
+
 @dataclass(frozen=True)
 class CctvTarget:
     """One CCTV/VMS target; ``options`` is its kind's options dataclass (``sip_refuge.config.cctv``)."""
@@ -267,6 +270,7 @@ class CctvTarget:
     name: str
     options: TargetOptions
     secret: Secret | None = None
+    concurrency: int = 8  # TARGET_CONCURRENCY: deliveries in flight at once, each of a different incident or post
 
 
 @dataclass(frozen=True)

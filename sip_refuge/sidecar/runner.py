@@ -44,7 +44,8 @@ class SidecarRunner:
         # Refuses (SidecarError, with the recovery) a database file that is empty, not SQLite or damaged.
         self.store = Store(self.conf.database)
         targets = [make_target(t) for t in site.cctv]
-        self.outbox = Outbox(self.store, targets, reveal=Revealer(site), mask=Masker.for_site(site))
+        self.outbox = Outbox(self.store, targets, reveal=Revealer(site), mask=Masker.for_site(site),
+                             concurrency={t.name: t.concurrency for t in site.cctv})
         base = self.conf.public_url or f"http://{self.conf.host}:{self.conf.port}"
         self.monitor: Any = None
         watch = cameras and any(p.camera for p in site.posts)

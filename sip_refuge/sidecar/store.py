@@ -257,25 +257,30 @@ class Store:
     # incident's events in order at each target while other incidents (and other targets) go on. ``:sent``
     # lists events a worker delivered but could not yet record (the store was failing): they count as done.
     _PENDING = "status = 'pending' AND event_id NOT IN (SELECT value FROM json_each(:sent))"
+    # ``:busy`` lists streams with an event on the wire: their next event waits for that one's outcome.
     _HEADS = f"""
-        SELECT d.event_seq, d.attempts, d.next_attempt_at, e.id, e.incident, e.post_id, e.body
+        SELECT d.event_seq, d.attempts, d.next_attempt_at, e.id, e.type, e.incident, e.post_id, e.body
         FROM deliveries d JOIN events e ON e.seq = d.event_seq
-        WHERE d.target = :target AND d.{_PENDING}
+        WHERE d.target = :target AND d.{_PENDING} AND d.stream NOT IN (SELECT value FROM json_each(:busy))
           AND d.event_seq = (SELECT MIN(d2.event_seq) FROM deliveries d2
                              WHERE d2.target = d.target AND d2.{_PENDING} AND d2.stream = d.stream)
     """
 
-    def due(self, target: str, now: float, limit: int = 50, sent: Iterable[str] = ()) -> list[Delivery]:
-        """Stream heads for ``target`` whose next attempt is due at ``now``, oldest first."""
-        rows = self._all(self._HEADS + " AND d.next_attempt_at <= :now ORDER BY d.event_seq LIMIT :limit",
-                         {"target": target, "now": now, "limit": limit, "sent": _ids(sent)})
+    def due(self, target: str, now: float, limit: int = 50, sent: Iterable[str] = (),
+            busy: Iterable[str] = ()) -> list[Delivery]:
+        """Stream heads for ``target`` whose next attempt is due at ``now``, but those of ``busy`` streams:
+        ``call.queued`` first (it puts the caller's camera on screen), then oldest first."""
+        rows = self._all(self._HEADS + " AND d.next_attempt_at <= :now"
+                         " ORDER BY e.type = 'call.queued' DESC, d.event_seq LIMIT :limit",
+                         {"target": target, "now": now, "limit": limit, "sent": _ids(sent), "busy": _ids(busy)})
         return [Delivery(int(r["event_seq"]), target, int(r["attempts"]), float(r["next_attempt_at"]),
                          self._event(r)) for r in rows]
 
-    def next_attempt(self, target: str, sent: Iterable[str] = ()) -> float | None:
-        """When the earliest stream head of ``target`` is due; None when nothing is pending."""
+    def next_attempt(self, target: str, sent: Iterable[str] = (), busy: Iterable[str] = ()) -> float | None:
+        """When the earliest stream head of ``target`` (but those of ``busy`` streams) is due; None when
+        nothing is pending."""
         value = self._all(f"SELECT MIN(next_attempt_at) FROM ({self._HEADS})",
-                          {"target": target, "sent": _ids(sent)})[0][0]
+                          {"target": target, "sent": _ids(sent), "busy": _ids(busy)})[0][0]
         return None if value is None else float(value)
 
     def pending_streams(self, target: str, sent: Iterable[str] = ()) -> set[str]:

@@ -30,7 +30,7 @@ def healthz() -> tuple[Response, int]:
     status = h.outbox.status()
     targets = [{"name": t.name, "healthy": t.healthy, "pending": t.pending, "last_success": t.last_success,
                 "last_error": t.last_error, "last_error_at": t.last_error_at,
-                "consecutive_failures": t.consecutive_failures} for t in status]
+                "consecutive_failures": t.consecutive_failures, "in_flight": t.in_flight} for t in status]
     database, _ = _database(h)
     link = h.link.status()
     pbx = _pbx_pair(h)

@@ -51,6 +51,8 @@ class SidecarCollector(Collector):
                      "Failed delivery attempts since start, by target.", [({"target": t.name}, t.failed) for t in status])
         yield family("gauge", "refuge_target_up", "1 when the target's last delivery attempt succeeded.",
                      [({"target": t.name}, 1 if t.healthy else 0) for t in status])
+        yield family("gauge", "refuge_target_in_flight", "Deliveries on the wire to the target now (at most its concurrency).",
+                     [({"target": t.name}, t.in_flight) for t in status])
         posts = h.views.posts()
         yield family("gauge", "refuge_posts_online", "Posts whose SIP contact is reachable.",
                      [({}, sum(1 for p in posts if p["online"]))])
