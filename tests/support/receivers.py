@@ -119,7 +119,7 @@ SPEC_DATA = {
     "post.offline": ("post",), "post.online": ("post",), "camera.fault": ("post", "reason"),
     "camera.ok": ("post",), "selftest.failed": ("post", "reason"),
     "pbx.down": ("pbx", "reason"), "pbx.up": ("pbx", "reason"),
-    "camera.ok": ("post",), "selftest.failed": ("post", "reason"), "post.fault": ("post", "reason", "faults"),
+    "post.fault": ("post", "reason", "faults"),
     "post.ok": ("post", "faults"),
 }
 
