@@ -783,8 +783,11 @@ def test_lights_are_sent_only_when_they_change() -> None:
 
 
 def test_machine_is_pure_no_clock_threads_or_io() -> None:
-    tree = ast.parse(Path(machine_module.__file__).read_text(encoding="utf-8"))
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert not imported & {"time", "threading", "socket", "asyncio", "os", "subprocess", "datetime"}
+    rooms = sorted(Path(machine_module.__file__).parent.glob("*.py"))
+    assert len(rooms) > 1  # the package's rooms, every one of them, not just its __init__
+    for room in rooms:
+        tree = ast.parse(room.read_text(encoding="utf-8"))
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not imported & {"time", "threading", "socket", "asyncio", "os", "subprocess", "datetime"}, room.name
