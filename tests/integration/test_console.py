@@ -189,6 +189,9 @@ def expect_quiet(page: Page, title: str) -> None:
     expect(page.locator("body")).to_have_attribute("data-sound", "off")
     expect(page.locator("#alarm")).to_be_hidden()
     assert page.evaluate("window.refugeConsole.sound().playing") is False
+    # The analyser still holds the last samples of a tone for a moment after it stops (longer on a loaded
+    # machine): wait for the output to fall silent once, then it must stay silent over a whole round.
+    page.wait_for_function("window.refugeConsole.sound().level === 0", polling=20, timeout=WAIT_MS)
     assert page.evaluate(LOUDEST) == 0
     expect(page).to_have_title(title, timeout=5000)
 

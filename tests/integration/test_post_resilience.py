@@ -236,9 +236,10 @@ def test_pbx_killed_mid_call_is_seen_within_seconds_and_the_alarm_resent(
         try:
             running_pbx.start()
             register_desk(desk, running_pbx, site)
+            rung = len(desk.incoming)  # counted before the post may send: its INVITE can ring the desk at once
         finally:
             agent.resume()
-        again = answer_alarm(agent, desk, index=len(desk.incoming))
+        again = answer_alarm(agent, desk, index=rung)
         status = agent.status()
         assert round(status["alarm"]["since"], 1) == round(before["alarm"]["since"], 1)
         assert status["alarm"]["attempts"] >= 2

@@ -111,7 +111,10 @@ class Calling(Registering):
         to = resp.header("to")
         self._request("ACK", call.remote_uri, call=call, dest=call.dest, on_final=lambda r: None, timeout=0,
                       branch=call.invite_branch, cseq=call.invite_cseq, to=to)
-        if resp.code in (401, 407) and not authed and call.state != "ended":
+        # A challenge to an attempt the post has already given up (hung up before any provisional: the PBX was
+        # silent, then came back and answered a retransmission) ends it here: answering the challenge would
+        # place a second, ghost alarm in the queue beside the one the post re-sends.
+        if resp.code in (401, 407) and not authed and call.state != "ended" and not call.cancel_pending:
             self._invite(call, resp)
             return
         was_cancelled = call.cancel_pending
