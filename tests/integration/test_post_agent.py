@@ -142,12 +142,18 @@ def agent_process(site: Site, post_id: str, running_pbx: Asterisk, tmp_path: Pat
 
 
 def answer_alarm(agent: InProcessAgent | AgentProcess, desk: SipPeer, index: int = 0) -> IncomingCall:
-    """The desk rings with the alarm and answers it; the post is connected, yellow and green on."""
+    """The desk rings with the alarm and answers it; the post is connected, yellow and green on.
+
+    The ring answered is the newest still ringing from ``index`` on once the post is queued: a ring the PBX has
+    cancelled since (an attempt the post gave up as the PBX came back, cancelled in milliseconds) is not the alarm.
+    """
     try:
-        ring = desk.wait_incoming(15, index=index)
+        desk.wait_incoming(15, index=index)
     except TimeoutError as exc:
         raise AssertionError(f"{exc}; the post's status: {agent.status()}") from None
     agent.wait_status(lambda s: s["state"] == "queued" and lights(s, yellow="on"), 10, "queued, yellow on")
+    ring = desk.wait_for(lambda: next((c for c in reversed(desk.incoming[index:]) if c.state == "ringing"), None),
+                         15, "the alarm ringing at the desk")
     ring.answer()
     agent.wait_status(lambda s: s["state"] == "connected" and lights(s, yellow="on", green="on"), 10,
                       "connected, yellow and green on")

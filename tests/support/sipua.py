@@ -277,6 +277,8 @@ class IncomingCall:
     def answer(self, timeout: float = 5.0) -> None:
         # Mark the call answered before the 200 leaves: on loopback the ACK can come back first.
         with self.peer.lock:
+            if self.state != "ringing":  # a cancelled call answered would look answered and connect nobody
+                raise AssertionError(f"answering an incoming call that is {self.state}")
             self.state = "answered"
         self.peer.respond(self.invite, self.source, 200, "OK", tag=self.dialog.local_tag,
                           body=self.rtp.sdp(int(time.time())))

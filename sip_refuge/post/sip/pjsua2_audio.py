@@ -57,6 +57,11 @@ class CardPort(pj.AudioMediaPort):  # type: ignore[misc]  # the SWIG binding shi
     """The mock card on the bridge: the bridge's mix for the speaker comes in (every tick, even silence), the
     microphone's frame (echo cancelled unless :attr:`cancel` is off) goes out on the next request."""
 
+    # Closed until __init__ says otherwise, and again while the object is torn down: pjmedia's clock thread can
+    # call in while Python clears the instance's attributes (before SWIG's destructor takes the port off the
+    # bridge), and must then find the class's value, not an AttributeError.
+    closed = True
+
     def __init__(self, card: MockCard, canceller: aec.EchoCanceller | None) -> None:
         super().__init__()
         self.card, self.canceller = card, canceller
@@ -97,6 +102,8 @@ class Player(pj.AudioMediaPlayer):  # type: ignore[misc]
 
 class ListenPort(pj.AudioMediaPort):  # type: ignore[misc]
     """Records what the bridge sends it, up to ``seconds``; :attr:`full` then."""
+
+    closed = True  # as CardPort's: the clock thread may call in while the object is built or torn down
 
     def __init__(self, seconds: float) -> None:
         super().__init__()
