@@ -265,7 +265,9 @@ def test_press_while_asterisk_is_down_retries_until_the_desk_answers(
     assert connected["alarm"]["attempts"] >= 2
     dials = agent.reports("call", event="dial", target="queue")
     assert len(dials) == connected["alarm"]["attempts"]
-    assert len(desk.invites()) == 1
+    # One alarm at the desk. An attempt that the returning PBX let in just as the post gave it up (after the
+    # freeze both timers are due at once) rings for milliseconds and is cancelled: that is not a second alarm.
+    assert len([c for c in desk.incoming if c.state != "cancelled"]) == 1, [c.state for c in desk.incoming]
 
     ring.hangup()
     agent.wait_status(lambda s: s["state"] == "idle" and lights(s), 10, "idle after the desk hung up")
