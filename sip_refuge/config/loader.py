@@ -472,8 +472,10 @@ class _Builder:
         per_post = r.size("telemetry_per_post", d.telemetry_per_post, low=64 * 1024, high=1 << 30)
         forever = r.has("incidents") and r.value["incidents"] == "forever"
         incidents = None if forever else r.duration("incidents", None, low=30 * 86400, high=years)
+        audit = r.duration("audit", d.audit, low=30 * 86400, high=years)
         r.done()
-        return Retention(events or d.events, telemetry or d.telemetry, per_post or d.telemetry_per_post, incidents)
+        return Retention(events or d.events, telemetry or d.telemetry, per_post or d.telemetry_per_post, incidents,
+                         audit or d.audit)
 
     def http_limits(self, r: Reader) -> HttpLimits:
         d = HttpLimits()

@@ -501,6 +501,11 @@ class Store:
             " OVER (ORDER BY seq DESC) AS kept FROM telemetry WHERE post_id = :post) WHERE kept > :keep"
             " ORDER BY seq DESC LIMIT 1)", {"post": post_id, "keep": keep_bytes}).rowcount
 
+    def prune_audit(self, before: str, batch: int = 1000) -> int:
+        """Delete up to ``batch`` audit entries made before ``before`` (ISO UTC)."""
+        return self._exec("DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE at < ? ORDER BY at LIMIT ?)",
+                          (before, batch)).rowcount
+
     def telemetry_posts(self) -> list[str]:
         return [str(r[0]) for r in self._all("SELECT DISTINCT post_id FROM telemetry")]
 
