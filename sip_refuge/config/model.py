@@ -195,6 +195,7 @@ class Retention:
     telemetry: int = 30 * 86400  # post agents' reports
     telemetry_per_post: int = 16 * 1024 * 1024  # bytes of the newest reports kept per post
     incidents: int | None = None  # ended incidents and their timelines; None: kept for ever
+    audit: int = 400 * 86400  # the audit log's logins, logouts and operators' writes
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,9 @@ from sip_refuge.config.files import control_character
 from sip_refuge.config.source import Source, join
 from sip_refuge.errors import Problem
 
+# The ids of posts, desks, cameras, targets and close reasons: they name things in URLs, metrics and Asterisk's config.
+ID = r"[a-z0-9][a-z0-9-]{0,39}"
+ID_HINT = "must be lowercase letters, digits and '-' (at most 40, not starting with '-')"
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)?\s*$")
 _UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)

@@ -1,8 +1,8 @@
 """Retention: the database forgets old events, deliveries and telemetry, so it cannot fill the disk by itself.
 
 ``sidecar.retention`` in the site file sets the ages (events and their deliveries 400 days, telemetry 30
-days) and how many bytes of telemetry each post keeps (16 MB: a post that floods the API only replaces its
-own history). Incidents and their timelines are the legal record of the service and are kept for ever
+days, the audit log 400 days) and how many bytes of telemetry each post keeps (16 MB: a post that floods the
+API only replaces its own history). Incidents and their timelines are the legal record of the service and are kept for ever
 unless ``retention.incidents`` says otherwise; a live incident is never pruned.
 
 :class:`Pruner` runs in the runner's "retention" thread: once at start, then every ``PRUNE_EVERY`` seconds.
@@ -59,6 +59,8 @@ def prune(store: Store, policy: Retention, now: datetime) -> Counter[str]:
         deleted["telemetry"] += n
     for post_id in store.telemetry_posts():
         deleted["telemetry"] += store.trim_telemetry(post_id, policy.telemetry_per_post)
+    while (n := store.prune_audit(before(policy.audit), BATCH)) > 0:
+        deleted["audit"] += n
     if policy.incidents is not None:
         while (n := store.prune_incidents(before(policy.incidents), BATCH)) > 0:
             deleted["incidents"] += n

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-import sip_refuge.post.sip.pjsua2 as pjsua2
+import sip_refuge.post.sip.pjsua2_register as pjsua2_register
 from sip_refuge.post.events import Event, Registered, Unregistered
 from sip_refuge.post.sip.pjsua2 import MIN_REFRESH, REGISTER_TIMEOUT, Backend
 
@@ -38,7 +38,7 @@ class Account:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     c = Clock()
-    monkeypatch.setattr(pjsua2, "time", c)
+    monkeypatch.setattr(pjsua2_register, "time", c)
     return c
 
 

@@ -80,6 +80,16 @@ def test_incidents_go_only_when_the_site_asks_and_never_a_live_one(site: Site, s
     assert store.incident("live-long-ago") is not None and store.incident("live-long-ago").timeline  # type: ignore[union-attr]
 
 
+def test_the_audit_log_keeps_its_own_age(store: Store) -> None:
+    for days in (500, 401, 399, 1):
+        store.add_audit({"at": ev.iso_utc(NOW - days * DAY), "action": "login", "outcome": "ok", "actor": f"d{days}",
+                         "role": "operator", "address": "127.0.0.1", "target": None, "detail": {}})
+    assert prune(store, Retention(), NOW) == {"audit": 2}
+    assert [e["actor"] for e in store.audit()] == ["d1", "d399"]
+    assert prune(store, Retention(audit=30 * 86400), NOW) == {"audit": 1}
+    assert [e["actor"] for e in store.audit()] == ["d1"]
+
+
 def test_each_post_keeps_its_newest_telemetry_within_its_byte_budget(store: Store) -> None:
     for n in range(100):
         store.add_telemetry("sutton-market", NOW, {"n": n, "pad": "x" * 80})  # about 100 bytes each
@@ -141,21 +151,22 @@ def site_with(tmp_path: Path, retention: str) -> Path:
 def test_retention_defaults_keep_incidents_for_ever() -> None:
     site = load_site(EXAMPLE, check_secrets=False)
     assert site.sidecar is not None and site.sidecar.retention == Retention(
-        events=400 * 86400, telemetry=30 * 86400, telemetry_per_post=16 << 20, incidents=None)
+        events=400 * 86400, telemetry=30 * 86400, telemetry_per_post=16 << 20, incidents=None, audit=400 * 86400)
 
 
 def test_retention_keys_are_read(tmp_path: Path) -> None:
-    path = site_with(tmp_path, "  retention: {events: 90d, telemetry: 7d, telemetry_per_post: 2MB, incidents: 3650d}")
+    path = site_with(tmp_path, "  retention: {events: 90d, telemetry: 7d, telemetry_per_post: 2MB, incidents: 3650d,"
+                               " audit: 730d}")
     site = load_site(path, check_secrets=False)
     assert site.sidecar is not None
-    assert site.sidecar.retention == Retention(90 * 86400, 7 * 86400, 2 << 20, 3650 * 86400)
+    assert site.sidecar.retention == Retention(90 * 86400, 7 * 86400, 2 << 20, 3650 * 86400, 730 * 86400)
     path = site_with(tmp_path, "  retention: {incidents: forever}")
     assert load_site(path, check_secrets=False).sidecar.retention.incidents is None  # type: ignore[union-attr]
 
 
 def test_bad_retention_keys_are_located(tmp_path: Path) -> None:
     path = site_with(tmp_path, "  retention:\n    events: 2h\n    telemetry_per_post: lots\n    telemetry: 30\n"
-                     "    incidnets: 1d")
+                     "    incidnets: 1d\n    audit: 7d")
     with pytest.raises(ConfigError) as raised:
         load_site(path, check_secrets=False)
     lines = [str(p) for p in raised.value.problems]
@@ -165,3 +176,4 @@ def test_bad_retention_keys_are_located(tmp_path: Path) -> None:
     assert any(f":{line + 2}: sidecar.retention.telemetry: 30 is out of range" in t for t in lines)
     assert any(f":{line + 3}: sidecar.retention.incidnets: unknown key; did you mean 'incidents'?" in t
                for t in lines)
+    assert any(f":{line + 4}: sidecar.retention.audit: '7d' is out of range (2592000 s" in t for t in lines)

@@ -285,6 +285,11 @@ def test_a_guesser_is_slowed_and_logged_once_per_wait_while_the_operator_gets_in
     assert audit(app)[0]["detail"]["reason"] == "wrong password"
     # Meanwhile alice logs in from her own desk.
     assert log_in(client(app), "alice", PASSWORDS["alice"]).status_code == 303
+    # Monitoring sees the guessing without reading the audit log.
+    metrics = client(app).get("/metrics").get_data(as_text=True)
+    assert 'refuge_audit_entries_total{action="login",outcome="failed"} 7.0' in metrics
+    assert 'refuge_audit_entries_total{action="login",outcome="throttled"} 1.0' in metrics
+    assert 'refuge_audit_entries_total{action="login",outcome="ok"} 1.0' in metrics
 
 
 def test_an_unknown_name_fails_like_a_wrong_password(app: Flask) -> None:

@@ -13,6 +13,10 @@ and the self-test's chirp meet there; a real card is pjmedia's ALSA device with 
 card an ``AudioMediaPort`` on the null device's clock. The backend reports facts (responses, 100 Trying included;
 ``MediaStalled``/``MediaResumed``; what a check heard); every timing decision is the machine's.
 
+The backend is in three parts: this module (the interface, the owner thread, start and stop),
+:mod:`~sip_refuge.post.sip.pjsua2_calls` (the calls and their callbacks) and
+:mod:`~sip_refuge.post.sip.pjsua2_register` (the registrations with each PBX of the pair, and their watch).
+
 The binding is pjproject's official SWIG one, built by :mod:`sip_refuge.post.sip.pjsua2_build`
 (``make venv``); :mod:`~sip_refuge.post.sip.pjsua2_api` holds what this module asks of it.
 
@@ -35,7 +39,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from sip_refuge.errors import SipError
@@ -45,74 +48,18 @@ from sip_refuge.post.sip import pjsua2_api as api
 from sip_refuge.post.sip.guard import Counters, Gate, local_address_for, pbx_addresses
 from sip_refuge.post.sip.pjsua2_api import MediaSettings, pj
 from sip_refuge.post.sip.pjsua2_audio import BridgeAudio
+from sip_refuge.post.sip.pjsua2_calls import CallHandling, CallRecord, Command, guarded
+from sip_refuge.post.sip.pjsua2_register import MIN_REFRESH, REGISTER_TIMEOUT, Registrations
 
-__all__ = ["Backend", "MediaSettings"]
+__all__ = ["MIN_REFRESH", "REGISTER_TIMEOUT", "Backend", "MediaSettings"]
 
 log = logging.getLogger(__name__)
 
-Command = Callable[[], None]
 _STOP = object()  # the owner thread's last command
 POLL_MS = 100  # longest wait for packets; commands do not wait for it (doorbell)
 TICK = 0.1  # seconds between timer checks (prompts in turn, checks heard, silent media, registration watchdog)
 DIAL_HANDOFF = 0.05  # longest wait of dial() for its INVITE to leave (pjsua busy, stopping): then it returns
 STALL = 10.0  # the owner thread not turning for this long is a stuck SIP stack (health says so)
-# No answer to a refresh REGISTER within this of when it was due: the PBX is taken for gone (Registered again once
-# it answers). pjsip itself waits 32 s (timer F); an idle post must learn a PBX of its pair died before the next
-# press, not after it. (pjsua reports no start of its own refreshes, so the due time is worked out here.)
-REGISTER_TIMEOUT = 4.0
-MIN_REFRESH = 5  # pjsip's regc refreshes no sooner than this after a registration (DELAY_BEFORE_REFRESH)
-
-
-@dataclass
-class _Record:
-    """What the backend knows about one call. Callbacks and commands both run on the owner thread; the
-    lock around the call table is for the runner-side look-ups only."""
-
-    call_id: str
-    outgoing: bool
-    selftest: bool = False
-    call: Any = None
-    progress: int = 0
-    responded: bool = False  # any response to our INVITE, 100 Trying included: the PBX is alive
-    answered: bool = False
-    media_up: bool = False
-    finished: bool = False
-    local_hangup: bool = False
-    created: float = 0.0
-    media: Any = None  # the call's audio stream on the bridge, once it has one
-    # silent media
-    rx_packets: int | None = None
-    rx_changed: float = 0.0
-    stalled: bool = False
-    probing: bool = False  # an OPTIONS of ours is out in this call's dialog
-
-
-def _guarded(backend: Backend, what: str, run: Callable[[], None]) -> None:
-    """Run a callback body; an exception escaping into pjsip's C code would abort the process."""
-    try:
-        run()
-    except Exception:  # noqa: BLE001 - thread boundary (pjsip's thread): log, count and keep the post alive
-        backend._counters.count("errors", "%s: pjsua2 callback %s failed", backend._post, what, exc_info=True)
-
-
-class _PjCall(pj.Call):  # type: ignore[misc]  # the SWIG binding ships no types
-    """A pjsua2 Call whose callbacks report to the backend."""
-
-    def __init__(self, backend: Backend, record: _Record, account: Any, pj_call_id: int = -1) -> None:
-        super().__init__(account, pj_call_id)
-        self.backend, self.record = backend, record
-
-    def onCallState(self, prm: Any) -> None:  # noqa: N802 - pjsua2's name
-        _guarded(self.backend, "onCallState", lambda: self.backend._on_call_state(self.record, self, prm))
-
-    def onCallTsxState(self, prm: Any) -> None:  # noqa: N802
-        _guarded(self.backend, "onCallTsxState", lambda: self.backend._on_tsx_state(self.record, prm))
-
-    def onCallMediaState(self, prm: Any) -> None:  # noqa: N802
-        _guarded(self.backend, "onCallMediaState", lambda: self.backend._on_media_state(self.record))
-
-    def onDtmfDigit(self, prm: Any) -> None:  # noqa: N802
-        _guarded(self.backend, "onDtmfDigit", lambda: self.backend._on_dtmf(self.record, str(prm.digit)))
 
 
 class _PjAccount(pj.Account):  # type: ignore[misc]
@@ -123,15 +70,15 @@ class _PjAccount(pj.Account):  # type: ignore[misc]
         self.backend, self.host = backend, host
 
     def onRegState(self, prm: Any) -> None:  # noqa: N802
-        _guarded(self.backend, "onRegState", lambda: self.backend._on_reg_state(
+        guarded(self.backend, "onRegState", lambda: self.backend._on_reg_state(
             int(prm.code), str(prm.reason), int(prm.expiration), api.rx_message(prm), self.host))
 
     def onIncomingCall(self, prm: Any) -> None:  # noqa: N802
-        _guarded(self.backend, "onIncomingCall", lambda: self.backend._on_incoming(
+        guarded(self.backend, "onIncomingCall", lambda: self.backend._on_incoming(
             self, int(prm.callId), *api.rx_source(prm)))
 
 
-class Backend:
+class Backend(Registrations, CallHandling):
     """:class:`~sip_refuge.post.sip.SipBackend` on pjsua2. Every public method only enqueues.
 
     ``on_dtmf(call_id, digit)``, when set, is called (on the owner thread: keep it short, never call the
@@ -166,7 +113,7 @@ class Backend:
         self._doorbell: socket.socket | None = None
         self._doorbell_to: tuple[str, int] = ("127.0.0.1", 0)
         self._lock = threading.Lock()
-        self._calls: dict[str, _Record] = {}
+        self._calls: dict[str, CallRecord] = {}
         self._incoming_ids = itertools.count(1)
         self._registered: dict[str, bool] = {}  # by PBX host
         self._reg_activity: dict[str, float] = {}
@@ -390,122 +337,6 @@ class Backend:
         for host, acc in self._accounts.items():
             self._watch_registration(host, acc, now)
 
-    def _watch_registration(self, host: str, acc: Any, now: float) -> None:
-        due = self._reg_due.get(host)
-        if due is not None and now - due > REGISTER_TIMEOUT:
-            del self._reg_due[host]  # pjsua goes on retransmitting; its answer, if any, registers the post again
-            if self._registered.get(host):
-                self._registered[host] = False
-                log.warning("%s: no answer from %s to a REGISTER in %.0f s: taken for gone", self._post, host,
-                            now - due)
-                self._emit(ev.Unregistered(f"no answer to a REGISTER within {REGISTER_TIMEOUT:g} s", host))
-        # pjsua retries timeouts and 5xx by itself but not 401/403/404 (a secret fixed on the PBX later).
-        if not self._registered.get(host) and now - self._reg_activity.get(host, now) > max(30.0, 3.0 * self.retry_interval):
-            self._reg_activity[host] = now
-            log.info("%s: still not registered with %s; registering again", self._post, host)
-            try:
-                acc.setRegistration(True)
-            except Exception as exc:  # noqa: BLE001 - pjsua busy with its own attempt: fine, try later
-                log.info("%s: re-register with %s: %s", self._post, host, exc)
-
-    def _check_media(self, rec: _Record, now: float) -> None:
-        count = api.rx_packets(rec.call)
-        if count is None:  # no audio stream (re-INVITE in progress): judge it on the next tick
-            return
-        if count != rec.rx_packets:
-            rec.rx_packets, rec.rx_changed = count, now
-            if rec.stalled:
-                rec.stalled = False
-                log.info("%s: RTP on call %s again", self._post, rec.call_id)
-                self._emit(ev.MediaResumed(rec.call_id))
-        elif now - rec.rx_changed >= self.media_gap and not rec.stalled:
-            rec.stalled = True
-            log.warning("%s: no RTP on call %s for %.1f s", self._post, rec.call_id, now - rec.rx_changed)
-            self._emit(ev.MediaStalled(rec.call_id))
-
-    def _check_audio(self, check_id: str, path: str, call_id: str | None, seconds: float) -> None:
-        rec = self._record(call_id) if call_id else None
-        if rec is not None and not rec.finished and rec.media is None and rec.call is not None:
-            rec.media = api.call_audio(rec.call)  # answered before its media callback was handled
-        media = rec.media if rec is not None and not rec.finished else None
-        try:
-            if self._audio is None or (path == "call" and media is None):
-                raise SipError("no call audio to check" if self._audio else "no audio")
-            self._audio.check(check_id, path, media, seconds)
-            log.info("%s: check %s: chirp on the %s path", self._post, check_id, path)
-        except (SipError, pj.Error) as exc:
-            log.warning("%s: check %s cannot run: %s", self._post, check_id, exc)
-            self._emit(ev.AudioHeard(check_id, 0))
-
-    def _dial(self, call_id: str, extension: str, host: str, selftest: bool) -> None:
-        account = self._account
-        assert account is not None
-        port, suffix = api.pbx_port(account.pbx)
-        uri = f"sip:{extension}@{host}:{port}{suffix}"
-        rec = _Record(call_id, outgoing=True, selftest=selftest, created=time.monotonic())
-        # The account of the PBX the call goes to: its From and Contact are the registration that PBX knows.
-        acc = self._accounts.get(host) or self._accounts[account.pbx.host]
-        rec.call = _PjCall(self, rec, acc)
-        with self._lock:
-            self._calls[call_id] = rec  # before makeCall: its first callbacks may come before it returns
-        log.info("%s: dialling %s (call %s%s)", self._post, uri, call_id, ", self-test" if selftest else "")
-        try:
-            rec.call.makeCall(uri, api.call_op())
-        except Exception as exc:  # noqa: BLE001 - pj.Error (bad URI, too many calls) or worse: the machine needs CallFailed
-            log.warning("%s: call %s could not start: %s", self._post, call_id, exc)
-            self._finish(rec, ev.CallFailed(call_id, None, f"cannot place call: {exc}"))
-
-    def _answer(self, call_id: str, status: int) -> None:
-        rec = self._record(call_id)
-        if rec is None or rec.outgoing or rec.finished:
-            log.info("%s: no ringing call %s to answer with %d", self._post, call_id, status)
-            return
-        if status >= 300:
-            rec.local_hangup = True
-        rec.call.answer(api.call_op(status))
-
-    def _hangup(self, call_id: str, reason: str) -> None:
-        rec = self._record(call_id)
-        if rec is None or rec.finished:
-            return
-        log.info("%s: hanging up call %s (%s)", self._post, call_id, reason)
-        self._end_call(rec)
-
-    def _end_call(self, rec: _Record) -> None:
-        # pjsua may report DISCONNECTED from inside hangup(), on this same thread: mark the record first.
-        rec.local_hangup = True
-        try:
-            rec.call.hangup(api.call_op())
-        except Exception as exc:  # noqa: BLE001 - a call already going away raises; it ends either way
-            log.info("%s: hangup of %s: %s", self._post, rec.call_id, exc)
-
-    def _send_dtmf(self, call_id: str, digits: str) -> None:
-        rec = self._record(call_id)
-        if rec is None or not rec.answered or rec.finished:
-            log.warning("%s: no established call %s for DTMF", self._post, call_id)
-            return
-        rec.call.dialDtmf(digits)  # RFC 4733 events on the RTP stream
-
-    def _connect_audio(self, rec: _Record) -> None:
-        if rec.finished or self._ep is None or self._audio is None:
-            return
-        media = api.call_audio(rec.call)
-        if media is None or media is rec.media:
-            return
-        rec.media = media
-        if not rec.selftest:  # the echo call carries only the self-test's chirp
-            self._audio.connect(media)
-
-    def _forget(self, rec: _Record) -> None:
-        with self._lock:
-            if self._calls.get(rec.call_id) is rec:
-                del self._calls[rec.call_id]
-        rec.call = None  # the pjsua2 Call is destroyed here, on the owner thread
-
-    def _record(self, call_id: str) -> _Record | None:
-        with self._lock:
-            return self._calls.get(call_id)
-
     def _shutdown(self) -> None:
         """Hang up every call and let pjsua finish them before libDestroy (else pjsua_call.c asserts)."""
         with self._lock:
@@ -564,149 +395,6 @@ class Backend:
         gc.collect()
         self._registered.clear()
         self._reg_due.clear()
-
-    # -- callbacks (on the owner thread, inside pjsip's event loop): update records, emit, enqueue ----------------------------------------------
-    def _internal(self, command: Command) -> None:
-        command._internal = True  # type: ignore[attr-defined]
-        self._queue.put(command)
-
-    def _on_reg_state(self, code: int, reason: str, expiration: int, response: str = "", host: str = "") -> None:
-        host = host or (self._account.pbx.host if self._account else "")
-        self._reg_activity[host] = now = time.monotonic()
-        self._reg_due.pop(host, None)
-        if code // 100 == 2 and expiration > 0 and self._gate is not None:
-            self._gate.learn_registration(header(response, "via"))
-        if code // 100 == 2 and expiration > 0:
-            if not self._registered.get(host):
-                log.info("%s: registered to %s (expires in %d s)", self._post, host, expiration)
-            self._registered[host] = True
-            # pjsip's regc refreshes delayBeforeRefreshSec before the expiry granted (never within 5 s).
-            self._reg_due[host] = now + max(MIN_REFRESH, expiration - self._before_expiry)
-            self._emit(ev.Registered(host))
-        elif code // 100 == 2:
-            self._registered[host] = False
-            log.info("%s: unregistered from %s", self._post, host)
-            self._emit(ev.Unregistered("unregistered", host))
-        else:
-            was, self._registered[host] = self._registered.get(host, False), False
-            log.warning("%s: registration to %s failed: %d %s", self._post, host, code, reason)
-            if was:
-                self._emit(ev.Unregistered(f"{code} {reason}", host))
-            self._emit(ev.RegistrationFailed(reason, code or None, host))
-
-    def _on_incoming(self, acc: Any, pj_call_id: int, source: str, message: str) -> None:
-        head, _, body = message.partition("\r\n\r\n")
-        request_line = head.split("\r\n", 1)[0].split()
-        uri = request_line[1] if len(request_line) == 3 else ""
-        if self._gate is None or self._gate.refuse_callback(source, uri, body) is not None:
-            self._refuse(acc, pj_call_id)  # before the runner (and its auto-answer policy) hears of it
-            return
-        rec = _Record(f"in-{next(self._incoming_ids)}", outgoing=False, created=time.monotonic())
-        rec.call = _PjCall(self, rec, acc, pj_call_id)
-        caller = api.remote_uri(rec.call)
-        with self._lock:
-            self._calls[rec.call_id] = rec
-        log.info("%s: incoming call %s from %s", self._post, rec.call_id, caller)
-        self._internal(lambda: self._send_ringing(rec))
-        self._emit(ev.IncomingCall(rec.call_id, caller))
-
-    def _refuse(self, acc: Any, pj_call_id: int) -> None:
-        # Kept as a finished record until pjsua reports it gone: dropping a live pjsua2 Call hangs it up again.
-        rec = _Record(f"refused-{next(self._incoming_ids)}", outgoing=False, created=time.monotonic(),
-                      finished=True, local_hangup=True)
-        rec.call = _PjCall(self, rec, acc, pj_call_id)
-        with self._lock:
-            self._calls[rec.call_id] = rec
-        # Not from inside the callback: a final answer there frees the INVITE pjsua2 frees again on return
-        # (an assertion aborts the process).
-        self._internal(lambda: rec.call.answer(api.call_op(403)) if rec.call is not None else None)
-
-    def _probe(self, call_id: str) -> None:
-        rec = self._record(call_id)
-        if rec is None or rec.finished or rec.call is None:
-            self._emit(ev.CallProbed(call_id, None))  # a call we no longer have is no call at all
-            return
-        rec.probing = True
-        try:
-            rec.call.sendRequest(api.request_param("OPTIONS"))
-        except Exception as exc:  # noqa: BLE001 - pj.Error: the dialog cannot take a request (it is going away)
-            rec.probing = False
-            log.warning("%s: call %s: cannot probe: %s", self._post, call_id, exc)
-            self._emit(ev.CallProbed(call_id, None))
-
-    def _send_ringing(self, rec: _Record) -> None:
-        if not rec.finished and not rec.answered and not rec.local_hangup:
-            rec.call.answer(api.call_op(180))
-
-    def _on_call_state(self, rec: _Record, call: Any, prm: Any) -> None:
-        state, code, reason = api.call_state(call)
-        if state in (api.INV_EARLY, api.INV_CONNECTING, api.INV_CONFIRMED):
-            rec.responded = True
-        if rec.finished and state == api.INV_DISCONNECTED:
-            self._internal(lambda: self._forget(rec))  # the call given up on is gone from pjsua at last
-            return
-        if rec.finished:  # given up on (no response): a late answer must not resurrect it
-            return
-        if state == api.INV_EARLY and rec.outgoing and code in (180, 183) and code != rec.progress:
-            rec.progress = code
-            log.info("%s: call %s: %d %s", self._post, rec.call_id, code, reason)
-            self._emit(ev.CallProgress(rec.call_id, code))
-        elif state == api.INV_CONFIRMED and not rec.answered:
-            rec.answered = True
-            log.info("%s: call %s answered", self._post, rec.call_id)
-            self._emit(ev.CallAnswered(rec.call_id))
-        elif state == api.INV_DISCONNECTED:
-            event: ev.Event
-            if rec.local_hangup:
-                event = ev.CallEnded(rec.call_id, "hung up locally")
-            elif rec.answered or not rec.outgoing:
-                event = ev.CallEnded(rec.call_id, f"{code} {reason}".strip())
-            else:
-                status = None if api.local_failure(prm) or code == 0 else code
-                event = ev.CallFailed(rec.call_id, status, reason)
-            log.info("%s: call %s over: %s", self._post, rec.call_id, event)
-            self._finish(rec, event)
-
-    def _finish(self, rec: _Record, event: ev.Event, *, forget: bool = True) -> None:
-        rec.finished = True
-        if rec.media is not None and self._audio is not None:
-            self._audio.call_gone(rec.media)
-        self._emit(event)
-        if forget:
-            self._internal(lambda: self._forget(rec))
-
-    def _on_tsx_state(self, rec: _Record, prm: Any) -> None:
-        if not rec.responded and api.invite_response(prm):
-            rec.responded = True
-            if rec.outgoing:
-                self._emit(ev.CallProgress(rec.call_id, 100))  # the PBX is there: the machine's fast-fail is off
-        final = api.request_final(prm, "OPTIONS") if rec.probing else None
-        if final is not None:
-            rec.probing = False
-            status, received = final
-            if not received:
-                log.warning("%s: call %s: the PBX did not answer a probe (%d made up by pjsip)", self._post,
-                            rec.call_id, status)
-            self._emit(ev.CallProbed(rec.call_id, status if received else None))
-
-    def _on_media_state(self, rec: _Record) -> None:
-        rec.media_up = True
-        self._internal(lambda: self._connect_audio(rec))
-
-    def _on_dtmf(self, rec: _Record, digit: str) -> None:
-        hook = self.on_dtmf
-        if hook is not None:
-            hook(rec.call_id, digit)
-
-
-def header(message: str, name: str) -> str:
-    """The first ``name`` header (compact form too) of a SIP message's text, or ""."""
-    compact = {"via": "v", "contact": "m"}.get(name)
-    for line in message.split("\r\n\r\n", 1)[0].split("\r\n")[1:]:
-        key, sep, value = line.partition(":")
-        if sep and key.strip().lower() in (name, compact):
-            return value.strip()
-    return ""
 
 
 def _drop(event: ev.Event) -> None:

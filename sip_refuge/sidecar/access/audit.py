@@ -6,6 +6,8 @@ and to the sidecar's log (logger ``sip_refuge.audit``), so it survives a databas
 from __future__ import annotations
 
 import logging
+import threading
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +25,13 @@ MAX_TEXT = 300  # characters of a name, target or detail kept
 class AuditLog:
     def __init__(self, store: Store, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.store, self.clock = store, clock
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, str]] = Counter()  # (action, outcome) since start: /metrics
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Entries recorded since start by (action, outcome), stored or not."""
+        with self._lock:
+            return dict(self._counts)
 
     def record(self, action: str, outcome: str, *, actor: str, address: str, role: str | None = None,
                target: str | None = None, **detail: Any) -> dict[str, Any]:
@@ -31,6 +40,8 @@ class AuditLog:
         detail = {k: _shown(v) if isinstance(v, str) else v for k, v in detail.items()}
         entry = {"at": iso_utc(self.clock()), "action": action, "outcome": outcome, "actor": actor, "role": role,
                  "address": address, "target": target, "detail": detail}
+        with self._lock:
+            self._counts[(action, outcome)] += 1
         extra = "".join(f" {k}={v}" for k, v in detail.items())
         log.log(logging.INFO if outcome == OK else logging.WARNING, "audit: %s %s by %s%s from %s%s%s", action,
                 outcome, actor, f" ({role})" if role else "", address, f" on {target}" if target else "", extra)

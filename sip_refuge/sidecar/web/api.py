@@ -93,11 +93,7 @@ def close_reasons() -> Response:
 def close(incident_id: str) -> tuple[Response, int]:
     """Close an ended incident with ``{"reason": ID, "note": TEXT}``: 200 with the incident; 404 (no such
     incident), 409 (closed already, or its caller is still connected), 422 (a bad reason or note)."""
-    if not request.is_json:
-        abort(400, description="body: must be JSON (Content-Type: application/json)")
-    body = request.get_json(silent=True)
-    if body is None:
-        abort(400, description="body: not valid JSON")
+    body = _json_body()
     try:
         closed = hub().recorder.close_incident(incident_id, body, by=_by())
     except CloseRefused as exc:
@@ -113,13 +109,7 @@ def acknowledge(incident_id: str) -> tuple[Response, int]:
     """Silence the alarm of a call no desk answered, on every open page: empty, or ``{"desk": ID}`` (the
     console's desk). 200 with who and when; 404 (no such incident), 409 (answered, acknowledged already, or
     closed), 422 (a bad body)."""
-    body: object = None
-    if request.get_data(cache=True):
-        if not request.is_json:
-            abort(400, description="body: must be JSON (Content-Type: application/json), or empty")
-        body = request.get_json(silent=True)
-        if body is None:
-            abort(400, description="body: not valid JSON")
+    body = _json_body(optional=True)
     try:
         done = hub().recorder.acknowledge_incident(incident_id, body, by=_by())
     except AcknowledgeRefused as exc:
@@ -127,6 +117,18 @@ def acknowledge(incident_id: str) -> tuple[Response, int]:
     except StoreError as exc:
         abort(503, description=f"the incident log cannot be read now ({exc}); try again")
     return jsonify(done), 200
+
+
+def _json_body(*, optional: bool = False) -> object:
+    """The request's JSON body (None for an empty one when ``optional``); 400 when it is not JSON."""
+    if optional and not request.get_data(cache=True):
+        return None
+    if not request.is_json:
+        abort(400, description="body: must be JSON (Content-Type: application/json)" + (", or empty" if optional else ""))
+    body = request.get_json(silent=True)
+    if body is None:
+        abort(400, description="body: not valid JSON")
+    return body
 
 
 def _by() -> str:

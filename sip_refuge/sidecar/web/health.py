@@ -15,7 +15,7 @@ from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.storefile import CORRUPT
 from sip_refuge.sidecar.web import admission
 from sip_refuge.sidecar.web.context import cameras, http_status, hub
-from sip_refuge.sidecar.web.guard import monitoring
+from sip_refuge.sidecar.web.guard import access, monitoring
 from sip_refuge.sidecar.web.metrics import exposition
 
 bp = Blueprint("health", __name__)
@@ -146,5 +146,5 @@ def _camera_summary(monitor: Any) -> dict[str, Any] | None:
 @bp.get("/metrics")
 @monitoring
 def metrics() -> Response:
-    body, content_type = exposition(hub(), http_status(), request.headers.get("Accept"))
+    body, content_type = exposition(hub(), http_status(), request.headers.get("Accept"), access().audit.counts())
     return Response(body, content_type=content_type)

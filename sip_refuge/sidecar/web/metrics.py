@@ -39,8 +39,9 @@ def family(kind: str, name: str, help_text: str, samples: list[tuple[dict[str, s
 
 
 class SidecarCollector(Collector):
-    def __init__(self, hub: Hub, http: dict[str, Any] | None) -> None:
-        self.hub, self.http = hub, http
+    def __init__(self, hub: Hub, http: dict[str, Any] | None,
+                 audit: dict[tuple[str, str], int] | None = None) -> None:
+        self.hub, self.http, self.audit = hub, http, audit
 
     def collect(self) -> Iterator[Metric]:
         h = self.hub
@@ -78,6 +79,9 @@ class SidecarCollector(Collector):
                           for role, link in h.links.items()])
         for name, kind, help_text, samples in admission.metrics(self.http):
             yield family(kind, name, help_text, samples)
+        if self.audit is not None:  # logins (ok, failed, throttled), logouts, operators' writes by outcome
+            yield family("counter", "refuge_audit_entries_total", "Audit log entries since start, by action and outcome.",
+                         [({"action": a, "outcome": o}, n) for (a, o), n in sorted(self.audit.items())])
 
     def _store_aggregates(self) -> Iterator[Metric]:
         h = self.hub
@@ -119,12 +123,13 @@ class SidecarCollector(Collector):
         if h.pruner is not None:
             pruned = h.pruner.status().pruned
             yield family("counter", "refuge_store_pruned_total", "Rows deleted by retention since start, by table.",
-                         [({"table": t}, pruned.get(t, 0)) for t in ("events", "telemetry", "incidents")])
+                         [({"table": t}, pruned.get(t, 0)) for t in ("events", "telemetry", "incidents", "audit")])
 
 
-def exposition(hub: Hub, http: dict[str, Any] | None, accept: str | None) -> tuple[bytes, str]:
+def exposition(hub: Hub, http: dict[str, Any] | None, accept: str | None,
+               audit: dict[tuple[str, str], int] | None = None) -> tuple[bytes, str]:
     """The scrape's body and content type (Prometheus text, or OpenMetrics when the scraper asks for it)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SidecarCollector(hub, http))
+    registry.register(SidecarCollector(hub, http, audit))
     encode, content_type = choose_encoder(accept or "")
     return encode(registry), content_type
