@@ -34,6 +34,7 @@ from sip_refuge.post.events import CallAnswered, Event  # noqa: E402
 from sip_refuge.post.runner import PostRunner  # noqa: E402
 from sip_refuge.post.soundcard import Sound  # noqa: E402
 from tests.support import waiting  # noqa: E402
+from tests.support.sipua import SipPeer  # noqa: E402
 from tests.support.sites import agent_site  # noqa: E402
 
 T = TypeVar("T")
@@ -69,6 +70,16 @@ def settle(pbx: Asterisk, site: Site, timeout: float = 15.0) -> None:
     except TimeoutError:
         pbx.cli("channel request hangup all")
         wait_for(lambda: pbx_idle(pbx) and desk_ready(pbx, site), timeout, "idle Asterisk after hangup all", 0.05)
+
+
+def registered_desk(site: Site, pbx: Asterisk) -> SipPeer:
+    """A bare SIP client registered as desk-1, once Asterisk is idle and the queue would ring it."""
+    d = site.desk(DESK)
+    desk = SipPeer(d.id, d.secret.read(), (site.pbx.host, site.pbx.sip_port), display=d.name)
+    if desk.register(expires=600).code != 200:
+        raise RuntimeError("desk-1 could not register")
+    settle(pbx, site)
+    return desk
 
 
 # -- the agent ----------------------------------------------------------------------------------------------

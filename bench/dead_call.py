@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DESK, InProcessPost, machine_lines, percentile, quiet_logs, settle  # noqa: E402
+from bench.common import InProcessPost, machine_lines, percentile, quiet_logs, registered_desk  # noqa: E402
 from sip_refuge.config import Site  # noqa: E402
 from sip_refuge.pbx.asterisk import Asterisk  # noqa: E402
 from sip_refuge.post.machine import Settings  # noqa: E402
@@ -40,15 +40,6 @@ from tests.support.hardening import hardening_site, kill_pbx, post_for  # noqa: 
 from tests.support.sipua import IncomingCall, OutgoingCall, SipPeer, tag_of  # noqa: E402
 
 SETTINGS = Settings()
-
-
-def desk_for(site: Site, pbx: Asterisk) -> SipPeer:
-    d = site.desk(DESK)
-    desk = SipPeer(d.id, d.secret.read(), (site.pbx.host, site.pbx.sip_port), display=d.name)
-    if desk.register(expires=600).code != 200:
-        raise RuntimeError("desk-1 could not register")
-    settle(pbx, site)
-    return desk
 
 
 def ring_and_maybe_answer(desk: SipPeer, stage: str) -> IncomingCall:
@@ -67,7 +58,7 @@ def kill_at_phase(pbx: Asterisk, phase: float) -> float:
 
 def post_run(site: Site, backend: str, stage: str, state_dir: Path, phase: float) -> float:
     with Asterisk(site, command="bench/dead_call.py", boot_timeout=60) as pbx:
-        desk = desk_for(site, pbx)
+        desk = registered_desk(site, pbx)
         try:
             with InProcessPost(site, post_for(site, backend, "after_alarm").id, state_dir) as agent:
                 edge = agent.press()
@@ -94,7 +85,7 @@ def left_state(entries: list[tuple[float, str]], stage: str, after: float) -> fl
 def bare_run(site: Site, backend: str, stage: str, phase: float) -> float:
     post = post_for(site, backend, "after_alarm")
     with Asterisk(site, command="bench/dead_call.py", boot_timeout=60) as pbx:
-        desk = desk_for(site, pbx)
+        desk = registered_desk(site, pbx)
         client = SipPeer(post.id, post.secret.read(), (site.pbx.host, site.pbx.sip_port), display=post.name)
         try:
             if client.register(expires=600).code != 200:

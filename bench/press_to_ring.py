@@ -35,13 +35,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402 (after the path set-up above)
-    DESK,
     InProcessPost,
     TelemetrySink,
     machine_lines,
     make_site,
     percentile,
     quiet_logs,
+    registered_desk,
     settle,
 )
 from sip_refuge.config import Site  # noqa: E402
@@ -64,15 +64,6 @@ class Series:
         self.values.setdefault(name, []).append(seconds * 1000)
 
 
-def new_desk(site: Site, pbx: Asterisk) -> SipPeer:
-    d = site.desk(DESK)
-    desk = SipPeer(d.id, d.secret.read(), (site.pbx.host, site.pbx.sip_port), display=d.name)
-    if desk.register(expires=600).code != 200:
-        raise RuntimeError("desk-1 could not register")
-    settle(pbx, site)
-    return desk
-
-
 def early(call: OutgoingCall) -> bool:
     return any(r.code in (180, 183) for r in call.responses)
 
@@ -83,7 +74,7 @@ def ended(call: OutgoingCall) -> bool:
 
 def bare_block(site: Site, pbx: Asterisk, post_id: str, presses: int, out: Series) -> None:
     post = site.post(post_id)
-    desk = new_desk(site, pbx)
+    desk = registered_desk(site, pbx)
     client = SipPeer(post.id, post.secret.read(), (site.pbx.host, site.pbx.sip_port), display=post.name)
     try:
         if client.register(expires=600).code != 200:
@@ -117,7 +108,7 @@ def bare_block(site: Site, pbx: Asterisk, post_id: str, presses: int, out: Serie
 
 
 def post_block(site: Site, pbx: Asterisk, backend: str, presses: int, state_dir: Path, out: Series) -> None:
-    desk = new_desk(site, pbx)
+    desk = registered_desk(site, pbx)
     try:
         with InProcessPost(site, POSTS[backend], state_dir) as agent:
             log = agent.log

@@ -40,7 +40,7 @@ import yaml  # noqa: E402
 
 from bench.common import machine_lines, percentile  # noqa: E402
 from bench.queue_to_webhook import AmiBaseline, TimedReceiver, templates  # noqa: E402
-from bench.sipp import CALLER, DESK, OPTIONS_OK, REGISTER, SIPP, Sipp, write_injection  # noqa: E402
+from bench.sipp import DESK, OPTIONS_OK, REGISTER, SIPP, Sipp, caller, write_injection  # noqa: E402
 from sip_refuge.config import Site, load_site  # noqa: E402
 from sip_refuge.config.secrets import init_secrets  # noqa: E402
 from sip_refuge.pbx.asterisk import Asterisk, free_port  # noqa: E402
@@ -201,7 +201,7 @@ def burst(step: Step, site: Site, pbx: Asterisk, baseline: AmiBaseline, receiver
     secrets = {p.id: p.secret.read() for p in site.posts}
     injection = write_injection(folder / f"calls-{step.label}.csv", [(p, secrets[p]) for p in posts])
     usage = Usage(pids)
-    callers = Sipp(f"calls-{step.label}", folder, CALLER.replace("{talk_ms}", str(talk_ms)),
+    callers = Sipp(f"calls-{step.label}", folder, caller(talk_ms),
                    (site.pbx.host, site.pbx.sip_port), injection=injection, calls=len(posts), rate=len(posts),
                    service=site.queue.extension).start()
     try:

@@ -31,242 +31,130 @@ from types import TracebackType
 
 SIPP = "sipp"
 
-REGISTER = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="refuge register">
-  <send retrans="500"><![CDATA[
-REGISTER sip:[remote_ip]:[remote_port] SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: <sip:[field0]@[remote_ip]:[remote_port]>;tag=[pid]SIPpTag[call_number]
-To: <sip:[field0]@[remote_ip]:[remote_port]>
-Call-ID: [call_id]
-CSeq: 1 REGISTER
-Contact: <sip:[field0]@[local_ip]:[local_port]>
-Max-Forwards: 70
-Expires: 3600
-Content-Length: 0
+# Each SIP message shape is written once below and the scenarios compose them. The words in brackets are SIPp's
+# keywords, filled in per call: [field0] is the post's id and [field1] its digest credentials (injection file).
+POST_URI = "sip:[field0]@[remote_ip]:[remote_port]"
+QUEUE_URI = "sip:[service]@[remote_ip]:[remote_port]"
+OUR_TAG = ";tag=[pid]SIPpTag[call_number]"
 
-]]></send>
-  <recv response="401" auth="true"/>
-  <send retrans="500"><![CDATA[
-REGISTER sip:[remote_ip]:[remote_port] SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: <sip:[field0]@[remote_ip]:[remote_port]>;tag=[pid]SIPpTag[call_number]
-To: <sip:[field0]@[remote_ip]:[remote_port]>
-Call-ID: [call_id]
-CSeq: 2 REGISTER
-Contact: <sip:[field0]@[local_ip]:[local_port]>
-[field1]
-Max-Forwards: 70
-Expires: 3600
-Content-Length: 0
 
-]]></send>
-  <recv response="200"/>
-  <!-- Stay: the process must live on to answer Asterisk's qualify OPTIONS (out-of-call scenario). -->
-  <pause milliseconds="36000000"/>
-</scenario>
-"""
+def sdp(owner: str, version: int) -> list[str]:
+    """One PCMU audio stream at SIPp's media port; ``version`` must grow with each new offer or answer."""
+    return ["v=0", f"o={owner} 1 {version} IN IP4 [local_ip]", "s=-", "c=IN IP4 [local_ip]", "t=0 0",
+            "m=audio [media_port] RTP/AVP 0", "a=rtpmap:0 PCMU/8000"]
 
-OPTIONS_OK = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="refuge post: answer OPTIONS">
-  <recv request="OPTIONS"/>
-  <send><![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:];tag=[pid]SIPpTag[call_number]
-[last_Call-ID:]
-[last_CSeq:]
-Contact: <sip:[local_ip]:[local_port]>
-Content-Length: 0
 
-]]></send>
-</scenario>
-"""
+def body(offer: list[str] | None) -> list[str]:
+    if offer is None:
+        return ["Content-Length: 0"]
+    return ["Content-Type: application/sdp", "Content-Length: [len]", "", *offer]
 
-DESK = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="refuge desk: answer OPTIONS and INVITE">
-  <recv request="INVITE" optional="true" next="invite"/>
-  <recv request="OPTIONS"/>
-  <send><![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:];tag=[pid]SIPpTag[call_number]
-[last_Call-ID:]
-[last_CSeq:]
-Contact: <sip:[local_ip]:[local_port]>
-Content-Length: 0
 
-]]></send>
-  <nop next="end"/>
-  <label id="invite"/>
-  <send><![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:];tag=[pid]SIPpTag[call_number]
-[last_Call-ID:]
-[last_CSeq:]
-[last_Record-Route:]
-Contact: <sip:[local_ip]:[local_port]>
-Content-Type: application/sdp
-Content-Length: [len]
+def request(method: str, uri: str, cseq: int, to: str, *, in_dialog: bool = False, routes: bool = False,
+            contact: bool = False, auth: bool = False, expires: bool = False,
+            offer: list[str] | None = None) -> list[str]:
+    """A request from the post ([field0]) to the PBX. ``in_dialog``: To carries the PBX's tag; ``routes``: the
+    route set the 200 recorded (``rrs``); ``auth``: the digest credentials answering the PBX's 401."""
+    lines = [f"{method} {uri} SIP/2.0", "Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]",
+             f"From: <{POST_URI}>{OUR_TAG}", f"To: <{to}>" + ("[peer_tag_param]" if in_dialog else "")]
+    lines += ["[routes]"] if routes else []
+    lines += ["Call-ID: [call_id]", f"CSeq: {cseq} {method}"]
+    lines += ["Contact: <sip:[field0]@[local_ip]:[local_port]>"] if contact else []
+    lines += ["[field1]"] if auth else []
+    lines += ["Max-Forwards: 70"]
+    lines += ["Expires: 3600"] if expires else []
+    return lines + body(offer)
 
-v=0
-o=desk 1 1 IN IP4 [local_ip]
-s=-
-c=IN IP4 [local_ip]
-t=0 0
-m=audio [media_port] RTP/AVP 0
-a=rtpmap:0 PCMU/8000
 
-]]></send>
-  <label id="wait"/>
-  <recv request="CANCEL" optional="true" next="cancel"/>
-  <recv request="ACK"/>
-  <recv request="BYE" timeout="600000"/>
-  <send><![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:]
-[last_Call-ID:]
-[last_CSeq:]
-Content-Length: 0
+def ok(*, tag: bool = False, record_route: bool = False, contact: str | None = None,
+       offer: list[str] | None = None) -> list[str]:
+    """200 OK to the request just received. ``tag``: ours, for the dialog (or transaction) this answer starts."""
+    lines = ["SIP/2.0 200 OK", "[last_Via:]", "[last_From:]", "[last_To:]" + (OUR_TAG if tag else ""),
+             "[last_Call-ID:]", "[last_CSeq:]"]
+    lines += ["[last_Record-Route:]"] if record_route else []
+    lines += [f"Contact: <sip:{contact}>"] if contact is not None else []
+    return lines + body(offer)
 
-]]></send>
-  <nop next="end"/>
-  <label id="cancel"/>
-  <send><![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:]
-[last_Call-ID:]
-[last_CSeq:]
-Content-Length: 0
 
-]]></send>
-  <nop next="wait"/>
-  <label id="end"/>
-</scenario>
-"""
+def send(message: list[str], *, retrans: bool = False) -> str:
+    """A ``<send>`` of ``message``; ``retrans``: SIPp re-sends it every 500 ms until answered (UDP)."""
+    start = '<send retrans="500">' if retrans else "<send>"
+    return start + "<![CDATA[\n" + "\n".join(message) + "\n\n]]></send>"
 
-CALLER = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="refuge post: alarm call">
-  <send retrans="500"><![CDATA[
-INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: <sip:[field0]@[remote_ip]:[remote_port]>;tag=[pid]SIPpTag[call_number]
-To: <sip:[service]@[remote_ip]:[remote_port]>
-Call-ID: [call_id]
-CSeq: 1 INVITE
-Contact: <sip:[field0]@[local_ip]:[local_port]>
-Max-Forwards: 70
-Content-Type: application/sdp
-Content-Length: [len]
 
-v=0
-o=post 1 1 IN IP4 [local_ip]
-s=-
-c=IN IP4 [local_ip]
-t=0 0
-m=audio [media_port] RTP/AVP 0
-a=rtpmap:0 PCMU/8000
+def scenario(name: str, steps: list[str]) -> str:
+    return ('<?xml version="1.0" encoding="ISO-8859-1" ?>\n' + f'<scenario name="{name}">\n'
+            + "".join(f"  {step}\n" for step in steps) + "</scenario>\n")
 
-]]></send>
-  <recv response="100" optional="true"/>
-  <recv response="401" auth="true"/>
-  <send><![CDATA[
-ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: <sip:[field0]@[remote_ip]:[remote_port]>;tag=[pid]SIPpTag[call_number]
-To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
-Call-ID: [call_id]
-CSeq: 1 ACK
-Max-Forwards: 70
-Content-Length: 0
 
-]]></send>
-  <send retrans="500"><![CDATA[
-INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: <sip:[field0]@[remote_ip]:[remote_port]>;tag=[pid]SIPpTag[call_number]
-To: <sip:[service]@[remote_ip]:[remote_port]>
-Call-ID: [call_id]
-CSeq: 2 INVITE
-Contact: <sip:[field0]@[local_ip]:[local_port]>
-[field1]
-Max-Forwards: 70
-Content-Type: application/sdp
-Content-Length: [len]
+def register(cseq: int, *, auth: bool) -> list[str]:
+    return request("REGISTER", "sip:[remote_ip]:[remote_port]", cseq, POST_URI, contact=True, auth=auth,
+                   expires=True)
 
-v=0
-o=post 1 2 IN IP4 [local_ip]
-s=-
-c=IN IP4 [local_ip]
-t=0 0
-m=audio [media_port] RTP/AVP 0
-a=rtpmap:0 PCMU/8000
 
-]]></send>
-  <recv response="100" optional="true"/>
-  <recv response="183" optional="true"/>
-  <recv response="180" optional="true"/>
-  <recv response="200" rrs="true" timeout="600000"/>
-  <send><![CDATA[
-ACK [next_url] SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: <sip:[field0]@[remote_ip]:[remote_port]>;tag=[pid]SIPpTag[call_number]
-To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
-[routes]
-Call-ID: [call_id]
-CSeq: 2 ACK
-Max-Forwards: 70
-Content-Length: 0
+def invite(cseq: int, *, auth: bool) -> list[str]:
+    return request("INVITE", QUEUE_URI, cseq, QUEUE_URI, contact=True, auth=auth, offer=sdp("post", cseq))
 
-]]></send>
-  <!-- Talk. Asterisk may re-INVITE meanwhile (the connected line: which desk answered, send_connected_line):
-       answer it as a phone does, then hang up; a plain pause would abort the call on that INVITE. -->
-  <recv request="INVITE" timeout="{talk_ms}" ontimeout="bye"/>
-  <send><![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:]
-[last_Call-ID:]
-[last_CSeq:]
-Contact: <sip:[field0]@[local_ip]:[local_port]>
-Content-Type: application/sdp
-Content-Length: [len]
 
-v=0
-o=post 1 3 IN IP4 [local_ip]
-s=-
-c=IN IP4 [local_ip]
-t=0 0
-m=audio [media_port] RTP/AVP 0
-a=rtpmap:0 PCMU/8000
+def in_call(method: str, cseq: int) -> list[str]:
+    """ACK to the 200 and BYE: to the answering side's Contact, along the recorded routes."""
+    return request(method, "[next_url]", cseq, QUEUE_URI, in_dialog=True, routes=True)
 
-]]></send>
-  <recv request="ACK"/>
-  <label id="bye"/>
-  <send retrans="500"><![CDATA[
-BYE [next_url] SIP/2.0
-Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-From: <sip:[field0]@[remote_ip]:[remote_port]>;tag=[pid]SIPpTag[call_number]
-To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
-[routes]
-Call-ID: [call_id]
-CSeq: 3 BYE
-Max-Forwards: 70
-Content-Length: 0
 
-]]></send>
-  <recv response="200"/>
-</scenario>
-"""
+ANSWER_OPTIONS = ['<recv request="OPTIONS"/>', send(ok(tag=True, contact="[local_ip]:[local_port]"))]
+
+REGISTER = scenario("refuge register", [
+    send(register(1, auth=False), retrans=True),
+    '<recv response="401" auth="true"/>',
+    send(register(2, auth=True), retrans=True),
+    '<recv response="200"/>',
+    "<!-- Stay: the process must live on to answer Asterisk's qualify OPTIONS (out-of-call scenario). -->",
+    '<pause milliseconds="36000000"/>',
+])
+
+OPTIONS_OK = scenario("refuge post: answer OPTIONS", ANSWER_OPTIONS)
+
+DESK = scenario("refuge desk: answer OPTIONS and INVITE", [
+    '<recv request="INVITE" optional="true" next="invite"/>',
+    *ANSWER_OPTIONS,
+    '<nop next="end"/>',
+    '<label id="invite"/>',
+    send(ok(tag=True, record_route=True, contact="[local_ip]:[local_port]", offer=sdp("desk", 1))),
+    '<label id="wait"/>',
+    '<recv request="CANCEL" optional="true" next="cancel"/>',
+    '<recv request="ACK"/>',
+    '<recv request="BYE" timeout="600000"/>',
+    send(ok()),
+    '<nop next="end"/>',
+    '<label id="cancel"/>',
+    send(ok()),
+    '<nop next="wait"/>',
+    '<label id="end"/>',
+])
+
+
+def caller(talk_ms: int) -> str:
+    """The alarm call of one post: challenged INVITE, wait in the queue, talk ``talk_ms`` ms, hang up."""
+    return scenario("refuge post: alarm call", [
+        send(invite(1, auth=False), retrans=True),
+        '<recv response="100" optional="true"/>',
+        '<recv response="401" auth="true"/>',
+        send(request("ACK", QUEUE_URI, 1, QUEUE_URI, in_dialog=True)),
+        send(invite(2, auth=True), retrans=True),
+        '<recv response="100" optional="true"/>',
+        '<recv response="183" optional="true"/>',
+        '<recv response="180" optional="true"/>',
+        '<recv response="200" rrs="true" timeout="600000"/>',
+        send(in_call("ACK", 2)),
+        "<!-- Talk. Asterisk may re-INVITE meanwhile (the connected line: which desk answered, send_connected_line):"
+        "\n       answer it as a phone does, then hang up; a plain pause would abort the call on that INVITE. -->",
+        f'<recv request="INVITE" timeout="{talk_ms}" ontimeout="bye"/>',
+        send(ok(contact="[field0]@[local_ip]:[local_port]", offer=sdp("post", 3))),
+        '<recv request="ACK"/>',
+        '<label id="bye"/>',
+        send(in_call("BYE", 3), retrans=True),
+        '<recv response="200"/>',
+    ])
 
 
 def write_injection(path: Path, rows: Sequence[tuple[str, str]]) -> Path:
