@@ -384,10 +384,10 @@ def main() -> int:
             for key, name in (("load", "Chromium: `/` to the load event"),
                               ("posts", "Chromium: `/` to the page's first `/api/v1/posts` answer"),
                               ("api", "`GET /api/v1/posts` alone (bearer token)")):
-                small, big = pages[3][key], pages[args.posts][key]
-                print(f"| {name} | {percentile(small, .5) * 1000:.0f} / {percentile(small, .95) * 1000:.0f} | "
-                      f"{percentile(big, .5) * 1000:.0f} / {percentile(big, .95) * 1000:.0f} | "
-                      f"{percentile(big, .95) / percentile(small, .95):.1f}x |")
+                few, many = pages[3][key], pages[args.posts][key]
+                print(f"| {name} | {percentile(few, .5) * 1000:.0f} / {percentile(few, .95) * 1000:.0f} | "
+                      f"{percentile(many, .5) * 1000:.0f} / {percentile(many, .95) * 1000:.0f} | "
+                      f"{percentile(many, .95) / percentile(few, .95):.1f}x |")
         load_run(folder, args.posts, args.desks, steps, args.talk, args.singles)
     return 0
 
