@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,18 @@ def rtp_range() -> tuple[int, int]:
         if start not in _used_rtp:
             _used_rtp.add(start)
             return start, start + 198
+
+
+def example_copy(folder: Path, edit: Callable[[str], str] | None = None) -> Path:
+    """A copy of the example site as ``folder/site.yaml`` (its text passed through ``edit`` first), with freshly
+    generated secrets. Its ports are the example's: for tests that start no Asterisk and no sidecar."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "site.yaml"
+    shutil.copy(EXAMPLE, path)
+    if edit is not None:
+        path.write_text(edit(path.read_text()))
+    init_secrets(load_site(path, check_secrets=False))
+    return path
 
 
 def agent_site(folder: Path, *, sidecar_port: int | None = None, queue: dict[str, Any] | None = None) -> Site:

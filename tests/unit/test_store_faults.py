@@ -28,9 +28,9 @@ from sip_refuge.sidecar.outbox import Outbox
 from sip_refuge.sidecar.store import Store, StoreError
 from sip_refuge.sidecar.web import create_app
 from tests.support.disk import SmallDisk
+from tests.support.hubs import ScriptedTarget
 from tests.support.receivers import make_site
 from tests.support.telemetry import message
-from tests.unit.test_store import ScriptedTarget
 
 TOKEN = "t0ken-for-the-store-fault-tests-0123"
 T0 = 1_800_000_000.0
@@ -50,9 +50,7 @@ class Clock:
 
 @pytest.fixture()
 def site(tmp_path: Path) -> Site:
-    folder = tmp_path / "site"
-    folder.mkdir()
-    return make_site(folder)  # type: ignore[no-any-return]
+    return make_site(tmp_path / "site")  # type: ignore[no-any-return]
 
 
 @pytest.fixture()
