@@ -25,6 +25,7 @@ from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.outbox import Outbox
 from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.web import create_app
+from tests.support.clock import Clock
 from tests.support.sites import example_copy
 
 TOKEN = "t0ken-for-the-access-tests-0123456789"
@@ -33,14 +34,6 @@ ATTACKER = "127.0.0.2"
 PROXY = "127.0.0.9"
 PASSWORDS = {"alice": "alice's long password", "root": "the admin's long password"}
 CSRF_FIELD = re.compile(r'name="csrf" value="([^"]+)"')
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture()
@@ -54,7 +47,7 @@ def site(tmp_path: Path) -> Site:
 
 @pytest.fixture()
 def clock() -> Clock:
-    return Clock()
+    return Clock(5000.0)
 
 
 @pytest.fixture()
