@@ -14,6 +14,7 @@ import yaml
 from sip_refuge.config import Desk, Post, Site, load_site
 from sip_refuge.config.secrets import init_secrets
 from sip_refuge.pbx.asterisk import Asterisk, free_port
+from tests.support.queue_desk import DESK, register_desk
 from tests.support.sipua import SipPeer
 from tests.support.sites import rtp_range
 from tests.support.waiting import wait_for as wait_until
@@ -100,16 +101,41 @@ def phones(pbx: Asterisk, site: Site) -> Iterator[Phones]:
         yield made
     finally:
         for phone in made.all():
-            try:
-                phone.register(expires=0, timeout=2)
-            except TimeoutError:
-                pass
-            phone.close()
+            phone.sign_off()
         try:
             wait_until(lambda: "0 active channels" in pbx.cli("core show channels count"), 10, "idle Asterisk")
         except AssertionError:
             # Fail this test, but hand the next one a clean Asterisk instead of a cascade of failures.
             pbx.cli("channel request hangup all")
+            raise
+
+
+@pytest.fixture
+def running_pbx(pbx: Asterisk) -> Iterator[Asterisk]:
+    """The module's Asterisk, running; a test that stopped it and failed gets it started again afterwards."""
+    if not pbx.running:
+        pbx.start()
+    yield pbx
+    if not pbx.running:
+        pbx.start()
+
+
+@pytest.fixture
+def desk(running_pbx: Asterisk, site: Site) -> Iterator[SipPeer]:
+    """desk-1 as a registered robot (tests/support/queue_desk.py); afterwards Asterisk must have no channel left."""
+    d = site.desk(DESK)
+    robot = SipPeer(d.id, d.secret.read(), (site.pbx.host, site.pbx.sip_port), display=d.name)
+    try:
+        register_desk(robot, running_pbx, site)
+        yield robot
+    finally:
+        robot.sign_off()
+    if running_pbx.running:
+        try:
+            wait_until(lambda: "0 active channels" in running_pbx.cli("core show channels count"), 15,
+                       "idle Asterisk")
+        except AssertionError:
+            running_pbx.cli("channel request hangup all")  # hand the next test a clean PBX, but fail this one
             raise
 
 

@@ -30,7 +30,7 @@ from tests.support.pages import CAMERA_FRAME_SHOWN, SCREENSHOTS
 from tests.support.rtsp_camera import TestCamera
 from tests.support.sidecar import Sidecar, wait_until
 from tests.support.sipua import OutgoingCall, SipPeer
-from tests.support.sites import rtp_range
+from tests.support.sites import cameras_on, rtp_range
 
 pytestmark = pytest.mark.integration
 
@@ -68,12 +68,7 @@ def write_site(folder: Path, camera: TestCamera, camera_password: str) -> Path:
     data["sidecar"].update(listen=f"127.0.0.1:{free_port()}", camera_interval="5s",
                            database=str(folder / "sidecar.sqlite3"))
     data["cctv"] = []
-    secret = folder / "secrets" / "camera.secret"
-    secret.parent.mkdir(mode=0o700, parents=True)
-    secret.write_text(camera_password + "\n", encoding="utf-8")
-    secret.chmod(0o600)
-    for post in data["posts"]:
-        post["camera"] = {"rtsp_url": camera.url(post["id"], user=CAMERA_USER), "password_file": "secrets/camera.secret"}
+    cameras_on(data, folder, camera, CAMERA_USER, camera_password)
     path = folder / "site.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     init_secrets(load_site(path, check_secrets=False))

@@ -23,7 +23,7 @@ import requests
 from playwright.sync_api import Route, expect
 
 from sip_refuge.config.secrets import telemetry_token
-from tests.support.browser import Browser, log_in
+from tests.support.browser import Browser
 from tests.support.pages import (
     CAMERA_FRAME_SHOWN,
     OPERATOR,
@@ -36,6 +36,7 @@ from tests.support.pages import (
     end_every_call,
     hang_up,
     open_page,
+    operator_browser,
     page_sidecar,
     queue_call,
 )
@@ -55,10 +56,7 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory, sidecar: Sidecar) -> Iterator[Browser]:
     """One Chromium for the module, logged in as the operator once (its pages share the session cookie)."""
-    with Browser(tmp_path_factory.mktemp("chromium-profile")) as chromium:
-        page = chromium.page()
-        log_in(page, sidecar.url + "/", OPERATOR, sidecar.password)
-        page.close()
+    with operator_browser(tmp_path_factory.mktemp("chromium-profile"), sidecar) as chromium:
         yield chromium
 
 

@@ -19,7 +19,7 @@ import pytest
 import requests
 from playwright.sync_api import Page, expect
 
-from tests.support.browser import Browser, log_in
+from tests.support.browser import Browser
 from tests.support.pages import (
     OPERATOR,
     PLAN_DOTS,
@@ -32,6 +32,7 @@ from tests.support.pages import (
     hang_up,
     incident_of,
     open_page,
+    operator_browser,
     overflow,
     page_sidecar,
     queue_call,
@@ -56,10 +57,7 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PageSidecar]:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory, sidecar: PageSidecar) -> Iterator[Browser]:
-    with Browser(tmp_path_factory.mktemp("chromium-profile")) as chromium:
-        page = chromium.page()
-        log_in(page, sidecar.url + "/", OPERATOR, sidecar.password)
-        page.close()
+    with operator_browser(tmp_path_factory.mktemp("chromium-profile"), sidecar) as chromium:
         yield chromium
 
 

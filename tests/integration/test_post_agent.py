@@ -20,13 +20,13 @@ import pytest
 from sip_refuge.config import Site
 from sip_refuge.pbx.asterisk import Asterisk
 from tests.integration.conftest import LogMark
-from tests.support.agent import AgentProcess, InProcessAgent, Status, cli, cli_status, wait_for
-from tests.support.sipua import IncomingCall, SipPeer
+from tests.support.agent import AgentProcess, InProcessAgent, cli, cli_status, lights, wait_for
+from tests.support.queue_desk import answer_alarm, register_desk
+from tests.support.sipua import SipPeer
 from tests.support.sites import POSTS, agent_site
 
 pytestmark = pytest.mark.integration
 
-DESK = "desk-1"
 OFF = {"yellow": "off", "green": "off", "red": "off"}
 
 
@@ -47,20 +47,6 @@ def contact_of(pbx: Asterisk, endpoint: str) -> bool:
 def post_channels(pbx: Asterisk, post_id: str) -> list[str]:
     """Asterisk's channels from or to the post right now."""
     return [line for line in pbx.cli("core show channels concise").splitlines() if line.startswith(f"PJSIP/{post_id}-")]
-
-
-def desk_ready(pbx: Asterisk, site: Site) -> bool:
-    return bool(re.search(rf"\(PJSIP/{DESK}\).*\(Not in use\)", pbx.cli(f"queue show {site.queue.name}")))
-
-
-def register_desk(desk: SipPeer, pbx: Asterisk, site: Site) -> None:
-    assert desk.register(expires=300).code == 200
-    # The queue lets nobody join while its only desk is unknown: wait until it would ring desk-1.
-    wait_for(lambda: desk_ready(pbx, site), 15, "desk-1 free in the queue")
-
-
-def lights(status: Status, yellow: str = "off", green: str = "off", red: str = "off") -> bool:
-    return status.get("lights") == {"yellow": yellow, "green": green, "red": red}
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -88,38 +74,6 @@ def post_id(backend: str) -> str:
     return POSTS[backend]
 
 
-@pytest.fixture
-def running_pbx(pbx: Asterisk) -> Iterator[Asterisk]:
-    """The module's Asterisk, running; a test that stopped it and failed gets it started again afterwards."""
-    if not pbx.running:
-        pbx.start()
-    yield pbx
-    if not pbx.running:
-        pbx.start()
-
-
-@pytest.fixture
-def desk(running_pbx: Asterisk, site: Site) -> Iterator[SipPeer]:
-    """desk-1 as a registered robot; afterwards Asterisk must have no channel left."""
-    d = site.desk(DESK)
-    peer = SipPeer(d.id, d.secret.read(), (site.pbx.host, site.pbx.sip_port), display=d.name)
-    try:
-        register_desk(peer, running_pbx, site)
-        yield peer
-    finally:
-        try:
-            peer.register(expires=0, timeout=2)
-        except TimeoutError:
-            pass
-        peer.close()
-    if running_pbx.running:
-        try:
-            wait_for(lambda: "0 active channels" in running_pbx.cli("core show channels count"), 15, "idle Asterisk")
-        except AssertionError:
-            running_pbx.cli("channel request hangup all")  # hand the next test a clean PBX, but fail this one
-            raise
-
-
 def ready(agent: InProcessAgent | AgentProcess) -> None:
     agent.wait_status(lambda s: s["state"] == "idle" and s["registered"] is True and lights(s), 30,
                       "idle, registered, all lights off")
@@ -139,25 +93,6 @@ def agent_process(site: Site, post_id: str, running_pbx: Asterisk, tmp_path: Pat
     with AgentProcess(site, post_id, tmp_path / "state") as running:
         ready(running)
         yield running
-
-
-def answer_alarm(agent: InProcessAgent | AgentProcess, desk: SipPeer, index: int = 0) -> IncomingCall:
-    """The desk rings with the alarm and answers it; the post is connected, yellow and green on.
-
-    The ring answered is the newest still ringing from ``index`` on once the post is queued: a ring the PBX has
-    cancelled since (an attempt the post gave up as the PBX came back, cancelled in milliseconds) is not the alarm.
-    """
-    try:
-        desk.wait_incoming(15, index=index)
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}; the post's status: {agent.status()}") from None
-    agent.wait_status(lambda s: s["state"] == "queued" and lights(s, yellow="on"), 10, "queued, yellow on")
-    ring = desk.wait_for(lambda: next((c for c in reversed(desk.incoming[index:]) if c.state == "ringing"), None),
-                         15, "the alarm ringing at the desk")
-    ring.answer()
-    agent.wait_status(lambda s: s["state"] == "connected" and lights(s, yellow="on", green="on"), 10,
-                      "connected, yellow and green on")
-    return ring
 
 
 # ----------------------------------------------------------------------------------------------- tests

@@ -23,8 +23,7 @@ import pytest
 
 from sip_refuge.config import Site
 from sip_refuge.pbx.asterisk import Asterisk
-from tests.integration.test_post_agent import answer_alarm, lights, register_desk
-from tests.support.agent import AgentProcess, InProcessAgent, Status, cli, wait_for
+from tests.support.agent import AgentProcess, InProcessAgent, Status, cli, lights, wait_for
 from tests.support.hardening import (
     POLICIES,
     STRANGER,
@@ -32,6 +31,7 @@ from tests.support.hardening import (
     post_address,
     post_for,
 )
+from tests.support.queue_desk import answer_alarm, register_desk
 from tests.support.sipua import OutgoingCall, SipPeer
 
 pytestmark = pytest.mark.integration
@@ -46,36 +46,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
 def pbx(site: Site) -> Iterator[Asterisk]:
     with Asterisk(site, command="pytest tests/integration/test_post_strangers.py", boot_timeout=60) as asterisk:
         yield asterisk
-
-
-@pytest.fixture
-def running_pbx(pbx: Asterisk) -> Iterator[Asterisk]:
-    if not pbx.running:
-        pbx.start()
-    yield pbx
-    if not pbx.running:
-        pbx.start()
-
-
-@pytest.fixture
-def desk(running_pbx: Asterisk, site: Site) -> Iterator[SipPeer]:
-    d = site.desk("desk-1")
-    peer = SipPeer(d.id, d.secret.read(), (site.pbx.host, site.pbx.sip_port), display=d.name)
-    try:
-        register_desk(peer, running_pbx, site)
-        yield peer
-    finally:
-        try:
-            peer.register(expires=0, timeout=2)
-        except TimeoutError:
-            pass
-        peer.close()
-    if running_pbx.running:
-        try:
-            wait_for(lambda: "0 active channels" in running_pbx.cli("core show channels count"), 15, "idle Asterisk")
-        except AssertionError:
-            running_pbx.cli("channel request hangup all")
-            raise
 
 
 class Stranger:

@@ -38,7 +38,7 @@ from tests.support.receivers import OutageReceiver
 from tests.support.rtsp_camera import TestCamera
 from tests.support.sidecar import Sidecar, wait_until
 from tests.support.sipua import IncomingCall, OutgoingCall, SipPeer
-from tests.support.sites import rtp_range
+from tests.support.sites import cameras_on, rtp_range
 
 pytestmark = pytest.mark.integration
 
@@ -65,13 +65,7 @@ def write_site(folder: Path, camera: Any, camera_password: str, hook_port: int, 
                            camera_interval=f"{CAMERA_INTERVAL}s", database=str(database))
     data["cctv"] = [{"type": "webhook", "name": TARGET, "url": f"http://127.0.0.1:{hook_port}/hook",
                      "secret_file": "secrets/webhook.secret"}]
-    secret = folder / "secrets" / "camera.secret"
-    secret.parent.mkdir(mode=0o700, parents=True)
-    secret.write_text(camera_password + "\n", encoding="utf-8")
-    secret.chmod(0o600)
-    for post in data["posts"]:
-        post["camera"] = {"rtsp_url": camera.url(post["id"], user=CAMERA_USER),
-                          "password_file": "secrets/camera.secret"}
+    cameras_on(data, folder, camera, CAMERA_USER, camera_password)
     path = folder / "site.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     init_secrets(load_site(path, check_secrets=False))

@@ -58,6 +58,11 @@ def cli_status(site: Site, post_id: str) -> Status:
     return status
 
 
+def lights(status: Status, yellow: str = "off", green: str = "off", red: str = "off") -> bool:
+    """The post's lights in ``status`` are these (each off unless named)."""
+    return status.get("lights") == {"yellow": yellow, "green": green, "red": red}
+
+
 class Agent:
     """What both kinds of agent share: the control socket and the telemetry spool."""
 

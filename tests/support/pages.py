@@ -32,9 +32,10 @@ from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.web import MAX_BODY, create_app
 from sip_refuge.sidecar.web.admission import Admission
 from sip_refuge.sidecar.web.server import HttpServer
-from tests.support.browser import Browser
+from tests.support.browser import Browser, log_in
 from tests.support.operators import add_operator
 from tests.support.rtsp_camera import TestCamera
+from tests.support.sites import cameras_on
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "site.example.yaml"
@@ -88,13 +89,7 @@ def write_site(folder: Path, camera: TestCamera, password: str) -> Site:
     """The example site with every post camera on the test camera, behind a login like a real one, a site
     plan picture, and no grace before a post that stops answering is offline (the tests say when)."""
     data = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
-    secret = folder / "secrets" / "camera.secret"
-    secret.parent.mkdir(mode=0o700, parents=True)
-    secret.write_text(password + "\n", encoding="utf-8")
-    secret.chmod(0o600)
-    for post in data["posts"]:
-        post["camera"] = {"rtsp_url": camera.url(post["id"], user=CAMERA_USER),
-                          "password_file": "secrets/camera.secret"}
+    cameras_on(data, folder, camera, CAMERA_USER, password)
     plan_picture(folder / "plan.png", data)
     data["site"]["plan"] = {"image": "plan.png", "bounds": [list(c) for c in PLAN_BOUNDS]}
     data["sidecar"]["offline_grace"] = 0
@@ -142,6 +137,17 @@ def page_sidecar(folder: Path) -> Iterator[PageSidecar]:
             monitor.close_feeds()
             snapshots.join(30)
             store.close()
+
+
+@contextmanager
+def operator_browser(profile: Path, sidecar: PageSidecar) -> Iterator[Browser]:
+    """One Chromium with its profile in ``profile``, logged in as the operator once (its pages share the session
+    cookie)."""
+    with Browser(profile) as chromium:
+        page = chromium.page()
+        log_in(page, sidecar.url + "/", OPERATOR, sidecar.password)
+        page.close()
+        yield chromium
 
 
 def end_every_call(hub: Hub) -> None:

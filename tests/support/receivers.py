@@ -481,10 +481,12 @@ cctv:
 
 
 def make_site(directory: Path, cctv: str = "  []") -> Any:
-    """Write and load a two-post site with its secrets (the camera of ``sutton-market`` has a password)."""
+    """Write and load a two-post site with its secrets (the camera of ``sutton-market`` has a password) in
+    ``directory``, made if it is not there yet."""
     from sip_refuge.config.loader import load_site
     from sip_refuge.config.secrets import new_value
 
+    directory.mkdir(parents=True, exist_ok=True)
     values = {"ami": new_value("password"), "desk-1": new_value("password"), "camera": CAMERA_PASSWORD,
               "sutton-market": new_value("password"), "bus-station": new_value("password"),
               "webhook": new_value("webhook"), "nx": "nx-admin-password-1", "vlc": "vlc-http-password-1"}

@@ -433,6 +433,14 @@ class SipPeer:
         return f"{header.title()}: {value}"
 
     # -- registration -----------------------------------------------------------------------------------
+    def sign_off(self) -> None:
+        """A test's clean-up: unregister (if the PBX answers within 2 s), then close, whatever the test left."""
+        try:
+            self.register(expires=0, timeout=2)
+        except TimeoutError:
+            pass
+        self.close()
+
     def register(self, expires: int = 300, timeout: float = 5.0) -> SipMessage:
         """REGISTER, answering one digest challenge; returns the final response (200, or 401 when refused)."""
         uri = f"sip:{self.server[0]}:{self.server[1]}"

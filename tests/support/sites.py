@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -12,6 +14,9 @@ from sip_refuge.config import Site, load_site
 from sip_refuge.config.certs import init_tls
 from sip_refuge.config.secrets import init_secrets
 from sip_refuge.pbx.asterisk import free_port, on_free_ports
+
+if TYPE_CHECKING:
+    from tests.support.rtsp_camera import TestCamera
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "site.example.yaml"
@@ -28,6 +33,29 @@ def rtp_range() -> tuple[int, int]:
         if start not in _used_rtp:
             _used_rtp.add(start)
             return start, start + 198
+
+
+def cameras_on(data: dict[str, Any], folder: Path, camera: TestCamera, user: str, password: str) -> None:
+    """Every post's camera in the site ``data`` (to be written in ``folder``) on ``camera``, behind its login:
+    ``user`` in the URL, ``password`` in ``secrets/camera.secret``."""
+    secret = folder / "secrets" / "camera.secret"
+    secret.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secret.write_text(password + "\n", encoding="utf-8")
+    secret.chmod(0o600)
+    for post in data["posts"]:
+        post["camera"] = {"rtsp_url": camera.url(post["id"], user=user), "password_file": "secrets/camera.secret"}
+
+
+def example_copy(folder: Path, edit: Callable[[str], str] | None = None) -> Path:
+    """A copy of the example site as ``folder/site.yaml`` (its text passed through ``edit`` first), with freshly
+    generated secrets. Its ports are the example's: for tests that start no Asterisk and no sidecar."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "site.yaml"
+    shutil.copy(EXAMPLE, path)
+    if edit is not None:
+        path.write_text(edit(path.read_text()))
+    init_secrets(load_site(path, check_secrets=False))
+    return path
 
 
 def agent_site(folder: Path, *, sidecar_port: int | None = None, queue: dict[str, Any] | None = None) -> Site:
@@ -68,13 +96,7 @@ def sidecar_site(folder: Path, *, camera: Any = None, camera_user: str = "viewer
     data["cctv"] = []
     folder.mkdir(parents=True, exist_ok=True)
     if camera is not None:
-        secret = folder / "secrets" / "camera.secret"
-        secret.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        secret.write_text(camera_password + "\n", encoding="utf-8")
-        secret.chmod(0o600)
-        for post in data["posts"]:
-            post["camera"] = {"rtsp_url": camera.url(post["id"], user=camera_user),
-                              "password_file": "secrets/camera.secret"}
+        cameras_on(data, folder, camera, camera_user, camera_password)
     else:
         for post in data["posts"]:
             post.pop("camera", None)

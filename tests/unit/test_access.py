@@ -29,18 +29,11 @@ from sip_refuge.config.users import UsersError, parse_users, read_users, remove_
 from sip_refuge.errors import ConfigError, RefugeError
 from sip_refuge.sidecar.access.sessions import Sessions
 from sip_refuge.sidecar.access.throttle import BY_ADDRESS, BY_USER, LoginThrottle
+from tests.support.clock import Clock
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "site.example.yaml"
 FAST = Params(log2_n=10, r=8, p=1)  # a cheap hash where a test needs many; the sidecar reads params from each hash
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- passwords ---------------------------------------------------------------------------------------------

@@ -5,29 +5,23 @@ from __future__ import annotations
 
 import csv
 import io
-import shutil
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 
-from sip_refuge.config import Site, load_site
-from sip_refuge.config.secrets import init_secrets
+from sip_refuge.config import Site
 from sip_refuge.sidecar import alarm
 from sip_refuge.sidecar.alarm import AcknowledgeRefused
 from sip_refuge.sidecar.board import LiveCall
 from sip_refuge.sidecar.core import Hub
-from sip_refuge.sidecar.outbox import Outbox
 from sip_refuge.sidecar.records import Incident
-from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.web import create_app
-from tests.unit.test_store import ScriptedTarget
+from tests.support.hubs import ScriptedTarget, memory_hub
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
 TOKEN = "t0ken-for-the-alarm-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -91,22 +85,11 @@ def test_only_a_missed_call_can_be_acknowledged_once_over(incident: Incident | N
 
 # -- through the API ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
-    path = tmp_path_factory.mktemp("site") / "site.yaml"
-    shutil.copy(EXAMPLE, path)
-    init_secrets(load_site(path, check_secrets=False))
-    return load_site(path)
-
-
 @pytest.fixture()
 def parts(site: Site) -> Iterator[tuple[Hub, FlaskClient, ScriptedTarget]]:
-    store = Store(":memory:")
     target = ScriptedTarget("hook")
-    hub = Hub(site, store, Outbox(store, [target]), base_url="http://127.0.0.1:8080")
-    yield hub, create_app(hub, token=TOKEN).test_client(), target
-    hub.close()
-    store.close()
+    with memory_hub(site, [target]) as hub:
+        yield hub, create_app(hub, token=TOKEN).test_client(), target
 
 
 def queue(hub: Hub, uid: str, post: str = "idlewells") -> str:

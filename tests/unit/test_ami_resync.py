@@ -9,41 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from panoramisk.message import Message
 
-from sip_refuge.config import Site, load_site
-from sip_refuge.config.secrets import init_secrets
+from sip_refuge.config import Site
 from sip_refuge.sidecar.ami import AmiFollower, alarm_calls, flatten
 from sip_refuge.sidecar.calls import CallTracker
 from sip_refuge.sidecar.core import Hub
-from sip_refuge.sidecar.outbox import Outbox
-from sip_refuge.sidecar.store import Store
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
 UNKNOWN = "Invalid/unknown command: {}. Use Action: ListCommands to show available commands."
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
-    path = tmp_path_factory.mktemp("site") / "site.yaml"
-    shutil.copy(EXAMPLE, path)
-    init_secrets(load_site(path, check_secrets=False))
-    return load_site(path)
-
-
-@pytest.fixture()
-def hub(site: Site) -> Iterator[Hub]:
-    store = Store(":memory:")
-    hub = Hub(site, store, Outbox(store, []), base_url="http://127.0.0.1:8080")
-    yield hub
-    hub.close()
-    store.close()
 
 
 def channel(name: str, uid: str, *, kind: str | None, app: str, data: str = "", bridge: str = "") -> Message:

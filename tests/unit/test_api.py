@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,34 +15,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from werkzeug.serving import make_server
 
-from sip_refuge.config import Site, load_site
-from sip_refuge.config.secrets import init_secrets
+from sip_refuge.config import Site
 from sip_refuge.post.telemetry import TelemetryOutbox
 from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.outbox import Outbox
 from sip_refuge.sidecar.records import PostStatus
-from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.web import create_app
 from sip_refuge.telemetry import Telemetry
 from tests.support.telemetry import AT, report
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
 TOKEN = "t0ken-for-the-api-tests-0123456789"
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
-    path = tmp_path_factory.mktemp("site") / "site.yaml"
-    shutil.copy(EXAMPLE, path)
-    init_secrets(load_site(path, check_secrets=False))
-    return load_site(path)
-
-
-@pytest.fixture()
-def hub(site: Site) -> Iterator[Hub]:
-    store = Store(":memory:")
-    yield Hub(site, store, Outbox(store, []), base_url="http://127.0.0.1:8080")
-    store.close()
 
 
 def with_token(client: FlaskClient) -> FlaskClient:

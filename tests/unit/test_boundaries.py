@@ -5,7 +5,6 @@ can hide a wrong import."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from sip_refuge.config import load_site
-from sip_refuge.config.secrets import init_secrets
+from tests.support.sites import example_copy
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
 EVERY_KIND = """  - {type: milestone, name: xprotect, host: 10.0.0.9, template: '{type} {reference}'}
   - {type: nx, name: nx, url: 'https://10.0.0.8:7001', username: admin, password_file: secrets/nx.secret}
   - {type: vlc, name: wall, url: 'http://10.0.0.7:8080', password_file: secrets/nx.secret}
@@ -26,11 +24,8 @@ EVERY_KIND = """  - {type: milestone, name: xprotect, host: 10.0.0.9, template: 
 @pytest.fixture(scope="module")
 def site_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example site with a target of every kind (and the deprecated one)."""
-    path = tmp_path_factory.mktemp("site") / "site.yaml"
-    shutil.copy(EXAMPLE, path)
-    text = path.read_text()
-    path.write_text(text.replace("# The operator page (/operator?desk=ID)", EVERY_KIND + "# The operator page", 1))
-    init_secrets(load_site(path, check_secrets=False))
+    path = example_copy(tmp_path_factory.mktemp("site"), lambda text: text.replace(
+        "# The operator page (/operator?desk=ID)", EVERY_KIND + "# The operator page", 1))
     secret = path.parent / "secrets" / "nx.secret"
     secret.write_text("nx-admin-password-1\n")
     secret.chmod(0o600)

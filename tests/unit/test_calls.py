@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
-import pytest
-
-from sip_refuge.config import Site, load_site
-from sip_refuge.config.secrets import init_secrets
+from sip_refuge.config import Site
 from sip_refuge.sidecar.calls import (
     CALL_OVERFLOW_ANSWERED,
     CALL_OVERFLOWED,
@@ -17,16 +11,6 @@ from sip_refuge.sidecar.calls import (
     CallTracker,
     endpoint_of,
 )
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
-    path = tmp_path_factory.mktemp("site") / "site.yaml"
-    shutil.copy(EXAMPLE, path)
-    init_secrets(load_site(path, check_secrets=False))
-    return load_site(path)
 
 
 def join(uid: str = "1700000000.1", post: str = "sutton-market") -> dict[str, str]:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,18 +15,15 @@ from flask.testing import FlaskClient
 
 from sip_refuge.config import Site, load_site
 from sip_refuge.config.model import DEFAULT_CLOSE_REASONS, CloseReason
-from sip_refuge.config.secrets import init_secrets
 from sip_refuge.sidecar import closeout
 from sip_refuge.sidecar.closeout import CloseRefused
 from sip_refuge.sidecar.core import Hub
-from sip_refuge.sidecar.outbox import Outbox
 from sip_refuge.sidecar.records import Incident
-from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.web import create_app
+from tests.support.hubs import ScriptedTarget, memory_hub
 from tests.support.metrics import Scrape
-from tests.unit.test_store import ScriptedTarget
+from tests.support.sites import example_copy
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
 TOKEN = "t0ken-for-the-close-out-tests-0123456"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -85,24 +80,17 @@ def test_an_incident_closes_once_and_only_when_its_call_is_over(found: Incident 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
-    path = tmp_path_factory.mktemp("site") / "site.yaml"
-    shutil.copy(EXAMPLE, path)
-    text = path.read_text().replace("  camera_interval: 60s", "  camera_interval: 60s\n  close_reasons:\n"
-                                    "    - {id: assistance, label: Assistance given}\n    - Police dispatched\n"
-                                    "    - {id: hoax, label: Hoax call}", 1)
-    path.write_text(text)
-    init_secrets(load_site(path, check_secrets=False))
-    return load_site(path)
+    return load_site(example_copy(tmp_path_factory.mktemp("site"), lambda text: text.replace(
+        "  camera_interval: 60s", "  camera_interval: 60s\n  close_reasons:\n"
+        "    - {id: assistance, label: Assistance given}\n    - Police dispatched\n"
+        "    - {id: hoax, label: Hoax call}", 1)))
 
 
 @pytest.fixture()
 def parts(site: Site) -> Iterator[tuple[Hub, FlaskClient, ScriptedTarget]]:
-    store = Store(":memory:")
     target = ScriptedTarget("hook")
-    hub = Hub(site, store, Outbox(store, [target]), base_url="http://127.0.0.1:8080")
-    yield hub, create_app(hub, token=TOKEN).test_client(), target
-    hub.close()
-    store.close()
+    with memory_hub(site, [target]) as hub:
+        yield hub, create_app(hub, token=TOKEN).test_client(), target
 
 
 def call(hub: Hub, uid: str, *, answer: bool = True, end: bool = True) -> str:

@@ -12,21 +12,12 @@ from pathlib import Path
 import pytest
 
 from sip_refuge.config import load_site
-from sip_refuge.config.secrets import Masker, init_secrets, mask_url
+from sip_refuge.config.secrets import Masker, mask_url
 from sip_refuge.config.users import read_users
 from sip_refuge.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "site.example.yaml"
-
-
-@pytest.fixture()
-def site_copy(tmp_path: Path) -> Path:
-    """A copy of the example site with freshly generated secrets."""
-    path = tmp_path / "site.yaml"
-    shutil.copy(EXAMPLE, path)
-    init_secrets(load_site(path, check_secrets=False))
-    return path
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

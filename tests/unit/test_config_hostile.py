@@ -83,14 +83,6 @@ def full_site(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture()
-def site_copy(tmp_path: Path) -> Path:
-    path = tmp_path / "site.yaml"
-    shutil.copy(EXAMPLE, path)
-    init_secrets(load_site(path, check_secrets=False))
-    return path
-
-
 def text_scalars(text: str) -> Iterator[tuple[str, yaml.ScalarNode]]:
     """(dotted path, node) of every text value in a YAML document, found by PyYAML's own composer."""
     def walk(node: yaml.Node, path: str) -> Iterator[tuple[str, yaml.ScalarNode]]:

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from sip_refuge.config import HttpLimits, load_site
-from sip_refuge.config.secrets import init_secrets
 from sip_refuge.errors import ConfigError
+from tests.support.sites import example_copy
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
 CAMERA_LINE = "  camera_interval: 60s                    # seconds between camera health probes\n"
 
 
 @pytest.fixture()
 def site_file(tmp_path: Path) -> Path:
-    path = tmp_path / "site.yaml"
-    shutil.copy(EXAMPLE, path)
-    init_secrets(load_site(path, check_secrets=False))
-    return path
+    return example_copy(tmp_path)
 
 
 def with_limits(path: Path, *lines: str) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,23 +10,13 @@ from pathlib import Path
 import pytest
 
 from sip_refuge.config import cctv, load_site
-from sip_refuge.config.secrets import init_secrets
 from sip_refuge.errors import ConfigError
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
 WEBHOOK = """  - type: webhook
     name: vms-hook
     url: https://vms.example/hooks/refuge
     secret_file: secrets/webhook.secret   # Standard Webhooks signing key (whsec_...)
 """
-
-
-@pytest.fixture()
-def site_copy(tmp_path: Path) -> Path:
-    path = tmp_path / "site.yaml"
-    shutil.copy(EXAMPLE, path)
-    init_secrets(load_site(path, check_secrets=False))
-    return path
 
 
 def add_targets(path: Path, extra: str) -> None:

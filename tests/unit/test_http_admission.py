@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from sip_refuge.config import HttpLimits
 from sip_refuge.sidecar.web.admission import Admission, metrics, problems
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import Clock
 
 
 def test_connections_are_capped_per_client_and_the_reserve_is_for_posts_and_loopback() -> None:

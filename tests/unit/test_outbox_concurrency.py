@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -90,12 +90,6 @@ class Gate:
 def site(tmp_path: Path) -> Site:
     site: Site = make_site(tmp_path)
     return site
-
-
-@pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store(tmp_path / "var" / "refuge.sqlite3") as store:
-        yield store
 
 
 def call(site: Site, incident: str, post: str = "sutton-market") -> list[ev.Event]:

@@ -28,9 +28,7 @@ DAY = timedelta(days=1)
 
 @pytest.fixture()
 def site(tmp_path: Path) -> Site:
-    folder = tmp_path / "site"
-    folder.mkdir()
-    return make_site(folder)  # type: ignore[no-any-return]
+    return make_site(tmp_path / "site")  # type: ignore[no-any-return]
 
 
 @pytest.fixture()

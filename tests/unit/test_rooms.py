@@ -4,7 +4,6 @@ model (what the web shows, with a page's real times) and the references they han
 from __future__ import annotations
 
 import queue
-import shutil
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -13,7 +12,6 @@ import pytest
 from flask.testing import FlaskClient
 
 from sip_refuge.config import Site, load_site
-from sip_refuge.config.secrets import init_secrets
 from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.events import Event, iso_utc
 from sip_refuge.sidecar.fanout import Fanout
@@ -21,21 +19,16 @@ from sip_refuge.sidecar.outbox import Outbox
 from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.views import ReadModel
 from sip_refuge.sidecar.web import create_app
+from tests.support.sites import example_copy
 from tests.support.telemetry import message
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
 TOKEN = "t0ken-for-the-rooms-tests-0123456789"
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
-    path = tmp_path_factory.mktemp("site") / "site.yaml"
-    shutil.copy(EXAMPLE, path)
-    text = path.read_text().replace("  name: Ashfield Refuge Points", "  name: Ashfield Refuge Points\n"
-                                    "  reference_prefix: KIR", 1)
-    path.write_text(text)
-    init_secrets(load_site(path, check_secrets=False))
-    return load_site(path)
+    return load_site(example_copy(tmp_path_factory.mktemp("site"), lambda text: text.replace(
+        "  name: Ashfield Refuge Points", "  name: Ashfield Refuge Points\n  reference_prefix: KIR", 1)))
 
 
 @pytest.fixture()

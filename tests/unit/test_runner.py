@@ -27,18 +27,11 @@ from sip_refuge.post.panel import MockPanel, Panel
 from sip_refuge.post.runner import PostRunner
 from sip_refuge.post.sip import Account
 from sip_refuge.post.telemetry import TelemetryOutbox
+from tests.support.clock import Clock
 from tests.support.fake_sip import FakeBackend
 from tests.unit.test_machine import make_site
 
 RATE = 8000
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 from panoramisk.message import Message
 
-from sip_refuge.config import Site, load_site
+from sip_refuge.config import Site
 from sip_refuge.config.model import Retention
-from sip_refuge.config.secrets import init_secrets
 from sip_refuge.sidecar.ami import AmiFollower, Snapshot
 from sip_refuge.sidecar.cameras import CameraError
 from sip_refuge.sidecar.core import Hub
@@ -29,26 +26,8 @@ from sip_refuge.sidecar.web import create_app
 from tests.support.metrics import Scrape
 from tests.support.telemetry import report
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
 TOKEN = "t0ken-for-the-health-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
-    path = tmp_path_factory.mktemp("site") / "site.yaml"
-    shutil.copy(EXAMPLE, path)
-    init_secrets(load_site(path, check_secrets=False))
-    return load_site(path)
-
-
-@pytest.fixture()
-def hub(site: Site) -> Iterator[Hub]:
-    store = Store(":memory:")
-    hub = Hub(site, store, Outbox(store, []), base_url="http://127.0.0.1:8080")
-    yield hub
-    hub.close()
-    store.close()
 
 
 @pytest.fixture()
@@ -363,7 +342,7 @@ def test_metrics_keep_every_family_type_and_label_of_the_spec(site: Site) -> Non
     from sip_refuge.config.model import HttpLimits
     from sip_refuge.sidecar.retention import Pruner
     from sip_refuge.sidecar.web.admission import Admission
-    from tests.unit.test_store import ScriptedTarget
+    from tests.support.hubs import ScriptedTarget
 
     with Store(":memory:") as store:
         hub = Hub(site, store, Outbox(store, [ScriptedTarget("hook")]), base_url="http://x")

@@ -5,7 +5,6 @@ and the watch with explicit times; the hub with an in-memory store and the Flask
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,7 @@ from sip_refuge.sidecar.ami import Snapshot
 from sip_refuge.sidecar.calls import CALL_MOVED, CallTracker
 from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.events import Event
-from sip_refuge.sidecar.outbox import Outbox
 from sip_refuge.sidecar.pair import PbxWatch, tag_event, tag_snapshot
-from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.web import create_app
 from tests.support.metrics import Scrape
 
@@ -139,15 +136,6 @@ def test_pbx_down_when_its_link_drops_up_when_it_is_back_and_down_when_it_never_
     assert (never.type, never.role) == ("pbx.down", SECONDARY)
     [up] = watch.link(PRIMARY, True, 40.0)
     assert (up.type, up.role) == ("pbx.up", PRIMARY) and set(watch.down()) == {SECONDARY}
-
-
-@pytest.fixture()
-def hub(site: Site) -> Iterator[Hub]:
-    store = Store(":memory:")
-    hub = Hub(site, store, Outbox(store, []), base_url="http://127.0.0.1:8080")
-    yield hub
-    hub.close()
-    store.close()
 
 
 @pytest.fixture()

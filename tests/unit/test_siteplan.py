@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,13 +12,11 @@ import pytest
 from flask.testing import FlaskClient
 
 from sip_refuge.config import load_site
-from sip_refuge.config.secrets import init_secrets
 from sip_refuge.errors import ConfigError
 from sip_refuge.sidecar import siteplan
-from sip_refuge.sidecar.core import Hub
-from sip_refuge.sidecar.outbox import Outbox
-from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.web import create_app
+from tests.support.hubs import memory_hub
+from tests.support.sites import example_copy
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "site.example.yaml"
@@ -30,9 +27,7 @@ TOKEN = "t0ken-for-the-site-plan-tests-012345"
 
 @pytest.fixture()
 def site_file(tmp_path: Path) -> Path:
-    path = tmp_path / "site.yaml"
-    shutil.copy(EXAMPLE, path)
-    init_secrets(load_site(path, check_secrets=False))
+    path = example_copy(tmp_path)
     (tmp_path / "plan.png").write_bytes(PNG)
     return path
 
@@ -175,11 +170,8 @@ def test_a_posts_colour_follows_its_state(view: dict[str, object], state: str, f
 @pytest.fixture()
 def client(site_file: Path) -> Iterator[tuple[FlaskClient, Path]]:
     site = load_site(with_plan(site_file))
-    store = Store(":memory:")
-    hub = Hub(site, store, Outbox(store, []), base_url="http://127.0.0.1:8080")
-    yield create_app(hub, token=TOKEN).test_client(), site_file.parent / "plan.png"
-    hub.close()
-    store.close()
+    with memory_hub(site) as hub:
+        yield create_app(hub, token=TOKEN).test_client(), site_file.parent / "plan.png"
 
 
 def test_the_plan_picture_is_served_behind_the_login_as_it_is_now(client: tuple[FlaskClient, Path]) -> None:

@@ -12,10 +12,8 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 
@@ -27,44 +25,17 @@ from sip_refuge.sidecar import export
 from sip_refuge.sidecar.migrations import MIGRATIONS
 from sip_refuge.sidecar.outbox import Backoff, Outbox
 from sip_refuge.sidecar.store import CameraStatus, PostStatus, Store
-from sip_refuge.sidecar.targets import TargetError
-from tests.support.receivers import CAMERA_PASSWORD, make_site
+from tests.support.hubs import ScriptedTarget
+from tests.support.receivers import make_site
 
 T0 = datetime(2026, 11, 26, 21, 0, 0, tzinfo=UTC)
 NOW = 1_800_000_000.0
-
-
-class ScriptedTarget:
-    """A real in-process target: fails while ``down`` (or per a script), records what it accepted."""
-
-    def __init__(self, name: str, reveal: bool = False) -> None:
-        self.name = name
-        self.reveal_credentials = reveal
-        self.down = False
-        self.accepted: list[ev.Event] = []
-        self.attempts: list[str] = []
-
-    def deliver(self, event: ev.Event) -> None:
-        self.attempts.append(event.id)
-        if self.down:
-            # Both forms a password takes: raw (a library echoing it) and URL-encoded inside a URL.
-            raise TargetError(f"{self.name}: refused {CAMERA_PASSWORD} at rtsp://viewer:{quote(CAMERA_PASSWORD, safe='')}@x")
-        self.accepted.append(event)
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture()
 def site(tmp_path: Path) -> Site:
     site: Site = make_site(tmp_path)
     return site
-
-
-@pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store(tmp_path / "var" / "refuge.sqlite3") as store:
-        yield store
 
 
 def call(site: Site, incident: str, minutes: int = 0, post: str = "sutton-market") -> list[ev.Event]:

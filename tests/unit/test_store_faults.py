@@ -27,10 +27,11 @@ from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.outbox import Outbox
 from sip_refuge.sidecar.store import Store, StoreError
 from sip_refuge.sidecar.web import create_app
+from tests.support.clock import Clock
 from tests.support.disk import SmallDisk
+from tests.support.hubs import ScriptedTarget
 from tests.support.receivers import make_site
 from tests.support.telemetry import message
-from tests.unit.test_store import ScriptedTarget
 
 TOKEN = "t0ken-for-the-store-fault-tests-0123"
 T0 = 1_800_000_000.0
@@ -38,21 +39,9 @@ REPO = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).with_name("sip-refuge")
 
 
-class Clock:
-    """The outbox's wall clock, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture()
 def site(tmp_path: Path) -> Site:
-    folder = tmp_path / "site"
-    folder.mkdir()
-    return make_site(folder)  # type: ignore[no-any-return]
+    return make_site(tmp_path / "site")  # type: ignore[no-any-return]
 
 
 @pytest.fixture()
@@ -65,7 +54,7 @@ class Sidecar:
     """A hub on a real store, with one scripted CCTV target, a live page and the web app."""
 
     def __init__(self, site: Site, db: Path, backlog: Backlog | None = None) -> None:
-        self.clock = Clock()
+        self.clock = Clock(T0)
         self.store = Store(db)
         self.hook = ScriptedTarget("hook")
         self.outbox = Outbox(self.store, [self.hook], clock=self.clock, backlog=backlog)
@@ -339,7 +328,7 @@ def test_damage_found_while_running_makes_health_degraded(site: Site, tmp_path: 
 
 def test_a_long_backlog_is_stored_in_order_in_batches_and_a_bad_write_does_not_block_it(
         site: Site, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
+    clock = Clock(T0)
     with SmallDisk(tmp_path / "disk", "16m") as disk, Store(disk.path / "refuge.sqlite3") as store:
         outbox = Outbox(store, [ScriptedTarget("hook")], clock=clock)
         truncate_wal(disk.path / "refuge.sqlite3")

@@ -7,7 +7,6 @@ test_access.py and the integration tests.
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,16 @@ from werkzeug.test import TestResponse
 
 from sip_refuge.config import Site, load_site
 from sip_refuge.config.passwords import Params, hash_password
-from sip_refuge.config.secrets import init_secrets, snapshot_key
+from sip_refuge.config.secrets import snapshot_key
 from sip_refuge.config.users import remove_user, set_user
 from sip_refuge.sidecar.access import Access, AuditLog, LoginThrottle, Operators, Sessions, networks
 from sip_refuge.sidecar.core import Hub
 from sip_refuge.sidecar.outbox import Outbox
 from sip_refuge.sidecar.store import Store
 from sip_refuge.sidecar.web import create_app
+from tests.support.clock import Clock
+from tests.support.sites import example_copy
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "site.example.yaml"
 TOKEN = "t0ken-for-the-access-tests-0123456789"
 FAST = Params(log2_n=10, r=8, p=1)
 ATTACKER = "127.0.0.2"
@@ -36,19 +36,9 @@ PASSWORDS = {"alice": "alice's long password", "root": "the admin's long passwor
 CSRF_FIELD = re.compile(r'name="csrf" value="([^"]+)"')
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture()
 def site(tmp_path: Path) -> Site:
-    path = tmp_path / "site.yaml"
-    shutil.copy(EXAMPLE, path)
-    init_secrets(load_site(path, check_secrets=False))
+    path = example_copy(tmp_path)
     users = tmp_path / "secrets" / "sidecar.users"
     set_user(users, "alice", "operator", hash_password(PASSWORDS["alice"], FAST))
     set_user(users, "root", "admin", hash_password(PASSWORDS["root"], FAST))
@@ -57,7 +47,7 @@ def site(tmp_path: Path) -> Site:
 
 @pytest.fixture()
 def clock() -> Clock:
-    return Clock()
+    return Clock(5000.0)
 
 
 @pytest.fixture()
