@@ -47,6 +47,22 @@ def _format(rate: int) -> Any:
     return fmt
 
 
+def _release(media: Any) -> None:
+    """Free the C++ side of one of our pjsua2 media objects now, while its Python object is whole (owner thread).
+
+    pjmedia's clock thread may be inside one of the object's callbacks, waiting for the GIL. SWIG's destructor
+    lets go of the GIL and waits, under the port's lock, for that callback to end; the callback then meets a
+    whole object, and none comes after. Left to Python's deallocation, the C++ side would be deleted from inside
+    it, and the waiting callback would meet an object half torn down: CI saw an AttributeError from it, and under
+    qemu it crashed the post at stop.
+    """
+    if isinstance(media, (CardPort, ListenPort)):
+        media.closed = True
+    destroy = getattr(type(media), "__swig_destroy__", None)
+    if destroy is not None:
+        destroy(media)  # SWIG disowns it: the Python object's own deallocation deletes nothing again
+
+
 def _put(frame: Any, pcm: bytes) -> None:
     frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
     frame.buf = pj.ByteVector(pcm)
@@ -199,9 +215,9 @@ class BridgeAudio:
         self.stop_prompts()
         self._end_check()
         self._calls.clear()
-        if self._port is not None:
-            self._port.closed = True
-            self._port = None
+        port, self._port = self._port, None
+        if port is not None:
+            _release(port)  # before the card closes: no frame reaches it after this
         if self._card is not None:
             self._card.close()
             self._card = None
@@ -230,10 +246,13 @@ class BridgeAudio:
                 player.stopTransmit(self._speaker)
             except pj.Error as exc:
                 log.debug("%s: prompt stop: %s", self.post, exc)
-        del player  # the player leaves the bridge here, on the owner thread
+        if player is not None:
+            _release(player)  # the player leaves the bridge here, on the owner thread
 
     def _next_prompt(self) -> None:
-        self._player = None
+        ended, self._player = self._player, None
+        if ended is not None:
+            _release(ended)
         if not self._prompts or self._speaker is None:
             return
         path = self._prompts.popleft()
@@ -276,6 +295,7 @@ class BridgeAudio:
                 what.stopTransmit(target)
             except pj.Error as exc:  # the call went away under the check
                 log.debug("%s: check %s: %s", self.post, check.check_id, exc)
+        _release(check.listener)  # what it heard stays readable: a Python attribute
         if check.path == "local":
             self._echo_cancel(True)
         return check
